@@ -1,0 +1,307 @@
+"""Typed, frozen run configuration loaded from YAML with dotted overrides.
+
+Every job reads one `Config`. Unknown keys, wrong types and impossible combinations fail loudly with the
+dotted key and what is allowed, so a typo never silently trains the wrong model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+TimestepScheme = Literal["uniform", "logit_normal", "mode", "cosmap"]
+SamplerName = Literal["euler", "heun"]
+LrSchedule = Literal["constant", "cosine"]
+Precision = Literal["auto", "fp32", "bf16"]
+LogCheckpoints = Literal["final", "all", "none"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or impossible together with another."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """MM-DiT shape. `context_dim`/`pooled_dim` must match the text encoder's width."""
+
+    image_size: int = 32
+    channels: int = 1
+    patch_size: int = 2
+    width: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    context_dim: int = 256
+    pooled_dim: int = 256
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Byte-level transformer text encoder, trained jointly with the MM-DiT."""
+
+    width: int = 256
+    depth: int = 4
+    num_heads: int = 4
+    max_length: int = 32
+    prompt_dropout: float = 0.1  # probability of the empty prompt, for classifier-free guidance
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Rectified-flow timestep sampling (SD3 §3.1) and resolution shift (§5.3.2)."""
+
+    scheme: TimestepScheme = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: float = 1.0
+    num_val_levels: int = 8
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the Parquet shards live and where raw MNIST is read from (or downloaded to)."""
+
+    parquet_dir: str = "data/mnist_parquet"
+    raw_root: str = "data"
+    download: bool = True
+    num_val_images: int = 512
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 20000
+    batch_size: int = 64  # per worker; the global batch is batch_size × workers
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    lr_schedule: LrSchedule = "constant"
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    log_every: int = 50
+    eval_every: int = 1000
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    max_minutes: float = 0.0  # 0 = no wall-clock budget
+    seed: int = 0
+    precision: Precision = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False
+    output_dir: str = "runs"
+    fail_at_step: int = -1  # debug: raise at this step on rank 0 (fault-tolerance tests)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: SamplerName = "euler"
+    steps: int = 25
+    guidance: float = 4.0
+    shift: float = 1.0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_samples: int = 1000  # judged samples per eval (0 disables the judge metrics)
+    batch_size: int = 250
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "sd3ray"
+    run_name: str = ""
+    log_checkpoints: LogCheckpoints = "final"
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that no single type can express."""
+    m, t, f, tr = cfg.model, cfg.text, cfg.flow, cfg.train
+    for key, value in [("model.width", m.width), ("model.depth", m.depth), ("model.num_heads", m.num_heads),
+                       ("model.patch_size", m.patch_size), ("model.image_size", m.image_size),
+                       ("text.width", t.width), ("text.depth", t.depth), ("text.num_heads", t.num_heads),
+                       ("text.max_length", t.max_length), ("train.batch_size", tr.batch_size),
+                       ("train.log_every", tr.log_every), ("train.eval_every", tr.eval_every),
+                       ("train.ckpt_every", tr.ckpt_every), ("train.keep_checkpoints", tr.keep_checkpoints),
+                       ("flow.num_val_levels", f.num_val_levels), ("sample.steps", cfg.sample.steps)]:
+        _require(value > 0, key, f"must be a positive integer, got {value}")
+    _require(tr.steps >= 0, "train.steps", f"must be >= 0, got {tr.steps}")
+    _require(m.channels in (1, 3), "model.channels", f"must be 1 or 3, got {m.channels}")
+    _require(m.width % m.num_heads == 0, "model.width",
+             f"{m.width} is not divisible by model.num_heads={m.num_heads}; choose a width that is a multiple of it")
+    _require((m.width // m.num_heads) % 2 == 0, "model.width", "head dim (width / num_heads) must be even")
+    _require(m.image_size % m.patch_size == 0, "model.image_size",
+             f"{m.image_size} is not divisible by model.patch_size={m.patch_size}")
+    _require(t.width % t.num_heads == 0, "text.width",
+             f"{t.width} is not divisible by text.num_heads={t.num_heads}")
+    _require(m.context_dim == t.width, "model.context_dim",
+             f"must equal text.width ({t.width}), got {m.context_dim}")
+    _require(m.pooled_dim == t.width, "model.pooled_dim", f"must equal text.width ({t.width}), got {m.pooled_dim}")
+    _require(0.0 <= t.prompt_dropout < 1.0, "text.prompt_dropout", f"must be in [0, 1), got {t.prompt_dropout}")
+    _require(f.logit_std > 0, "flow.logit_std", f"must be > 0, got {f.logit_std}")
+    # f_mode is a monotone map of [0,1] onto [0,1] only for -1 <= s <= 2/(pi-2) (SD3 §3.1).
+    _require(-1.0 <= f.mode_scale <= 2.0 / (3.141592653589793 - 2.0), "flow.mode_scale",
+             f"must be in [-1, 1.75] for a valid density, got {f.mode_scale}")
+    _require(f.shift > 0, "flow.shift", f"must be > 0, got {f.shift}")
+    _require(cfg.sample.shift > 0, "sample.shift", f"must be > 0, got {cfg.sample.shift}")
+    _require(cfg.sample.guidance >= 0, "sample.guidance", f"must be >= 0, got {cfg.sample.guidance}")
+    _require(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
+    _require(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {tr.ema_decay}")
+    _require(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}")
+    _require(tr.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {tr.grad_clip}")
+    _require(tr.max_minutes >= 0, "train.max_minutes", f"must be >= 0 (0 = no budget), got {tr.max_minutes}")
+    _require(cfg.eval.num_samples >= 0, "eval.num_samples", f"must be >= 0, got {cfg.eval.num_samples}")
+    _require(cfg.eval.batch_size > 0, "eval.batch_size", f"must be > 0, got {cfg.eval.batch_size}")
+    _require(cfg.data.num_val_images > 0, "data.num_val_images", "must be > 0")
+
+
+# ----------------------------------------------------------------------------------- dict <-> dataclass
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the field type `tp`; ints are accepted where floats are expected."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: {value!r} does not match {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{key}: expected null, got {value!r}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    wrong_bool = tp is bool and not isinstance(value, bool)
+    wrong_int = tp is int and (isinstance(value, bool) or not isinstance(value, int))
+    if wrong_bool or wrong_int:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp in (float, str) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key; allowed keys here: {', '.join(names)}")
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name not in data:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] or {}, key)
+        else:
+            kwargs[name] = _coerce(data[name], tp, key)
+    if cls is Config:
+        return Config(**kwargs)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain (possibly partial) nested dict."""
+    return _build(Config, data, "")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """{"model.width": 384, ...}: the form MLflow params and Tune search spaces use."""
+    out: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict, returning a new one."""
+    out = json.loads(json.dumps(data))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.width=512")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the built-in defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; the shipped ones are in configs/")
+        data = yaml.safe_load(p.read_text()) or {}
+    return from_dict(apply_overrides(data, overrides or []))
