@@ -1,0 +1,46 @@
+"""Joint attention of the MM-DiT: each stream projects its own q, k, v; one attention runs over both."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StreamQKV(nn.Module):
+    """One stream's fused q/k/v projection with per-head RMSNorm on q and k (SD3 §5.3.1, for bf16 stability)."""
+
+    def __init__(self, width: int, num_heads: int, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = width // num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_norm: nn.Module = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm: nn.Module = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).unbind(2)  # each (B, N, H, hd)
+        return self.q_norm(q), self.k_norm(k), v
+
+
+def joint_attention(
+    ctx_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    img_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    context_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the concatenated [context, image] sequence.
+
+    ctx_qkv: three (B, L, H, hd); img_qkv: three (B, N, H, hd); context_mask (B, L) bool, True = real token.
+    Returns context (B, L, H·hd) and image (B, N, H·hd) outputs. Padding tokens are never attended to; image
+    tokens always are, so no query row is fully masked.
+    """
+    length = ctx_qkv[0].shape[1]
+    q, k, v = (torch.cat([c, i], dim=1).transpose(1, 2) for c, i in zip(ctx_qkv, img_qkv))  # (B, H, L+N, hd)
+    attn_mask = None
+    if context_mask is not None:
+        image_keys = context_mask.new_ones(context_mask.shape[0], img_qkv[0].shape[1])
+        attn_mask = torch.cat([context_mask, image_keys], dim=1)[:, None, None, :]  # (B, 1, 1, L+N)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L+N, hd)
+    out = out.transpose(1, 2).flatten(2)  # (B, L+N, H·hd)
+    return out[:, :length], out[:, length:]

@@ -1,0 +1,60 @@
+"""The MM-DiT block (SD3 Fig. 2b): two streams with their own weights, adaLN-Zero modulation, joint attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sd3ray.model.attention import StreamQKV, joint_attention
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, width: int, mlp_ratio: float) -> None:
+        hidden = int(width * mlp_ratio)
+        super().__init__(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+
+class MMDiTBlock(nn.Module):
+    """One block. With `context_pre_only` (the last block) the text stream only feeds keys/values to the image
+    stream, so it needs just its pre-attention (shift, scale) pair and no output projection or MLP."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, qk_norm: bool, context_pre_only: bool) -> None:
+        super().__init__()
+        self.context_pre_only = context_pre_only
+        self.num_context_mods = 2 if context_pre_only else 6
+        # One fused projection yields all modulation vectors of both streams: 6 for the image, 6 (or 2) for text.
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, (6 + self.num_context_mods) * width))
+        self.img_norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.img_qkv = StreamQKV(width, num_heads, qk_norm)
+        self.img_proj = nn.Linear(width, width)
+        self.img_norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = FeedForward(width, mlp_ratio)
+        self.ctx_norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.ctx_qkv = StreamQKV(width, num_heads, qk_norm)
+        if not context_pre_only:
+            self.ctx_proj = nn.Linear(width, width)
+            self.ctx_norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+            self.ctx_mlp = FeedForward(width, mlp_ratio)
+
+    def forward(
+        self, img: torch.Tensor, ctx: torch.Tensor, cond: torch.Tensor, context_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """img (B, N, D), ctx (B, L, D), cond (B, D) -> updated img, and ctx (None after the last block)."""
+        mods = self.modulation(cond).chunk(6 + self.num_context_mods, dim=1)  # each (B, D)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = mods[:6]
+        c_mods = mods[6:]
+        img_qkv = self.img_qkv(modulate(self.img_norm1(img), i_shift1, i_scale1))  # 3 × (B, N, H, hd)
+        ctx_qkv = self.ctx_qkv(modulate(self.ctx_norm1(ctx), c_mods[0], c_mods[1]))  # 3 × (B, L, H, hd)
+        ctx_attn, img_attn = joint_attention(ctx_qkv, img_qkv, context_mask)  # (B, L, D), (B, N, D)
+        img = img + i_gate1[:, None] * self.img_proj(img_attn)
+        img = img + i_gate2[:, None] * self.img_mlp(modulate(self.img_norm2(img), i_shift2, i_scale2))
+        if self.context_pre_only:
+            return img, None
+        c_gate1, c_shift2, c_scale2, c_gate2 = c_mods[2:]
+        ctx = ctx + c_gate1[:, None] * self.ctx_proj(ctx_attn)
+        ctx = ctx + c_gate2[:, None] * self.ctx_mlp(modulate(self.ctx_norm2(ctx), c_shift2, c_scale2))
+        return img, ctx

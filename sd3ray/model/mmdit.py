@@ -1,0 +1,83 @@
+"""MMDiT: the SD3 multimodal diffusion transformer (Esser et al. 2024, §4), in pixel space."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sd3ray.config import ModelConfig
+from sd3ray.model.block import MMDiTBlock, modulate
+from sd3ray.model.embeddings import PooledEmbedder, TimestepEmbedder, patchify, sincos_position_embedding, unpatchify
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a zero-initialised projection back to pixel patches."""
+
+    def __init__(self, width: int, patch_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, patch_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.modulation(cond).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """forward(x (B,C,H,W), t (B,) in [0,1], context (B,L,Dc), pooled (B,Dp), context_mask (B,L) bool | None)
+    -> predicted velocity (B,C,H,W)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        p, d = cfg.patch_size, cfg.width
+        self.patch_dim = p * p * cfg.channels
+        self.x_embedder = nn.Linear(self.patch_dim, d)
+        self.register_buffer("pos_embed", sincos_position_embedding(d, cfg.image_size // p), persistent=False)
+        self.t_embedder = TimestepEmbedder(d)
+        self.pooled_embedder = PooledEmbedder(cfg.pooled_dim, d)
+        self.context_embedder = nn.Linear(cfg.context_dim, d)
+        self.blocks = nn.ModuleList(
+            MMDiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, context_pre_only=(i == cfg.depth - 1))
+            for i in range(cfg.depth)
+        )
+        self.final_layer = FinalLayer(d, self.patch_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears; adaLN-Zero: every modulation and the output projection start at zero, so each block
+        starts as the identity and the untrained model predicts exactly 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for mlp in (self.t_embedder.mlp, self.pooled_embedder.mlp):
+            nn.init.normal_(mlp[0].weight, std=0.02)
+            nn.init.normal_(mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation[1].weight)
+            nn.init.zeros_(block.modulation[1].bias)
+        for layer in (self.final_layer.modulation[1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        pooled: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b, c, h, w = x.shape
+        if c != self.cfg.channels or h != self.cfg.image_size or w != self.cfg.image_size:
+            raise ValueError(f"MMDiT expects images of shape (B, {self.cfg.channels}, {self.cfg.image_size}, "
+                             f"{self.cfg.image_size}) (model.channels, model.image_size), got {tuple(x.shape)}")
+        img = self.x_embedder(patchify(x, self.cfg.patch_size)) + self.pos_embed  # (B, N, D)
+        ctx = self.context_embedder(context)  # (B, L, D)
+        cond = self.t_embedder(t) + self.pooled_embedder(pooled)  # (B, D)
+        for block in self.blocks:
+            img, ctx = block(img, ctx, cond, context_mask)
+        out = self.final_layer(img, cond)  # (B, N, p·p·C)
+        return unpatchify(out, self.cfg.patch_size, c, h, w)  # (B, C, H, W)
