@@ -1,0 +1,33 @@
+"""Convert MNIST (torchvision's IDX layout, downloaded when online) to sd3ray's Parquet shards.
+
+    python jobs/prepare_data.py --data-root ../shared/data --out data/mnist_parquet
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sd3ray.data import DataError, prepare_mnist, read_metadata
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", default="data", help="folder holding MNIST/raw/*-ubyte (or to download to)")
+    parser.add_argument("--out", default="data/mnist_parquet", help="output folder for Parquet shards")
+    parser.add_argument("--image-size", type=int, default=32, help="pad 28×28 digits to this size (default 32)")
+    parser.add_argument("--no-download", action="store_true", help="never try the network")
+    args = parser.parse_args()
+    try:
+        out = prepare_mnist(args.data_root, args.out, args.image_size, download=not args.no_download)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    meta = read_metadata(out)
+    counts = ", ".join(f"{k}: {v['count']}" for k, v in meta["splits"].items())
+    print(f"wrote {out} ({meta['channels']}×{meta['image_size']}×{meta['image_size']}; {counts})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

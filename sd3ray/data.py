@@ -1,0 +1,258 @@
+"""Data: MNIST import, Parquet shards (pyarrow), the in-memory training set and per-rank batches.
+
+On disk an image set is a folder of Parquet shards `{split}-{k:05d}.parquet` with columns
+`image` (fixed-size binary, uint8 C×H×W row-major), `label` (int16, −1 when absent) and `caption` (string,
+nullable), plus `metadata.json` (channels, image_size, per-split counts and shard names). Any 1- or 3-channel
+square set in this layout trains, captioned or labelled.
+
+28×28 MNIST becomes 32×32 by padding 2 background pixels on each side, not by resizing: the digits stay
+pixel-exact (no interpolation blur the judge would have to see through) and MNIST's own centring is preserved.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from sd3ray.text import digit_prompts
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+SPLITS = ("train", "test")
+
+
+class DataError(RuntimeError):
+    """Data is missing or malformed; the message says where files go or how to make them."""
+
+
+# ------------------------------------------------------------------------------------------------ MNIST IDX
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally .gz) into a uint8 array of its declared shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number); re-download MNIST")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: header says {dims}, found {body.size} bytes; re-download MNIST")
+    return body.reshape(dims).copy()  # writable, so torch can wrap it without warnings
+
+
+def _mnist_file(raw_dir: Path, name: str) -> Path | None:
+    for candidate in (raw_dir / name, raw_dir / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_mnist(root: str | Path, split: str, download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST in torchvision's layout (ROOT/MNIST/raw/*-ubyte) -> images (N, 28, 28) uint8, labels (N,)."""
+    raw_dir = Path(root) / "MNIST" / "raw"
+    names = MNIST_FILES[split]
+    if any(_mnist_file(raw_dir, n) is None for n in names) and download:
+        try:
+            import torchvision
+
+            torchvision.datasets.MNIST(str(root), train=(split == "train"), download=True)
+        except Exception as exc:  # network errors come in many types; the message below is what matters
+            raise DataError(f"could not download MNIST to {raw_dir} ({exc}). Put the four *-ubyte files there "
+                            f"by hand, or pass --data-root pointing at a folder that has MNIST/raw/") from exc
+    paths = [_mnist_file(raw_dir, n) for n in names]
+    if any(p is None for p in paths):
+        raise DataError(f"MNIST {split} files {names} not found in {raw_dir}. Pass --data-root DIR where "
+                        f"DIR/MNIST/raw/ holds them, or run with network access so torchvision downloads them")
+    images, labels = read_idx(paths[0]), read_idx(paths[1])
+    if images.ndim != 3 or labels.shape != (images.shape[0],):
+        raise DataError(f"MNIST {split} images {images.shape} and labels {labels.shape} do not match")
+    return images, labels
+
+
+def pad_to(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W) or (N, C, H, W) uint8 -> centred on a zero background of size×size."""
+    h, w = images.shape[-2:]
+    if h > size or w > size:
+        raise DataError(f"images of {h}×{w} do not fit in {size}×{size}; raise model.image_size")
+    top, left = (size - h) // 2, (size - w) // 2
+    pad = [(0, 0)] * (images.ndim - 2) + [(top, size - h - top), (left, size - w - left)]
+    return np.pad(images, pad)
+
+
+# ------------------------------------------------------------------------------------------------- Parquet
+
+
+def write_split(
+    out_dir: str | Path,
+    split: str,
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    captions: list[str] | None = None,
+    shard_size: int = 20000,
+) -> None:
+    """Write (N, C, H, W) uint8 images (+ labels/captions) as Parquet shards and update metadata.json.
+
+    Shards are written into a temporary folder and moved in only when complete, so a crash never leaves a
+    split that looks whole.
+    """
+    square = images.ndim == 4 and images.shape[2] == images.shape[3]
+    if images.dtype != np.uint8 or not square or images.shape[1] not in (1, 3):
+        raise DataError(f"images must be uint8 (N, C, S, S) with C in (1, 3); got {images.dtype} {images.shape}")
+    n, c, s, _ = images.shape
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = read_metadata(out) if (out / "metadata.json").exists() else {"channels": c, "image_size": s, "splits": {}}
+    if (meta["channels"], meta["image_size"]) != (c, s):
+        raise DataError(f"{out} holds {meta['channels']}×{meta['image_size']}² images; cannot add {c}×{s}²")
+    label_arr = np.full(n, -1, np.int16) if labels is None else labels.astype(np.int16)
+    flat = np.ascontiguousarray(images).reshape(n, -1)
+    shards = []
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        for k, start in enumerate(range(0, n, shard_size)):
+            stop = min(start + shard_size, n)
+            image_col = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(c * s * s), stop - start, [None, pa.py_buffer(flat[start:stop].tobytes())])
+            table = pa.table({
+                "image": image_col,
+                "label": pa.array(label_arr[start:stop]),
+                "caption": pa.array(captions[start:stop] if captions else [None] * (stop - start), pa.string()),
+            })
+            name = f"{split}-{k:05d}.parquet"
+            pq.write_table(table, Path(tmp) / name)
+            shards.append(name)
+        for old in out.glob(f"{split}-*.parquet"):
+            old.unlink()
+        for name in shards:
+            os.replace(Path(tmp) / name, out / name)
+    meta["splits"][split] = {"count": n, "shards": shards, "labelled": labels is not None, "captioned": bool(captions)}
+    _write_json_atomic(out / "metadata.json", meta)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def read_metadata(parquet_dir: str | Path) -> dict:
+    path = Path(parquet_dir) / "metadata.json"
+    if not path.is_file():
+        raise DataError(f"no Parquet image set at {parquet_dir} (metadata.json missing). Create it with "
+                        f"`python jobs/prepare_data.py --data-root DIR --out {parquet_dir}`")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) long, −1 when unlabelled
+    captions: list[str | None] | None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def read_split(parquet_dir: str | Path, split: str) -> ImageSet:
+    """Load a whole split into memory (MNIST is 60 MB: re-reading it every epoch would only cost time)."""
+    meta = read_metadata(parquet_dir)
+    if split not in meta["splits"]:
+        raise DataError(f"{parquet_dir} has no {split!r} split (has {sorted(meta['splits'])})")
+    c, s = meta["channels"], meta["image_size"]
+    entry = meta["splits"][split]
+    missing = [name for name in entry["shards"] if not (Path(parquet_dir) / name).is_file()]
+    if missing:
+        raise DataError(f"{parquet_dir} is incomplete: shards {missing} are missing; re-run jobs/prepare_data.py")
+    table = pa.concat_tables(pq.read_table(Path(parquet_dir) / name) for name in entry["shards"])
+    column = table.column("image").combine_chunks()
+    if pa.types.is_fixed_size_binary(column.type):
+        raw = np.frombuffer(column.buffers()[1], np.uint8)[column.offset * c * s * s :][: len(column) * c * s * s]
+    else:  # plain binary written by another tool
+        raw = np.frombuffer(b"".join(column.to_pylist()), np.uint8)
+    if raw.size != len(table) * c * s * s:
+        raise DataError(f"{parquet_dir}/{split}: image bytes do not match {c}×{s}×{s} per row")
+    images = torch.from_numpy(raw.reshape(len(table), c, s, s).copy())
+    labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
+    captions = table.column("caption").to_pylist() if entry.get("captioned") else None
+    return ImageSet(images, labels, captions)
+
+
+def prepare_mnist(raw_root: str | Path, out_dir: str | Path, image_size: int = 32, download: bool = False) -> Path:
+    """MNIST IDX -> Parquet (both splits), padded to image_size."""
+    for split in SPLITS:
+        images, labels = load_mnist(raw_root, split, download)
+        write_split(out_dir, split, pad_to(images, image_size)[:, None], labels)
+    return Path(out_dir)
+
+
+def ensure_parquet(parquet_dir: str | Path, raw_root: str | Path, image_size: int, download: bool) -> Path:
+    """Use the Parquet set if it exists, else build it from MNIST (so the first run needs no extra step)."""
+    if (Path(parquet_dir) / "metadata.json").is_file():
+        return Path(parquet_dir)
+    staging = Path(str(parquet_dir) + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    prepare_mnist(raw_root, staging, image_size, download)
+    os.replace(staging, parquet_dir)
+    return Path(parquet_dir)
+
+
+# ---------------------------------------------------------------------------------------- prompts & batches
+
+
+def prompt_candidates(images: ImageSet) -> tuple[list[str], torch.Tensor]:
+    """The prompt strings and, per image, the indices of the prompts it may be trained with: (N, K) long.
+
+    Labelled digits get every rendering of their label (numeral and word forms); captioned images their caption.
+    """
+    if images.captions is not None:
+        prompts = list(dict.fromkeys(c or "" for c in images.captions))
+        lookup = {p: i for i, p in enumerate(prompts)}
+        return prompts, torch.tensor([[lookup[c or ""]] for c in images.captions])
+    if (images.labels < 0).any() or (images.labels > 9).any():
+        raise DataError("images have neither captions nor digit labels 0–9; add a caption column")
+    per_label = [digit_prompts(d) for d in range(10)]
+    k = len(per_label[0])
+    prompts = [p for group in per_label for p in group]
+    table = torch.arange(10 * k).view(10, k)
+    return prompts, table[images.labels]
+
+
+class ShardedBatches:
+    """Which images each rank trains on at each step, as a pure function of (seed, step).
+
+    Every epoch is a seeded permutation cut into global batches; rank r takes the r-th contiguous slice of the
+    global batch. Because nothing depends on history, resume is exact from the step alone, and one worker with
+    batch 2b sees exactly the images that two workers with batch b see together.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        self.global_batch = batch_size * world_size
+        if num_items < self.global_batch:
+            raise DataError(f"{num_items} images cannot fill a global batch of {self.global_batch} "
+                            f"(train.batch_size × workers); lower the batch size")
+        self.num_items, self.batch_size, self.rank, self.seed = num_items, batch_size, rank, seed
+        self.steps_per_epoch = num_items // self.global_batch
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> torch.Tensor:
+        """(batch_size,) long indices into the image set for this rank at `step`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.num_items, generator=generator)
+        start = within * self.global_batch + self.rank * self.batch_size
+        return self._perm[start : start + self.batch_size]
