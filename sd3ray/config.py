@@ -21,7 +21,7 @@ TimestepScheme = Literal["uniform", "logit_normal", "mode", "cosmap"]
 SamplerName = Literal["euler", "heun"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]
-LogCheckpoints = Literal["final", "all", "none"]
+LogCheckpoints = Literal["final", "none"]
 
 
 class ConfigError(ValueError):
@@ -214,6 +214,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     wrong_bool = tp is bool and not isinstance(value, bool)
     wrong_int = tp is int and (isinstance(value, bool) or not isinstance(value, int))
     if wrong_bool or wrong_int:

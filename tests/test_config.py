@@ -27,8 +27,9 @@ def test_overrides_parse_yaml_values_and_change_hash() -> None:
     assert config_hash(cfg) != config_hash(base)
 
 
-def test_int_is_accepted_for_float() -> None:
+def test_int_and_exponent_strings_are_accepted_for_float() -> None:
     assert load_config(None, ["train.lr=1"]).train.lr == 1.0
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == 3e-4
 
 
 @pytest.mark.parametrize(
