@@ -1,0 +1,156 @@
+"""Checkpoints: one directory per step, written atomically, verified before anything is loaded.
+
+A checkpoint directory holds
+    model.pt        {"model": Denoiser state, "ema": EMA Denoiser state}
+    optimizer.pt    {"optimizer": ..., "scheduler": ...}          (absent in weights-only exports)
+    rng.pt          torch CPU (and CUDA) RNG states
+    meta.json       step, samples seen, config hash, MLflow run id, format version
+    config.yaml     the resolved Config
+    MANIFEST.json   written last: every file's size and SHA-256
+Files are written into a hidden temporary sibling and renamed into place, and MANIFEST.json is checked on load,
+so a crash mid-write can never produce a directory that resume would take for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sd3ray.config import Config, config_hash, flatten, from_dict, to_yaml
+
+FORMAT_VERSION = 1
+MANIFEST = "MANIFEST.json"
+STEP_PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, partial, corrupt, or belongs to a different model."""
+
+
+@dataclass
+class CheckpointData:
+    step: int
+    config: Config
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_checkpoint(directory: Path, data: CheckpointData, weights_only: bool = False) -> Path:
+    """Write `data` into the (new or empty) `directory`, manifest last. Prefer `save_checkpoint` for atomicity."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": data.model, "ema": data.ema}, directory / "model.pt")
+    if not weights_only:
+        torch.save({"optimizer": data.optimizer, "scheduler": data.scheduler}, directory / "optimizer.pt")
+        torch.save(data.rng or {}, directory / "rng.pt")
+    meta = {**data.meta, "step": data.step, "config_hash": config_hash(data.config), "format": FORMAT_VERSION,
+            "weights_only": weights_only}
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2))
+    (directory / "config.yaml").write_text(to_yaml(data.config))
+    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+                for name in files}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return directory
+
+
+def save_checkpoint(root: Path, data: CheckpointData, keep: int | None = None) -> Path:
+    """Atomically create root/step_XXXXXXXX and keep only the newest `keep` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{STEP_PREFIX}{data.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        write_checkpoint(tmp, data)
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # a re-run of the same step replaces the old one whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify(directory: Path) -> dict[str, Any]:
+    """Raise CheckpointError unless every file in the manifest is present and intact; return meta."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    if not (directory / MANIFEST).is_file():
+        raise CheckpointError(f"{directory} is not a complete checkpoint ({MANIFEST} missing: the write never "
+                              f"finished). Resume from an earlier one, e.g. --resume latest")
+    manifest = json.loads((directory / MANIFEST).read_text())
+    for name, expected in manifest.items():
+        path = directory / name
+        if not path.is_file() or path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"checkpoint {directory} is corrupt: {name} is missing or does not match its "
+                                  f"checksum. Resume from an earlier checkpoint")
+    return json.loads((directory / "meta.json").read_text())
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary and partial directories are ignored)."""
+    if not Path(root).is_dir():
+        return []
+    found = [p for p in Path(root).iterdir() if p.name.startswith(STEP_PREFIX) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def model_config_mismatch(saved: Config, wanted: Config) -> list[str]:
+    """Keys of model/text config whose values differ: these change parameter shapes or semantics."""
+    a, b = flatten(saved), flatten(wanted)
+    return [f"{k}: checkpoint has {a[k]!r}, config has {b[k]!r}"
+            for k in sorted(a) if k.startswith(("model.", "text.")) and a[k] != b.get(k)]
+
+
+def load_checkpoint(directory: Path, expected: Config | None = None, map_location: str | torch.device = "cpu",
+                    weights_only_ok: bool = True) -> CheckpointData:
+    """Verify then load. With `expected`, a checkpoint of a different model fails naming each mismatched key."""
+    directory = Path(directory)
+    meta = verify(directory)
+    saved_cfg = from_dict(yaml.safe_load((directory / "config.yaml").read_text()))
+    if expected is not None:
+        mismatch = model_config_mismatch(saved_cfg, expected)
+        if mismatch:
+            raise CheckpointError(f"checkpoint {directory} was trained with a different model:\n  "
+                                  + "\n  ".join(mismatch) + "\nUse the checkpoint's config.yaml or a fresh run name.")
+    if meta.get("weights_only") and not weights_only_ok:
+        raise CheckpointError(f"{directory} holds weights only (no optimizer state); it can be sampled from and "
+                              f"evaluated, not resumed")
+    weights = torch.load(directory / "model.pt", map_location=map_location, weights_only=True)
+    data = CheckpointData(step=meta["step"], config=saved_cfg, model=weights["model"], ema=weights["ema"], meta=meta)
+    if not meta.get("weights_only"):
+        opt = torch.load(directory / "optimizer.pt", map_location=map_location, weights_only=False)
+        data.optimizer, data.scheduler = opt["optimizer"], opt["scheduler"]
+        data.rng = torch.load(directory / "rng.pt", weights_only=False)
+    return data

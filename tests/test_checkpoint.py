@@ -1,0 +1,81 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sd3ray.checkpoint import (
+    CheckpointData,
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from sd3ray.config import load_config
+
+
+def _data(step: int, cfg=None) -> CheckpointData:
+    cfg = cfg or load_config("configs/mnist_tiny.yaml")
+    weights = {"w": torch.full((3,), float(step))}
+    rng = {"torch": torch.get_rng_state()}
+    meta = {"mlflow_run_id": "abc"}
+    return CheckpointData(step, cfg, weights, weights, {"state": {}}, {"last_epoch": step}, rng, meta)
+
+
+def test_save_load_round_trip_and_keep_last_k(tmp_path: Path) -> None:
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, _data(step), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000030", "step_00000040"]
+    loaded = load_checkpoint(latest_checkpoint(tmp_path), expected=load_config("configs/mnist_tiny.yaml"))
+    assert loaded.step == 40 and torch.equal(loaded.model["w"], torch.full((3,), 40.0))
+    assert loaded.meta["mlflow_run_id"] == "abc" and loaded.scheduler == {"last_epoch": 40}
+
+
+def test_a_crash_mid_write_leaves_nothing_resume_would_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_checkpoint(tmp_path, _data(10))
+    real_save, calls = torch.save, []
+
+    def dying_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # model.pt written, optimizer.pt not
+            raise OSError("disk full")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, _data(20))
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000010"]  # no step_20, no temp dir left behind
+    assert latest_checkpoint(tmp_path).name == "step_00000010"
+
+
+def test_partial_directory_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, _data(10))
+    (path / "MANIFEST.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        load_checkpoint(path)
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_corrupt_file_is_refused(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, _data(10))
+    data = bytearray((path / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "optimizer.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="optimizer.pt is missing or does not match its checksum"):
+        load_checkpoint(path)
+
+
+def test_different_model_config_names_the_mismatched_keys(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, _data(10))
+    other = load_config("configs/mnist_tiny.yaml", ["model.depth=6", "train.lr=0.5"])
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path, expected=other)
+    assert "model.depth: checkpoint has 4, config has 6" in str(err.value)
+    assert "train.lr" not in str(err.value)  # training settings may change on resume
+
+
+def test_meta_records_step_and_config_hash(tmp_path: Path) -> None:
+    path = save_checkpoint(tmp_path, _data(7))
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["step"] == 7 and len(meta["config_hash"]) == 12 and meta["weights_only"] is False
