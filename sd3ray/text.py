@@ -86,7 +86,8 @@ class PromptBank:
     def build(cls, prompts: list[str], max_length: int) -> PromptBank:
         unique = [""] + [p for p in dict.fromkeys(prompts) if p != ""]
         ids, mask = tokenize(unique, max_length)
-        return cls(unique, ids, mask)
+        longest = int(mask.sum(1).max())  # trim shared padding: attention cost grows with the token count
+        return cls(unique, ids[:, :longest], mask[:, :longest])
 
     def index(self, prompt: str) -> int:
         return self.prompts.index(prompt)

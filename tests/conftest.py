@@ -30,3 +30,68 @@ def mnist_parquet(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) ->
     from sd3ray.data import prepare_mnist
 
     return prepare_mnist(mnist_root, tmp_path_factory.mktemp("parquet") / "mnist", image_size=32)
+
+
+MICRO = [  # a ~60k-parameter model: every loop test runs in seconds on CPU
+    "model.width=32", "model.depth=2", "model.num_heads=2", "model.context_dim=32", "model.pooled_dim=32",
+    "text.width=32", "text.depth=1", "text.num_heads=2", "train.batch_size=16", "train.warmup_steps=2",
+    "sample.steps=2", "data.num_val_images=32", "eval.num_samples=0", "data.download=false",
+]
+
+
+@pytest.fixture
+def micro_config(mnist_parquet: Path, tmp_path: Path):
+    """Build a tiny Config rooted in tmp_path: micro_config("train.steps=4", ...)."""
+    from sd3ray.config import load_config
+
+    def build(*overrides: str):
+        return load_config(REPO_ROOT / "configs/mnist_tiny.yaml", [
+            *MICRO, f"data.parquet_dir={mnist_parquet}", f"train.output_dir={tmp_path / 'runs'}", *overrides])
+
+    return build
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts), stopped after the session."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError as err:
+                if proc.poll() is not None or time.time() > deadline:
+                    tail = (root / "server.log").read_text()[-3000:]
+                    raise RuntimeError(f"mlflow server did not start:\n{tail}") from err
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

@@ -38,7 +38,7 @@ def test_digit_prompts_cover_numeral_and_word_forms() -> None:
 
 def test_prompt_bank_puts_the_empty_prompt_first() -> None:
     bank = PromptBank.build(["7", "seven", "7"], max_length=8)
-    assert bank.prompts == ["", "7", "seven"] and bank.ids.shape == (3, 8)
+    assert bank.prompts == ["", "7", "seven"] and bank.ids.shape == (3, 6)  # trimmed to BOS + "seven"
 
 
 def test_encoder_shapes_and_padding_independence() -> None:

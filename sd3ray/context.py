@@ -1,0 +1,99 @@
+"""Where the training loop runs: rank, world size, device, model wrapping, collectives and checkpoint reporting.
+
+`train()` talks only to this protocol, so the same loop runs in one local process and on every Ray Train worker
+(`sd3ray.ray_train.RayContext`) without importing ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from sd3ray.checkpoint import CheckpointData, latest_checkpoint, save_checkpoint
+
+
+class RunContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """Wrap for data parallelism (DDP) where there is more than one worker."""
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor: ...
+
+    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor: ...
+
+    def resume_from(self) -> Path | None:
+        """The checkpoint directory to resume from, if any."""
+
+    def save_and_report(self, data: CheckpointData | None, metrics: dict[str, Any]) -> str | None:
+        """Persist a checkpoint (rank 0 passes it, others None) and report metrics; every rank calls this the same
+        number of times. Returns where the checkpoint lives (a path or URI), if one was saved."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LocalContext:
+    """One process: checkpoints go to `run_dir/checkpoints`, written atomically, the newest `keep` kept."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, run_dir: Path, device: torch.device | None = None, resume: Path | None = None,
+                 keep: int = 3) -> None:
+        self.run_dir = Path(run_dir)
+        self.device = device or default_device()
+        self._resume = resume
+        self.keep = keep
+
+    @property
+    def is_main(self) -> bool:
+        return True
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def resume_from(self) -> Path | None:
+        return self._resume
+
+    def save_and_report(self, data: CheckpointData | None, metrics: dict[str, Any]) -> str | None:
+        if data is None:
+            return None
+        return str(save_checkpoint(self.checkpoint_root, data, keep=self.keep))
+
+
+def resolve_resume(spec: str | None, output_dir: Path, name: str | None) -> Path | None:
+    """--resume latest|PATH -> a checkpoint directory. `latest` looks in output_dir/name, or in the most
+    recently written run under output_dir when no name is given."""
+    if spec is None:
+        return None
+    if spec != "latest":
+        return Path(spec)
+    if name:
+        runs = [output_dir / name]
+    else:
+        runs = sorted((p for p in output_dir.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for run in runs:
+        found = latest_checkpoint(run / "checkpoints")
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"--resume latest: no complete checkpoint under {output_dir / (name or '*')}/checkpoints")
