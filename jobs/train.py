@@ -1,0 +1,61 @@
+"""Train an MM-DiT. Default: Ray Train on N workers; --local: this process only (one GPU, or CPU).
+
+    python jobs/train.py --local --config configs/mnist_tiny.yaml
+    python jobs/train.py --workers 2 --cpu --config configs/mnist_tiny.yaml
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train.py --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from sd3ray.cli import add_config_args, config_from_args, non_negative_float, positive_int
+
+
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--local", action="store_true", help="run in this process instead of on Ray workers")
+    parser.add_argument("--name", help="run name: checkpoints go to OUTPUT_DIR/NAME (default: config + time)")
+    parser.add_argument("--resume", metavar="latest|PATH", help="continue from a checkpoint (local mode)")
+    parser.add_argument("--data-root", help="folder holding MNIST/raw/*-ubyte (sets data.raw_root)")
+    parser.add_argument("--steps", type=positive_int, help="training steps (sets train.steps)")
+    parser.add_argument("--max-minutes", type=non_negative_float, help="wall-clock budget (sets train.max_minutes)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="local mode: force a device")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    ray = parser.add_argument_group("Ray Train (default mode)")
+    ray.add_argument("--workers", type=positive_int, default=1, help="number of training workers")
+    accel = ray.add_mutually_exclusive_group()
+    accel.add_argument("--gpu", action="store_true", help="one GPU per worker (default when the cluster has GPUs)")
+    accel.add_argument("--cpu", action="store_true", help="CPU workers with gloo, even on a GPU cluster")
+    ray.add_argument("--storage-path", help="where Ray stores checkpoints: a folder or a URI such as s3://bucket/x")
+    ray.add_argument("--max-failures", type=int, default=0, help="restarts from the last checkpoint on failure")
+    return parser, parser.parse_args()
+
+
+def main() -> int:
+    parser, args = parse_args()
+    extra = [f"data.raw_root={args.data_root}"] if args.data_root else []
+    extra += [f"train.steps={args.steps}"] if args.steps else []
+    extra += [f"train.max_minutes={args.max_minutes}"] if args.max_minutes is not None else []
+    cfg = config_from_args(parser, args, extra)
+    name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.local:
+        from sd3ray.local import run_local
+
+        run_local(cfg, args.name, name, args.resume, args.device, tracking=not args.no_tracking)
+    else:
+        if args.resume:
+            parser.error("--resume is for --local; under Ray, re-run with the same --name to resume")
+        from sd3ray.ray_train import run_ray
+
+        run_ray(cfg, name, workers=args.workers, use_gpu=True if args.gpu else False if args.cpu else None,
+                storage_path=args.storage_path, max_failures=args.max_failures, tracking=not args.no_tracking)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

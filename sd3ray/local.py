@@ -1,0 +1,26 @@
+"""Local mode: the loop in this process, on the GPU when there is one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sd3ray.config import Config
+from sd3ray.context import LocalContext, default_device, resolve_resume
+from sd3ray.tracking import make_tracker
+from sd3ray.train_loop import TrainResult, train
+
+
+def run_local(cfg: Config, name: str | None, default_name: str, resume: str | None = None,
+              device: str | None = None, tracking: bool = True) -> TrainResult:
+    """`name` is the user's run name (None when not given); `--resume latest` without one picks the newest run."""
+    output_dir = Path(cfg.train.output_dir)
+    resume_path = resolve_resume(resume, output_dir, name)
+    # a resumed run keeps writing next to the checkpoint it came from
+    run_dir = resume_path.parent.parent if resume_path is not None else output_dir / (name or default_name)
+    ctx = LocalContext(run_dir, torch.device(device) if device else default_device(), resume_path,
+                       keep=cfg.train.keep_checkpoints)
+    result = train(cfg, ctx, make_tracker(cfg, enabled=tracking))
+    print(f"sd3ray: done at step {result.step}; checkpoint {result.checkpoint}; MLflow run {result.run_id}")
+    return result
