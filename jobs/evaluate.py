@@ -1,0 +1,66 @@
+"""Judge a checkpoint over a grid of guidance scales and sampler steps; print a table, log it and a plot to MLflow.
+
+    python jobs/evaluate.py --checkpoint runs/NAME/checkpoints/step_00003000 --guidance 1 2 4 --steps 10 25 50
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
+
+import argparse
+import json
+import tempfile
+
+import torch
+
+from sd3ray.cli import non_negative_float, positive_int
+from sd3ray.context import default_device
+from sd3ray.data import read_split
+from sd3ray.evaluate import Reference, evaluate_settings, load_judge, markdown_table
+from sd3ray.inference import load_ema_model
+from sd3ray.plots import line_plot
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or MLflow run id")
+    parser.add_argument("--guidance", type=non_negative_float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--steps", type=positive_int, nargs="+", default=[10, 25, 50])
+    parser.add_argument("--num-samples", type=positive_int, default=1000, help="judged samples per setting")
+    parser.add_argument("--sampler", choices=["euler", "heun"])
+    parser.add_argument("--parquet-dir", help="real digits for the judge (default: the run's data.parquet_dir)")
+    parser.add_argument("--device", choices=["cuda", "cpu"])
+    parser.add_argument("--tracking-uri", default="", help="MLflow server (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
+    parser.add_argument("--no-tracking", action="store_true")
+    parser.add_argument("--output", type=Path, help="also write results.md/results.json here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device) if args.device else default_device()
+    model, cfg, step = load_ema_model(args.checkpoint, device, args.tracking_uri)
+    parquet = args.parquet_dir or cfg.data.parquet_dir
+    train, test = read_split(parquet, "train"), read_split(parquet, "test")
+    reference = Reference(load_judge(train, device), train, test)
+    rows = evaluate_settings(model, cfg, reference, args.guidance, args.steps, args.num_samples, args.sampler)
+    table = markdown_table(rows)
+    print(f"\ncheckpoint step {step}, {args.num_samples} samples per setting\n\n{table}")
+    series = {f"{s} steps": ([r["guidance"] for r in rows if r["steps"] == s],
+                             [r["judge/prompt_accuracy"] for r in rows if r["steps"] == s]) for s in args.steps}
+    plot = line_plot(series, "guidance scale", "prompt accuracy", f"step {step}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.output or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text(table + "\n")
+        (out / "results.json").write_text(json.dumps(rows, indent=2))
+        if not args.no_tracking:
+            from sd3ray.tracking import log_evaluation
+
+            run_id = log_evaluation(cfg, args.checkpoint, args.tracking_uri, step, rows, plot, out)
+            print(f"logged to MLflow run {run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

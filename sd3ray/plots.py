@@ -1,0 +1,48 @@
+"""Pictures for MLflow: confusion matrices and metric curves, rendered off-screen with matplotlib."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on workers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _to_array(fig: plt.Figure) -> np.ndarray:
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def confusion_image(confusion: np.ndarray, title: str = "") -> np.ndarray:
+    """(10, 10) counts, rows = prompted digit, columns = judged digit -> RGB uint8 image."""
+    fig, ax = plt.subplots(figsize=(4.2, 4), dpi=100)
+    rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i in range(10):
+        for j in range(10):
+            if confusion[i, j]:
+                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="judged digit", ylabel="prompted digit",
+           title=f"confusion {title}".strip())
+    fig.tight_layout()
+    return _to_array(fig)
+
+
+def line_plot(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
+              title: str = "", logx: bool = False) -> np.ndarray:
+    """One line per series name: {label: (xs, ys)} -> RGB uint8 image."""
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _to_array(fig)
