@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
+
+import argparse
 
 from sd3ray.data import DataError, prepare_mnist, read_metadata
 

@@ -9,9 +9,12 @@ Writes OUTPUT/grid.png (one row per prompt), OUTPUT/prompts.txt and OUTPUT/sampl
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
+
+import argparse
 
 import numpy as np
 import torch

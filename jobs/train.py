@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
+
+import argparse
+import time
 
 from sd3ray.cli import add_config_args, config_from_args, non_negative_float, positive_int
 

@@ -1,0 +1,185 @@
+"""Ray Train: the same `train()` on N workers (Train V2 `TorchTrainer`), DDP through `prepare_model`.
+
+Checkpoints are reported to Ray and land in `storage_path/name/step_XXXXXXXX`; re-running with the same name and
+storage path resumes from the newest one (Train V2 restores it into `ray.train.get_checkpoint()`), and so does a
+restart after a worker failure (`FailureConfig.max_failures`). Only rank 0 logs to MLflow and draws grids; every
+rank reports the same number of times.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from sd3ray.checkpoint import CheckpointData, write_checkpoint
+from sd3ray.config import Config, from_dict, to_dict
+from sd3ray.data import ensure_parquet
+from sd3ray.tracking import NullTracker, check_reachable, make_tracker, resolve_tracking_uri
+from sd3ray.train_loop import train
+
+
+class RayContext:
+    """RunContext for a Ray Train worker."""
+
+    def __init__(self, run_storage: str) -> None:
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.run_storage = run_storage
+        self._restored: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world_size > 1
+
+    def _all_reduce(self, value: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+        if self.world_size > 1 and dist.is_initialized():
+            value = value.clone()
+            dist.all_reduce(value, op=op)
+        return value
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(value, dist.ReduceOp.SUM) / self.world_size
+
+    def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(value, dist.ReduceOp.MAX)
+
+    def resume_from(self) -> Path | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        self._restored = tempfile.TemporaryDirectory(prefix="sd3ray-restore-")
+        return Path(checkpoint.to_directory(self._restored.name))
+
+    def save_and_report(self, data: CheckpointData | None, metrics: dict[str, Any]) -> str | None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if data is None:
+            ray.train.report(scalars)
+            return None
+        tmp = Path(tempfile.mkdtemp(prefix="sd3ray-ckpt-"))
+        try:
+            name = f"step_{data.step:08d}"
+            write_checkpoint(tmp / name, data)
+            ray.train.report(scalars, checkpoint=Checkpoint.from_directory(str(tmp / name)), checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return f"{self.run_storage}/{name}"
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Per-worker entry point: rebuild the Config, then run the shared loop."""
+    cfg = from_dict(config["cfg"])
+    ctx = RayContext(config["run_storage"])
+    tracking = config["tracking"] and ctx.is_main
+    tracker = make_tracker(cfg, enabled=True, uri=config["tracking_uri"]) if tracking else NullTracker()
+    result = train(cfg, ctx, tracker)
+    if config.get("save_replica_to"):  # debug: each rank's final weights, to prove replicas stay identical
+        torch.save(result.model.state_dict(), Path(config["save_replica_to"]) / f"rank{ctx.rank}.pt")
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Workers run in other directories: hand them absolute data paths."""
+    data = replace(cfg.data, parquet_dir=str(Path(cfg.data.parquet_dir).resolve()),
+                   raw_root=str(Path(cfg.data.raw_root).resolve()))
+    return replace(cfg, data=data)
+
+
+def default_storage(cfg: Config) -> str:
+    return str(Path(cfg.train.output_dir).resolve() / "ray")
+
+
+def check_resources(workers: int, use_gpu: bool) -> None:
+    """Fail fast instead of waiting forever for resources a fixed-size cluster will never have."""
+    total = ray.cluster_resources()
+    key, need = ("GPU", workers) if use_gpu else ("CPU", workers)
+    have = total.get(key, 0)
+    if have < need:
+        raise RuntimeError(f"--workers {workers} needs {need} {key}(s) but the Ray cluster has {have:g} "
+                           f"({', '.join(f'{k}={v:g}' for k, v in total.items() if k in ('CPU', 'GPU'))}). "
+                           f"Lower --workers, use --cpu, or add nodes.")
+
+
+def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None,
+                  max_failures: int = 0, tracking: bool = True, callbacks: list | None = None,
+                  extra: dict[str, Any] | None = None) -> TorchTrainer:
+    """A TorchTrainer for `cfg` whose checkpoints go to storage_path/name."""
+    cfg = _absolute_paths(cfg)
+    storage = storage_path or default_storage(cfg)
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    loop_config = {"cfg": to_dict(cfg), "tracking": tracking, "tracking_uri": uri,
+                   "run_storage": f"{storage.rstrip('/')}/{name}", **(extra or {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+
+
+def check_storage(storage: str) -> None:
+    """A local storage path must be creatable and writable; a URI must name a filesystem pyarrow can open."""
+    if "://" in storage:
+        import pyarrow.fs
+
+        try:
+            pyarrow.fs.FileSystem.from_uri(storage)
+        except Exception as exc:
+            raise RuntimeError(f"--storage-path {storage} cannot be opened ({exc}); use a local folder, NFS "
+                               f"mount, or a URI such as s3://bucket/path with credentials set") from exc
+        return
+    try:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=storage):
+            pass
+    except OSError as exc:
+        raise RuntimeError(f"--storage-path {storage} is not a writable folder ({exc})") from exc
+
+
+def connect() -> None:
+    """Join RAY_ADDRESS / the cluster a `ray job submit` runs on, or start a local one."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init()
+    except ConnectionError as exc:
+        raise RuntimeError(f"cannot reach the Ray cluster ({exc}). Check RAY_ADDRESS, or unset it to start a local "
+                           f"cluster") from exc
+
+
+def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = None, storage_path: str | None = None,
+            max_failures: int = 0, tracking: bool = True) -> ray.train.Result:
+    """Prepare data and run checks on the driver, then fit."""
+    ensure_parquet(cfg.data.parquet_dir, cfg.data.raw_root, cfg.model.image_size, cfg.data.download)
+    if tracking:
+        check_reachable(resolve_tracking_uri(cfg.tracking.uri))
+    connect()
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    check_resources(workers, use_gpu)
+    check_storage(storage_path or default_storage(cfg))
+    trainer = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking)
+    print(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s), global batch "
+          f"{cfg.train.batch_size * workers}", flush=True)
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    print(f"sd3ray: done at step {metrics.get('step')}; val/loss {metrics.get('val/loss')}; checkpoint "
+          f"{result.checkpoint.path if result.checkpoint else None}", flush=True)
+    return result
