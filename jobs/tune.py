@@ -1,0 +1,40 @@
+"""Sweep model width and timestep-sampling scheme with Ray Tune; review the sweep in MLflow.
+
+    python jobs/tune.py --config configs/tune_mnist.yaml
+    python jobs/tune.py --config configs/tune_mnist.yaml --resume     # continue an interrupted sweep
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
+
+import argparse
+
+from sd3ray.config import ConfigError
+from sd3ray.ray_tune import load_sweep
+from sd3ray.tune_driver import run_sweep
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tune_mnist.yaml", help="sweep YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a sweep value, e.g. --set name=my-sweep (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue the sweep of the same name; finished "
+                                                              "trials are not rerun")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    args = parser.parse_args()
+    try:
+        spec = load_sweep(args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    rows = run_sweep(spec, resume=args.resume, tracking=not args.no_tracking)
+    print(f"sd3ray: sweep '{spec.name}' done: {len(rows)} trials")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

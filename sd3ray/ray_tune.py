@@ -1,0 +1,204 @@
+"""Ray Tune sweeps over model width and timestep-sampling scheme (SD3's central ablation), reviewed in MLflow.
+
+Each trial is one Ray Train run (the Train V2 pattern: the trial function builds and fits a TorchTrainer, and
+`TuneReportCallback` forwards rank 0's reports to Tune). Trials are ranked by a metric that does not depend on the
+scheme under test (the fixed-t validation loss or the judge's scores), optionally with ASHA early stopping.
+One parent MLflow run holds the sweep; each trial is a nested child run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sd3ray.config import Config, ConfigError, TimestepScheme, build_dataclass, load_config, to_dict
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """One timestep-sampling scheme with its parameters."""
+
+    scheme: TimestepScheme
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    @property
+    def label(self) -> str:
+        match self.scheme:
+            case "logit_normal":
+                return f"logit_normal({self.logit_mean:g},{self.logit_std:g})"
+            case "mode":
+                return f"mode({self.mode_scale:g})"
+        return self.scheme
+
+
+@dataclass(frozen=True)
+class AshaSpec:
+    enabled: bool = True
+    grace_period: int = 100  # steps every trial runs before it can be stopped
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """configs/tune_*.yaml: the base training config plus the dimensions to sweep."""
+
+    base_config: str = "configs/mnist_tiny.yaml"
+    overrides: tuple[str, ...] = ()
+    name: str = "tune-mnist"
+    storage_path: str = "runs/tune"
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = 1  # grid: repeats of the grid; random/optuna: total trials
+    metric: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    widths: tuple[int, ...] = (64, 128)
+    head_dim: int = 32  # heads = width / head_dim: heads scale with width
+    schemes: tuple[SchemeSpec, ...] = (SchemeSpec("uniform"), SchemeSpec("logit_normal"))
+    depths: tuple[int, ...] = ()
+    learning_rates: tuple[float, ...] = ()
+    shifts: tuple[float, ...] = ()
+    workers_per_trial: int = 1
+    use_gpu: bool = False
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
+    asha: AshaSpec = field(default_factory=AshaSpec)
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+    from sd3ray.config import apply_overrides
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file {p} does not exist; the shipped ones are configs/tune_*.yaml")
+    spec = build_dataclass(SweepSpec, apply_overrides(yaml.safe_load(p.read_text()) or {}, overrides or []))
+    if not spec.widths or not spec.schemes:
+        raise ConfigError("widths and schemes: give at least one value each")
+    base = load_config(spec.base_config, list(spec.overrides))  # fail now, not in every trial
+    # Tune needs the ranking metric in every report; reports happen at eval and checkpoint steps.
+    if base.train.ckpt_every % base.train.eval_every:
+        raise ConfigError(f"train.ckpt_every ({base.train.ckpt_every}) must be a multiple of train.eval_every "
+                          f"({base.train.eval_every}) in a sweep, so every report carries {spec.metric}")
+    if spec.metric.startswith("judge/") and base.eval.num_samples == 0:
+        raise ConfigError(f"metric {spec.metric} needs the judge: set eval.num_samples > 0 in overrides")
+    return spec
+
+
+def trial_overrides(params: dict[str, Any], head_dim: int) -> list[str]:
+    """The --set overrides one trial applies to the base config."""
+    width = params["width"]
+    out = [f"model.width={width}", f"model.num_heads={max(1, width // head_dim)}"]
+    if width % head_dim:
+        raise ConfigError(f"width {width} is not a multiple of head_dim {head_dim}: heads would not divide it")
+    out += [f"flow.{k}={v}" for k, v in params["scheme"].items()]
+    for key, name in (("depth", "model.depth"), ("lr", "train.lr"), ("shift", "flow.shift")):
+        if key in params:
+            out.append(f"{name}={params[key]}")
+    return out
+
+
+def trial_label(params: dict[str, Any]) -> str:
+    label = f"w{params['width']}-{SchemeSpec(**params['scheme']).label}"
+    for key in ("depth", "lr", "shift"):
+        if key in params:
+            label += f"-{key}{params[key]:g}"
+    return label
+
+
+def search_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    dims: dict[str, list[Any]] = {
+        "width": list(spec.widths),
+        "scheme": [{k: v for k, v in vars(s).items()} for s in spec.schemes],
+    }
+    for key, values in (("depth", spec.depths), ("lr", spec.learning_rates), ("shift", spec.shifts)):
+        if values:
+            dims[key] = list(values)
+    pick = tune.grid_search if spec.search == "grid" else tune.choice
+    return {"params": {k: pick(v) for k, v in dims.items()}}
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The Tune trial function: one TorchTrainer fit whose rank-0 reports reach Tune via TuneReportCallback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sd3ray.ray_train import build_trainer
+
+    spec = build_dataclass(SweepSpec, config["spec"])
+    label = trial_label(config["params"])
+    cfg = load_config(spec.base_config, [*spec.overrides, *trial_overrides(config["params"], spec.head_dim),
+                                         f"tracking.run_name={label}", f"tracking.parent_run_id={config['parent']}"])
+    trial_id = tune.get_context().get_trial_id()
+    trainer = build_trainer(cfg, f"{label}-{trial_id}", workers=spec.workers_per_trial, use_gpu=spec.use_gpu,
+                            storage_path=str(Path(config["storage"]) / "trials"), tracking=config["tracking"],
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+# The trial function only waits on TorchTrainer.fit(); the workers hold the real resources. Tune cannot schedule a
+# trial that asks for nothing, so it asks for a sliver of a CPU.
+TRIAL_DRIVER_CPU = 0.01
+
+
+def trial_resources() -> dict[str, float]:
+    return {"CPU": TRIAL_DRIVER_CPU}
+
+
+def concurrency(spec: SweepSpec) -> int:
+    """How many trials fit at once on the cluster: each holds `workers_per_trial` workers plus its driver's sliver."""
+    import ray
+
+    if spec.max_concurrent_trials:
+        return spec.max_concurrent_trials
+    resources = ray.cluster_resources()
+    if spec.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // spec.workers_per_trial))
+    return max(1, int(resources.get("CPU", 0) // (spec.workers_per_trial + TRIAL_DRIVER_CPU)))
+
+
+def build_tuner(spec: SweepSpec, storage: Path, parent_run_id: str, tracking: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    base = load_config(spec.base_config, list(spec.overrides))
+    scheduler = FIFOScheduler()
+    if spec.asha.enabled:
+        scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps, grace_period=spec.asha.grace_period,
+                                  reduction_factor=spec.asha.reduction_factor)
+    search_alg = None
+    if spec.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as exc:
+            raise ConfigError("search: optuna needs `pip install optuna`") from exc
+        search_alg = OptunaSearch()
+    trainable = tune.with_resources(run_trial, trial_resources())
+    param_space = {**search_space(spec), "spec": _spec_dict(spec), "parent": parent_run_id,
+                   "storage": str(storage), "tracking": tracking}
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=search_alg,
+                                    num_samples=spec.num_samples, max_concurrent_trials=concurrency(spec),
+                                    trial_name_creator=lambda t: trial_label(t.config["params"])),
+        run_config=tune.RunConfig(name=spec.name, storage_path=str(storage.parent)),
+    )
+
+
+def _spec_dict(spec: SweepSpec) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(spec)))
+
+
+def base_config(spec: SweepSpec) -> Config:
+    return load_config(spec.base_config, list(spec.overrides))
+
+
+__all__ = ["SweepSpec", "SchemeSpec", "load_sweep", "build_tuner", "run_trial", "trial_label", "trial_overrides",
+           "to_dict"]

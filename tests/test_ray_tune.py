@@ -1,0 +1,104 @@
+"""A real CPU sweep on the shared Ray head: ASHA stops trials without leaking their resources, failures are
+recorded without stopping the sweep, and the parent/child MLflow runs hold what a person reviews."""
+
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from sd3ray.ray_tune import load_sweep, trial_label, trial_overrides
+from sd3ray.tune_driver import run_sweep
+from tests.conftest import MICRO, REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_head):
+    ray.init(address=ray_head["address"])
+    yield ray_head
+    ray.shutdown()
+
+
+def _sweep_file(tmp_path: Path, mnist_parquet: Path, name: str, widths: list[int], **extra) -> Path:
+    spec = {
+        "base_config": str(REPO_ROOT / "configs/mnist_tiny.yaml"),
+        "overrides": [*MICRO, f"data.parquet_dir={mnist_parquet}", "train.steps=6", "train.eval_every=2",
+                      "train.ckpt_every=2", "train.log_every=2", f"train.output_dir={tmp_path / 'runs'}",
+                      f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.experiment={name}"],
+        "name": name, "storage_path": str(tmp_path / "tune"), "metric": "val/loss", "mode": "min",
+        "widths": widths, "head_dim": 16,
+        "schemes": [{"scheme": "uniform"}, {"scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}],
+        **extra,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_asha_sweep_releases_resources_and_logs_parent_and_children(cluster, mnist_parquet, tmp_path) -> None:
+    # Each trial needs 1.01 CPUs (a worker and its driver's sliver) on a 2-CPU cluster: one trial at a time, so a
+    # placement group left behind by an ASHA-stopped trial would leave the next trial waiting forever (#54305).
+    path = _sweep_file(tmp_path, mnist_parquet, "asha", [32, 64], workers_per_trial=1,
+                       asha={"enabled": True, "grace_period": 2, "reduction_factor": 4})
+    spec = load_sweep(path)
+    rows = run_sweep(spec)
+    assert sorted(r["trial"] for r in rows) == sorted(
+        ["w32-uniform", "w32-logit_normal(0,1)", "w64-uniform", "w64-logit_normal(0,1)"])
+    statuses = [r["status"] for r in rows]
+    assert "stopped early" in statuses and "failed" not in statuses, rows
+    assert all(r["step"] == 6 for r in rows if r["status"] == "finished")
+    assert all(r["step"] < 6 for r in rows if r["status"] == "stopped early")
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("asha").experiment_id
+    (parent,) = client.search_runs([experiment], "attributes.run_name = 'sweep-asha'")
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(r["trial"] for r in rows)
+    assert all(c.data.params["model.num_heads"] == str(int(c.data.params["model.width"]) // 16) for c in children)
+    files = [a.path for a in client.list_artifacts(parent.info.run_id, "sweep")]
+    assert {"sweep/results.csv", "sweep/results.md"} <= set(files)
+    images = [a.path for a in client.list_artifacts(parent.info.run_id, "images")]
+    assert any("metric_vs_width" in p for p in images) and any("best_grid_per_scheme" in p for p in images)
+    assert client.get_run(parent.info.run_id).data.metrics["sweep/stopped_early"] >= 1
+
+
+def test_a_failing_trial_is_recorded_and_resume_reruns_nothing(cluster, mnist_parquet, tmp_path) -> None:
+    # width 40 is not a multiple of head_dim 16: those trials fail; the others still run
+    path = _sweep_file(tmp_path, mnist_parquet, "failing", [32, 40], asha={"enabled": False},
+                       schemes=[{"scheme": "cosmap"}])
+    rows = run_sweep(load_sweep(path))
+    by_trial = {r["trial"]: r for r in rows}
+    assert by_trial["w32-cosmap"]["status"] == "finished"
+    assert by_trial["w40-cosmap"]["status"] == "failed"
+    assert "not a multiple of head_dim 16" in by_trial["w40-cosmap"]["error"]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("failing").experiment_id
+    before = len(client.search_runs([experiment]))
+    again = run_sweep(load_sweep(path), resume=True)
+    assert {r["trial"]: r["status"] for r in again} == {r["trial"]: r["status"] for r in rows}
+    parents = client.search_runs([experiment], "attributes.run_name = 'sweep-failing'")
+    assert len(parents) == 1 and len(client.search_runs([experiment])) == before  # no trial ran again
+
+
+def test_trial_settings_follow_the_sweep() -> None:
+    params = {"width": 128, "scheme": {"scheme": "mode", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29},
+              "lr": 0.002}
+    assert trial_label(params) == "w128-mode(1.29)-lr0.002"
+    assert trial_overrides(params, head_dim=32)[:2] == ["model.width=128", "model.num_heads=4"]
+    assert "flow.scheme=mode" in trial_overrides(params, 32) and "train.lr=0.002" in trial_overrides(params, 32)
+
+
+def test_sweep_specs_that_would_starve_tune_of_its_metric_are_refused(tmp_path, mnist_parquet) -> None:
+    from sd3ray.config import ConfigError
+
+    path = _sweep_file(tmp_path, mnist_parquet, "bad", [32])
+    with pytest.raises(ConfigError, match="must be a multiple of train.eval_every"):
+        load_sweep(path, ["overrides=[train.eval_every=4, train.ckpt_every=2]"])
+    with pytest.raises(ConfigError, match="needs the judge"):
+        load_sweep(path, ["metric=judge/prompt_accuracy"])
+    with pytest.raises(ConfigError, match="schemes\\[0\\].scheme: 'gauss' is not allowed"):
+        load_sweep(path, ["schemes=[{scheme: gauss}]"])
