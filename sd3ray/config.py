@@ -22,6 +22,7 @@ SamplerName = Literal["euler", "heun"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]
 LogCheckpoints = Literal["final", "none"]
+FailMode = Literal["raise", "kill"]
 
 
 class ConfigError(ValueError):
@@ -96,7 +97,8 @@ class TrainConfig:
     precision: Precision = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     output_dir: str = "runs"
-    fail_at_step: int = -1  # debug: raise at this step on rank 0 (fault-tolerance tests)
+    fail_at_step: int = -1  # debug: fail once at this step on rank 0 (fault-tolerance tests)
+    fail_mode: FailMode = "raise"
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ class TrackingConfig:
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "sd3ray"
     run_name: str = ""
+    parent_run_id: str = ""  # set by sweeps: the run is nested under this one in the MLflow UI
     log_checkpoints: LogCheckpoints = "final"
 
 
@@ -197,6 +200,13 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the field type `tp`; ints are accepted where floats are expected."""
     origin = get_origin(tp)
+    if origin is tuple:  # tuple[X, ...]: a YAML list of X (X may be a dataclass)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item = get_args(tp)[0]
+        if dataclasses.is_dataclass(item):
+            return tuple(build_dataclass(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
@@ -228,7 +238,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build any (nested, frozen) dataclass from a dict with the same checks as Config."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -244,17 +255,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name] or {}, key)
+            kwargs[name] = build_dataclass(tp, data[name] or {}, key)
         else:
             kwargs[name] = _coerce(data[name], tp, key)
-    if cls is Config:
-        return Config(**kwargs)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field without a default
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
 
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from a plain (possibly partial) nested dict."""
-    return _build(Config, data, "")
+    return build_dataclass(Config, data, "")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

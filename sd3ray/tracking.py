@@ -3,6 +3,7 @@ rank 0 holds one (other ranks get a NullTracker)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -103,6 +104,8 @@ class MlflowTracker:
         experiment = self.client.get_experiment_by_name(self.experiment)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
         all_tags = {"sd3ray.config_hash": config_hash(cfg), "mlflow.source.git.commit": git_commit(), **(tags or {})}
+        if cfg.tracking.parent_run_id:
+            all_tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         run = self.client.create_run(experiment_id, run_name=self.run_name or None, tags=all_tags)
         self.run_id = run.info.run_id
         from mlflow.entities import Param
@@ -148,3 +151,35 @@ def make_tracker(cfg: Config, enabled: bool = True, uri: str | None = None) -> T
 
 def describe(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def log_evaluation(cfg: Config, checkpoint: str, uri: str, step: int, rows: list[dict[str, float]],
+                   plot: np.ndarray, files: Path) -> str:
+    """Log an evaluation grid as a new run nested under the checkpoint's training run (when known), so the UI
+    shows it beside that run without touching the training run's own metrics or status."""
+    meta_path = Path(checkpoint) / "meta.json"
+    source = json.loads(meta_path.read_text()).get("mlflow_run_id") if meta_path.is_file() else checkpoint
+    tags = {"sd3ray.evaluated_checkpoint": str(checkpoint), "sd3ray.evaluated_step": str(step)}
+    tracker = MlflowTracker(resolve_tracking_uri(uri or cfg.tracking.uri), cfg.tracking.experiment,
+                            f"evaluate-step{step}")
+    check_reachable(tracker.uri)
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        if source:
+            client = MlflowClient(tracker.uri)
+            parent = client.get_run(source)
+            tags["mlflow.parentRunId"] = source
+            tracker.experiment = client.get_experiment(parent.info.experiment_id).name  # nest in the same place
+    except MlflowException:
+        pass  # the training run lives in another tracking store: log a standalone run
+    tracker.start(cfg, None, tags=tags)
+    for row in rows:
+        prefix = f"eval/g{row['guidance']:g}_s{row['steps']}"
+        tracker.log_metrics({f"{prefix}/{k.split('/')[-1]}": v for k, v in row.items() if k.startswith("judge/")},
+                            step)
+    tracker.log_image("eval_accuracy_vs_guidance", plot, step)
+    tracker.log_artifact(files, "evaluation")
+    tracker.finish("FINISHED")
+    return tracker.run_id

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from sd3ray.config import Config, TrainConfig
 from sd3ray.context import RunContext
 from sd3ray.data import ImageSet, ShardedBatches, ensure_parquet, prompt_candidates, read_split
 from sd3ray.ema import EMA
+from sd3ray.evaluate import SampleJudge, is_digit_data
 from sd3ray.flow import flow_loss, sample_timesteps
 from sd3ray.images import make_grid
 from sd3ray.model import Denoiser, count_parameters
@@ -41,6 +43,7 @@ class TrainResult:
     checkpoint: str | None
     run_id: str | None
     metrics: dict[str, float] = field(default_factory=dict)
+    model: Denoiser | None = None  # the final (non-EMA) weights of this rank
 
 
 class TrainingBatches:
@@ -128,18 +131,21 @@ class Progress:
 
 
 def evaluate_step(ema_model: Denoiser, val: ValidationSet, cfg: Config, device: torch.device, tracker: Tracker,
-                  step: int, judge: Any = None) -> dict[str, float]:
-    """Rank 0: fixed-t validation loss, the sample grid, and (if a judge is given) judge metrics."""
+                  step: int, judge: SampleJudge | None) -> dict[str, float]:
+    """Rank 0: fixed-t validation loss, the sample grid, and judge metrics with a confusion matrix."""
     metrics = validation_losses(ema_model, val)
     grid = generate(ema_model, list(GRID_PROMPTS), cfg, GRID_SEED, device)
     tracker.log_image("samples", make_grid(grid), step)
     if judge is not None:
-        metrics.update(judge(ema_model, step))
+        report = judge(ema_model, step)
+        metrics.update(report.metrics)
+        for key, image in report.images.items():
+            tracker.log_image(key, image, step)
     tracker.log_metrics(metrics, step)
     return metrics
 
 
-def train(cfg: Config, ctx: RunContext, tracker: Tracker, judge: Any = None) -> TrainResult:
+def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     """Train `cfg.train.steps` steps (or until `train.max_minutes`), resuming from `ctx.resume_from()`."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     device, tc = ctx.device, cfg.train
@@ -148,9 +154,9 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker, judge: Any = None) -> 
     model = Denoiser(cfg).to(device)
     ema = EMA(model, tc.ema_decay)
     optimizer, scheduler = build_optimizer(model, tc, device)
-    step, run_id = 0, None
+    step, run_id, seconds_before = 0, None, 0.0
     if (resume := ctx.resume_from()) is not None:
-        step, run_id = restore(resume, cfg, model, ema, optimizer, scheduler, device)
+        step, run_id, seconds_before = restore(resume, cfg, model, ema, optimizer, scheduler, device)
     run_id = tracker.start(cfg, run_id, tags={"sd3ray.world_size": str(ctx.world_size)})
     if ctx.is_main:
         mmdit_m, text_m = count_parameters(model.mmdit) / 1e6, count_parameters(model.text_encoder) / 1e6
@@ -162,14 +168,17 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker, judge: Any = None) -> 
         for block in model.mmdit.blocks:  # regional compile: one graph per block, cached across blocks
             block.compile()
     val = ValidationSet.build(test_set, cfg, device) if ctx.is_main else None
+    judged = ctx.is_main and cfg.eval.num_samples > 0 and is_digit_data(train_set)
+    judge = SampleJudge(cfg, train_set, test_set, device) if judged else None
     progress, started = Progress(tc.steps, step, batches.sampler.global_batch), time.monotonic()
     loss_sum, grad_sum, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {}  # the latest log step's training metrics
+    evaluated: dict[str, float] = {}  # the latest evaluation: every report carries it, so Tune always sees it
     checkpoint: str | None = None
     try:
         while step < tc.steps:
-            if step == tc.fail_at_step and ctx.is_main:
-                raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+            if step == tc.fail_at_step and resume is None and ctx.is_main:
+                inject_failure(step, tc.fail_mode)
             x0, ids, mask, t, eps = batches.get(step)
             with autocast_for(tc, device):
                 loss = flow_loss(partial(net, ids=ids, mask=mask), x0, eps, t)
@@ -199,15 +208,16 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker, judge: Any = None) -> 
                 stop = ctx.all_reduce_max(torch.tensor(float(over_budget), device=device)).item() > 0
             is_eval = step % tc.eval_every == 0 or last or stop
             if is_eval and ctx.is_main:
-                metrics.update(evaluate_step(ema.model, val, cfg, device, tracker, step, judge))
+                evaluated = evaluate_step(ema.model, val, cfg, device, tracker, step, judge)
             if is_eval or is_ckpt or stop:
                 data = None
                 if (is_ckpt or stop) and ctx.is_main:
                     data = CheckpointData(step, cfg, model.state_dict(), ema.model.state_dict(),
                                           optimizer.state_dict(), scheduler.state_dict(), rng_state(),
                                           {"mlflow_run_id": run_id,
-                                           "samples_seen": step * batches.sampler.global_batch})
-                checkpoint = ctx.save_and_report(data, {**metrics, "step": step}) or checkpoint
+                                           "samples_seen": step * batches.sampler.global_batch,
+                                           "train_seconds": seconds_before + time.monotonic() - started})
+                checkpoint = ctx.save_and_report(data, {**metrics, **evaluated, "step": step}) or checkpoint
                 progress.restart(step)
             if stop:
                 print(f"sd3ray: train.max_minutes={tc.max_minutes} reached at step {step}; stopped cleanly", flush=True)
@@ -218,11 +228,23 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker, judge: Any = None) -> 
         tracker.finish("FAILED")
         raise
     tracker.finish("FINISHED")
-    return TrainResult(step, checkpoint, run_id, metrics)
+    return TrainResult(step, checkpoint, run_id, {**metrics, **evaluated}, model)
+
+
+def inject_failure(step: int, mode: str) -> None:
+    """Debug (train.fail_at_step): fail once, in a run that did not resume, to exercise fault tolerance."""
+    print(f"sd3ray: injecting a failure at step {step} (train.fail_at_step, mode {mode})", flush=True)
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers (every 2 s by default,
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker that dies sooner restarts from an older checkpoint, which is
+    # correct but would not test a restart from the newest one.
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
+    if mode == "kill":
+        os._exit(1)  # the worker process dies without cleanup, as on a lost node
+    raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
 
 def restore(path: Path, cfg: Config, model: Denoiser, ema: EMA, optimizer, scheduler,
-            device: torch.device) -> tuple[int, str | None]:
+            device: torch.device) -> tuple[int, str | None, float]:
     from sd3ray.checkpoint import load_checkpoint
 
     data = load_checkpoint(path, expected=cfg, map_location=device, weights_only_ok=False)
@@ -234,7 +256,7 @@ def restore(path: Path, cfg: Config, model: Denoiser, ema: EMA, optimizer, sched
     if "cuda" in data.rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(data.rng["cuda"])
     print(f"sd3ray: resumed from {path} at step {data.step}", flush=True)
-    return data.step, data.meta.get("mlflow_run_id")
+    return data.step, data.meta.get("mlflow_run_id"), float(data.meta.get("train_seconds", 0.0))
 
 
 def finish_run(cfg: Config, tracker: Tracker, model: Denoiser, ema: EMA, step: int, checkpoint: str | None) -> None:

@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Ray rewrites a loopback --node-ip-address to the machine's address and then listens on every interface, unless
+# its single-machine mode is on: then every Ray server of the tests listens on 127.0.0.1 only. Ray reads this once,
+# at import, so it is set before any test module imports ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_ROOT = Path(os.environ.get("SD3RAY_MNIST_ROOT", REPO_ROOT.parent / "shared" / "data"))
 
@@ -95,3 +100,39 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory):
+    """A real Ray head on 127.0.0.1 with the job API, as README starts it; `ray stop` afterwards."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs_port, dashboard_port = free_port(), free_port()
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    start = subprocess.run(
+        ["ray", "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
+         "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=300)
+    if start.returncode != 0:
+        pytest.fail(f"ray start failed:\n{start.stdout[-2000:]}\n{start.stderr[-2000:]}")
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.time() + 120
+        while True:  # the job API answers a little after `ray start` returns
+            try:
+                urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
+                break
+            except OSError as err:
+                if time.time() > deadline:
+                    raise RuntimeError("Ray job API did not come up") from err
+                time.sleep(1)
+        yield {"address": f"127.0.0.1:{gcs_port}", "dashboard": dashboard, "env": env}
+    finally:
+        import ray
+
+        ray.shutdown()
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -4,12 +4,22 @@ import pytest
 
 from sd3ray.config import Config, ConfigError, config_hash, flatten, from_dict, load_config, to_dict, to_yaml
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+SHIPPED = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+CONFIGS = [p for p in SHIPPED if not p.name.startswith("tune_")]
+SWEEPS = [p for p in SHIPPED if p.name.startswith("tune_")]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweeps_load(path: Path) -> None:
+    from sd3ray.ray_tune import load_sweep
+
+    spec = load_sweep(path)
+    assert spec.widths and spec.schemes
 
 
 def test_round_trip_dict_and_yaml(tmp_path: Path) -> None:
