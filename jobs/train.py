@@ -36,6 +36,7 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     accel.add_argument("--cpu", action="store_true", help="CPU workers with gloo, even on a GPU cluster")
     ray.add_argument("--storage-path", help="where Ray stores checkpoints: a folder or a URI such as s3://bucket/x")
     ray.add_argument("--max-failures", type=int, default=0, help="restarts from the last checkpoint on failure")
+    ray.add_argument("--cpus-per-worker", type=positive_int, default=1, help="CPUs (and torch threads) per worker")
     return parser, parser.parse_args()
 
 
@@ -56,7 +57,8 @@ def main() -> int:
         from sd3ray.ray_train import run_ray
 
         run_ray(cfg, name, workers=args.workers, use_gpu=True if args.gpu else False if args.cpu else None,
-                storage_path=args.storage_path, max_failures=args.max_failures, tracking=not args.no_tracking)
+                storage_path=args.storage_path, max_failures=args.max_failures, tracking=not args.no_tracking,
+                cpus_per_worker=args.cpus_per_worker)
     return 0
 
 

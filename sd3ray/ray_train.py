@@ -102,10 +102,10 @@ def default_storage(cfg: Config) -> str:
     return str(Path(cfg.train.output_dir).resolve() / "ray")
 
 
-def check_resources(workers: int, use_gpu: bool) -> None:
+def check_resources(workers: int, use_gpu: bool, cpus_per_worker: int = 1) -> None:
     """Fail fast instead of waiting forever for resources a fixed-size cluster will never have."""
     total = ray.cluster_resources()
-    key, need = ("GPU", workers) if use_gpu else ("CPU", workers)
+    key, need = ("GPU", workers) if use_gpu else ("CPU", workers * cpus_per_worker)
     have = total.get(key, 0)
     if have < need:
         raise RuntimeError(f"--workers {workers} needs {need} {key}(s) but the Ray cluster has {have:g} "
@@ -115,7 +115,7 @@ def check_resources(workers: int, use_gpu: bool) -> None:
 
 def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None,
                   max_failures: int = 0, tracking: bool = True, callbacks: list | None = None,
-                  extra: dict[str, Any] | None = None) -> TorchTrainer:
+                  extra: dict[str, Any] | None = None, cpus_per_worker: int = 1) -> TorchTrainer:
     """A TorchTrainer for `cfg` whose checkpoints go to storage_path/name."""
     cfg = _absolute_paths(cfg)
     storage = storage_path or default_storage(cfg)
@@ -125,7 +125,9 @@ def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = Fals
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        # Ray sizes each worker's thread pool (OMP_NUM_THREADS) to its CPUs
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
@@ -165,7 +167,7 @@ def connect() -> None:
 
 
 def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = None, storage_path: str | None = None,
-            max_failures: int = 0, tracking: bool = True) -> ray.train.Result:
+            max_failures: int = 0, tracking: bool = True, cpus_per_worker: int = 1) -> ray.train.Result:
     """Prepare data and run checks on the driver, then fit."""
     ensure_parquet(cfg.data.parquet_dir, cfg.data.raw_root, cfg.model.image_size, cfg.data.download)
     if tracking:
@@ -173,11 +175,13 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
     connect()
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    check_resources(workers, use_gpu)
+    check_resources(workers, use_gpu, cpus_per_worker)
     check_storage(storage_path or default_storage(cfg))
-    trainer = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking)
+    trainer = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking,
+                            cpus_per_worker=cpus_per_worker)
     print(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s), global batch "
-          f"{cfg.train.batch_size * workers}", flush=True)
+          f"{cfg.train.batch_size * workers}; checkpoints -> {storage_path or default_storage(cfg)}/{name}; "
+          f"MLflow -> {resolve_tracking_uri(cfg.tracking.uri) if tracking else 'off'}", flush=True)
     result = trainer.fit()
     metrics = result.metrics or {}
     print(f"sd3ray: done at step {metrics.get('step')}; val/loss {metrics.get('val/loss')}; checkpoint "

@@ -161,7 +161,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     if ctx.is_main:
         mmdit_m, text_m = count_parameters(model.mmdit) / 1e6, count_parameters(model.text_encoder) / 1e6
         print(f"sd3ray: {mmdit_m:.2f}M MM-DiT + {text_m:.2f}M text params | {ctx.world_size} worker(s) × batch "
-              f"{tc.batch_size} on {device} | from step {step}", flush=True)
+              f"{tc.batch_size} on {device} ({torch.get_num_threads()} threads) | from step {step}", flush=True)
     tracker.log_metrics({"train/global_batch": batches.sampler.global_batch}, step)
     net = ctx.prepare_model(model)
     if tc.compile:
