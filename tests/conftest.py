@@ -130,6 +130,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
                 if time.time() > deadline:
                     raise RuntimeError("Ray job API did not come up") from err
                 time.sleep(1)
+        import ray
+
+        ray.init(address=f"127.0.0.1:{gcs_port}")  # this process drives TorchTrainer and Tuner fits directly
         yield {"address": f"127.0.0.1:{gcs_port}", "dashboard": dashboard, "env": env}
     finally:
         import ray

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -17,26 +16,20 @@ from tests.conftest import MICRO, REPO_ROOT
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def cluster(ray_head):
-    ray.init(address=ray_head["address"])
-    yield ray_head
-    ray.shutdown()
 
-
-def test_ray_job_submit_end_to_end(cluster, mnist_parquet: Path, tmp_path: Path) -> None:
+def test_ray_job_submit_end_to_end(ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = [a for s in [*MICRO, f"data.parquet_dir={mnist_parquet}", f"tracking.uri={uri}",
                         "tracking.experiment=job-submit", "train.eval_every=4", "train.ckpt_every=2"]
             for a in ("--set", s)]
     submit = subprocess.run(
-        ["ray", "job", "submit", "--address", cluster["dashboard"], "--submission-id", "sd3ray-test-job",
+        ["ray", "job", "submit", "--address", ray_head["dashboard"], "--submission-id", "sd3ray-test-job",
          "--working-dir", ".", "--", "python", "jobs/train.py", "--config", "configs/mnist_tiny.yaml",
          "--workers", "2", "--cpu", "--steps", "4", "--name", "jobtest", "--storage-path", str(tmp_path / "storage"),
          *sets],
-        cwd=REPO_ROOT, env=cluster["env"], capture_output=True, text=True, timeout=600)
-    status = subprocess.run(["ray", "job", "status", "--address", cluster["dashboard"], "sd3ray-test-job"],
-                            env=cluster["env"], capture_output=True, text=True, timeout=60)
+        cwd=REPO_ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=600)
+    status = subprocess.run(["ray", "job", "status", "--address", ray_head["dashboard"], "sd3ray-test-job"],
+                            env=ray_head["env"], capture_output=True, text=True, timeout=60)
     assert "succeeded" in status.stdout.lower(), f"{submit.stdout[-4000:]}\n{submit.stderr[-2000:]}\n{status.stdout}"
     assert "2 CPU worker(s), global batch 32" in submit.stdout
 
@@ -63,7 +56,7 @@ def _fit(cfg_overrides: list[str], mnist_parquet: Path, tmp_path: Path, name: st
 
 
 def test_worker_failure_restarts_from_the_checkpoint_and_matches_an_uninterrupted_run(
-        cluster, mnist_parquet: Path, tmp_path: Path) -> None:
+        ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["train.steps=4", "train.log_every=1", "train.ckpt_every=2", "train.eval_every=100",
               f"tracking.uri={uri}"]
@@ -82,7 +75,7 @@ def test_worker_failure_restarts_from_the_checkpoint_and_matches_an_uninterrupte
     assert steps == [1, 2, 3, 4]  # one MLflow run across the restart, no duplicated steps
 
 
-def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(cluster, mnist_parquet: Path, tmp_path: Path) -> None:
+def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
     common = ["train.steps=2", "train.log_every=1", "train.ckpt_every=2", "train.eval_every=100", "train.grad_clip=0"]
     _, two = _fit([*common, "train.batch_size=8"], mnist_parquet, tmp_path, "two", 2, tracking=False)
     _, one = _fit([*common, "train.batch_size=16"], mnist_parquet, tmp_path, "one", 1, tracking=False)
@@ -93,7 +86,7 @@ def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(cluster, mnist_
     assert moved > 10
 
 
-def test_impossible_requests_fail_fast_with_advice(cluster, tmp_path: Path) -> None:
+def test_impossible_requests_fail_fast_with_advice(ray_head, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"--workers 16 needs 16 CPU\(s\) but the Ray cluster has 2"):
         check_resources(16, use_gpu=False)
     blocker = tmp_path / "file"

@@ -4,7 +4,6 @@ recorded without stopping the sweep, and the parent/child MLflow runs hold what 
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -14,12 +13,6 @@ from tests.conftest import MICRO, REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def cluster(ray_head):
-    ray.init(address=ray_head["address"])
-    yield ray_head
-    ray.shutdown()
 
 
 def _sweep_file(tmp_path: Path, mnist_parquet: Path, name: str, widths: list[int], **extra) -> Path:
@@ -38,7 +31,7 @@ def _sweep_file(tmp_path: Path, mnist_parquet: Path, name: str, widths: list[int
     return path
 
 
-def test_asha_sweep_releases_resources_and_logs_parent_and_children(cluster, mnist_parquet, tmp_path) -> None:
+def test_asha_sweep_releases_resources_and_logs_parent_and_children(ray_head, mnist_parquet, tmp_path) -> None:
     # Each trial needs 1.01 CPUs (a worker and its driver's sliver) on a 2-CPU cluster: one trial at a time, so a
     # placement group left behind by an ASHA-stopped trial would leave the next trial waiting forever (#54305).
     path = _sweep_file(tmp_path, mnist_parquet, "asha", [32, 64], workers_per_trial=1,
@@ -65,7 +58,7 @@ def test_asha_sweep_releases_resources_and_logs_parent_and_children(cluster, mni
     assert client.get_run(parent.info.run_id).data.metrics["sweep/stopped_early"] >= 1
 
 
-def test_a_failing_trial_is_recorded_and_resume_reruns_nothing(cluster, mnist_parquet, tmp_path) -> None:
+def test_a_failing_trial_is_recorded_and_resume_reruns_nothing(ray_head, mnist_parquet, tmp_path) -> None:
     # width 40 is not a multiple of head_dim 16: those trials fail; the others still run
     path = _sweep_file(tmp_path, mnist_parquet, "failing", [32, 40], asha={"enabled": False},
                        schemes=[{"scheme": "cosmap"}])
