@@ -63,6 +63,7 @@ class SweepSpec:
     learning_rates: tuple[float, ...] = ()
     shifts: tuple[float, ...] = ()
     workers_per_trial: int = 1
+    cpus_per_worker: int = 1
     use_gpu: bool = False
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
     asha: AshaSpec = field(default_factory=AshaSpec)
@@ -136,21 +137,19 @@ def run_trial(config: dict[str, Any]) -> None:
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(cfg, f"{label}-{trial_id}", workers=spec.workers_per_trial, use_gpu=spec.use_gpu,
                             storage_path=str(Path(config["storage"]) / "trials"), tracking=config["tracking"],
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], cpus_per_worker=spec.cpus_per_worker)
     trainer.fit()
 
 
-# The trial function only waits on TorchTrainer.fit(); the workers hold the real resources. Tune cannot schedule a
-# trial that asks for nothing, so it asks for a sliver of a CPU.
-TRIAL_DRIVER_CPU = 0.01
-
-
 def trial_resources() -> dict[str, float]:
-    return {"CPU": TRIAL_DRIVER_CPU}
+    """The trial function only waits on TorchTrainer.fit(); its workers hold the CPUs and GPUs. Tune cannot schedule
+    a trial that asks for nothing, and even a sliver of CPU would stop trials from packing the cluster exactly, so
+    the trial driver reserves a little memory instead."""
+    return {"CPU": 0, "memory": 64 * 2**20}
 
 
 def concurrency(spec: SweepSpec) -> int:
-    """How many trials fit at once on the cluster: each holds `workers_per_trial` workers plus its driver's sliver."""
+    """How many trials fit at once on the cluster, each holding `workers_per_trial` workers."""
     import ray
 
     if spec.max_concurrent_trials:
@@ -158,7 +157,7 @@ def concurrency(spec: SweepSpec) -> int:
     resources = ray.cluster_resources()
     if spec.use_gpu:
         return max(1, int(resources.get("GPU", 0) // spec.workers_per_trial))
-    return max(1, int(resources.get("CPU", 0) // (spec.workers_per_trial + TRIAL_DRIVER_CPU)))
+    return max(1, int(resources.get("CPU", 0) // (spec.workers_per_trial * spec.cpus_per_worker)))
 
 
 def build_tuner(spec: SweepSpec, storage: Path, parent_run_id: str, tracking: bool):

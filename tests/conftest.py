@@ -12,6 +12,9 @@ import torch
 # its single-machine mode is on: then every Ray server of the tests listens on 127.0.0.1 only. Ray reads this once,
 # at import, so it is set before any test module imports ray.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# A local `ray.init()` turns on token auth and leaves ~/.ray/auth_token, which every later cluster then requires.
+# The tests' cluster is reachable from this machine only; pin the mode so runs do not depend on leftovers.
+os.environ["RAY_AUTH_MODE"] = "disabled"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_ROOT = Path(os.environ.get("SD3RAY_MNIST_ROOT", REPO_ROOT.parent / "shared" / "data"))
@@ -108,6 +111,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     import subprocess
     import sys
     import time
+    import urllib.error
     import urllib.request
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -126,6 +130,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
             try:
                 urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
                 break
+            except urllib.error.HTTPError:
+                break  # it answered
             except OSError as err:
                 if time.time() > deadline:
                     raise RuntimeError("Ray job API did not come up") from err

@@ -32,9 +32,9 @@ def _sweep_file(tmp_path: Path, mnist_parquet: Path, name: str, widths: list[int
 
 
 def test_asha_sweep_releases_resources_and_logs_parent_and_children(ray_head, mnist_parquet, tmp_path) -> None:
-    # Each trial needs 1.01 CPUs (a worker and its driver's sliver) on a 2-CPU cluster: one trial at a time, so a
-    # placement group left behind by an ASHA-stopped trial would leave the next trial waiting forever (#54305).
-    path = _sweep_file(tmp_path, mnist_parquet, "asha", [32, 64], workers_per_trial=1,
+    # Two 1-CPU workers per trial on a 2-CPU cluster: one trial at a time, so a placement group left behind by an
+    # ASHA-stopped trial would leave the next trial waiting forever (Ray issue #54305).
+    path = _sweep_file(tmp_path, mnist_parquet, "asha", [32, 64], workers_per_trial=2,
                        asha={"enabled": True, "grace_period": 2, "reduction_factor": 4})
     spec = load_sweep(path)
     rows = run_sweep(spec)
