@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sd3ray.config import Config, ConfigError, TimestepScheme, build_dataclass, load_config, to_dict
+from sd3ray.config import Config, ConfigError, TimestepScheme, build_dataclass, load_config
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,3 @@ def _spec_dict(spec: SweepSpec) -> dict[str, Any]:
 def base_config(spec: SweepSpec) -> Config:
     return load_config(spec.base_config, list(spec.overrides))
 
-
-__all__ = ["SweepSpec", "SchemeSpec", "load_sweep", "build_tuner", "run_trial", "trial_label", "trial_overrides",
-           "to_dict"]

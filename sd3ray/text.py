@@ -89,9 +89,6 @@ class PromptBank:
         longest = int(mask.sum(1).max())  # trim shared padding: attention cost grows with the token count
         return cls(unique, ids[:, :longest], mask[:, :longest])
 
-    def index(self, prompt: str) -> int:
-        return self.prompts.index(prompt)
-
     def to(self, device: torch.device | str) -> PromptBank:
         return PromptBank(self.prompts, self.ids.to(device), self.mask.to(device))
 

@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -147,10 +147,6 @@ def make_tracker(cfg: Config, enabled: bool = True, uri: str | None = None) -> T
     if not enabled:
         return NullTracker()
     return MlflowTracker(uri or resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.tracking.run_name)
-
-
-def describe(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def log_evaluation(cfg: Config, checkpoint: str, uri: str, step: int, rows: list[dict[str, float]],

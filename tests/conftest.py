@@ -85,7 +85,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded 2-core machine can take minutes
         while True:
             try:
                 urllib.request.urlopen(f"{uri}/health", timeout=2)
@@ -125,7 +125,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
         pytest.fail(f"ray start failed:\n{start.stdout[-2000:]}\n{start.stderr[-2000:]}")
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded 2-core machine can take minutes
         while True:  # the job API answers a little after `ray start` returns
             try:
                 urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
