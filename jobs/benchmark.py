@@ -62,7 +62,7 @@ def main() -> int:
     if not args.no_data:
         extra.append(data_path_row(cfg, device))
     for row in extra:
-        print(f"{row['what']}: {row['images_per_s']:.0f} images/s")
+        print(f"{row['what']}: {row['images_per_s']:.3g} images/s")
     print(f"full sd3ray step (MM-DiT + text encoder): {full_step_tflop(cfg, args.batch, args.context_len):.3f} TFLOP")
     args.output.write_text(json.dumps({"device": name, "batch": args.batch, "rows": rows, "extra": extra}, indent=2))
     return 0
