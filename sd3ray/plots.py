@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def _to_array(fig: plt.Figure) -> np.ndarray:
+def figure_to_array(fig: plt.Figure) -> np.ndarray:
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
     plt.close(fig)
@@ -30,7 +30,7 @@ def confusion_image(confusion: np.ndarray, title: str = "") -> np.ndarray:
     ax.set(xticks=range(10), yticks=range(10), xlabel="judged digit", ylabel="prompted digit",
            title=f"confusion {title}".strip())
     fig.tight_layout()
-    return _to_array(fig)
+    return figure_to_array(fig)
 
 
 def line_plot(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
@@ -45,4 +45,4 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], xlabel: str, y
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _to_array(fig)
+    return figure_to_array(fig)

@@ -78,7 +78,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpe
     spec = build_dataclass(SweepSpec, apply_overrides(yaml.safe_load(p.read_text()) or {}, overrides or []))
     if not spec.widths or not spec.schemes:
         raise ConfigError("widths and schemes: give at least one value each")
-    base = load_config(spec.base_config, list(spec.overrides))  # fail now, not in every trial
+    base = base_config(spec)  # fail now, not in every trial
     # Tune needs the ranking metric in every report; reports happen at eval and checkpoint steps.
     if base.train.ckpt_every % base.train.eval_every:
         raise ConfigError(f"train.ckpt_every ({base.train.ckpt_every}) must be a multiple of train.eval_every "
@@ -164,7 +164,7 @@ def build_tuner(spec: SweepSpec, storage: Path, parent_run_id: str, tracking: bo
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    base = load_config(spec.base_config, list(spec.overrides))
+    base = base_config(spec)
     scheduler = FIFOScheduler()
     if spec.asha.enabled:
         scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps, grace_period=spec.asha.grace_period,

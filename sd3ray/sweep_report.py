@@ -32,9 +32,8 @@ def summarize(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
         row.update({k: metrics.get(k) for k in SUMMARY_METRICS})
         row["error"] = str(result.error).strip().splitlines()[-1][:300] if result.error else ""
         rows.append(row)
-    reverse = spec.mode == "max"
-    return sorted(rows, key=lambda r: (r[spec.metric] is None, -r[spec.metric] if reverse and r[spec.metric] is not None
-                                       else r[spec.metric] or 0))
+    sign = -1 if spec.mode == "max" else 1  # best first; trials without the metric last
+    return sorted(rows, key=lambda r: (r[spec.metric] is None, sign * (r[spec.metric] or 0)))
 
 
 def _fmt(value: Any) -> str:
@@ -77,7 +76,7 @@ def best_grids(client: Any, experiment_ids: list[str], parent_run_id: str, rows:
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from sd3ray.plots import _to_array
+    from sd3ray.plots import figure_to_array
 
     best: dict[str, dict[str, Any]] = {}
     for row in rows:  # rows are sorted best first
@@ -104,7 +103,7 @@ def best_grids(client: Any, experiment_ids: list[str], parent_run_id: str, rows:
         ax.set_title(title, fontsize=8)
         ax.axis("off")
     fig.tight_layout()
-    return _to_array(fig)
+    return figure_to_array(fig)
 
 
 def write_summary(tracker: Any, results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
