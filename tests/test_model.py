@@ -6,6 +6,7 @@ import torch
 from sd3ray.config import ModelConfig, load_config
 from sd3ray.model import Denoiser, MMDiT
 from sd3ray.model.attention import joint_attention
+from sd3ray.model.block import MMDiTBlock
 from sd3ray.model.embeddings import patchify, timestep_embedding, unpatchify
 
 SMALL = ModelConfig(image_size=16, channels=1, patch_size=2, width=64, depth=3, num_heads=4, context_dim=32,
@@ -97,6 +98,52 @@ def test_last_block_text_stream_is_pre_attention_only() -> None:
     assert last.context_pre_only and not hasattr(last, "ctx_mlp")
     assert last.modulation[1].out_features == (6 + 2) * SMALL.width
     assert first.modulation[1].out_features == 12 * SMALL.width
+
+
+def _diffusers_block_from(block: MMDiTBlock, width: int, heads: int):
+    """diffusers' JointTransformerBlock carrying `block`'s weights: the reference for what one block computes."""
+    from diffusers.models.attention import JointTransformerBlock
+
+    theirs = JointTransformerBlock(width, heads, width // heads, block.context_pre_only, qk_norm="rms_norm")
+    mod_w, mod_b = block.modulation[1].weight, block.modulation[1].bias
+    ctx_mod_w, ctx_mod_b = mod_w[6 * width:], mod_b[6 * width:]
+    if block.context_pre_only:  # diffusers' AdaLayerNormContinuous orders this pair (scale, shift), not (shift, scale)
+        ctx_mod_w, ctx_mod_b = ctx_mod_w.roll(width, 0), ctx_mod_b.roll(width, 0)
+    state = {"norm1.linear.weight": mod_w[:6 * width], "norm1.linear.bias": mod_b[:6 * width],
+             "norm1_context.linear.weight": ctx_mod_w, "norm1_context.linear.bias": ctx_mod_b,
+             "attn.to_out.0.weight": block.img_proj.weight, "attn.to_out.0.bias": block.img_proj.bias,
+             "ff.net.0.proj.weight": block.img_mlp[0].weight, "ff.net.0.proj.bias": block.img_mlp[0].bias,
+             "ff.net.2.weight": block.img_mlp[2].weight, "ff.net.2.bias": block.img_mlp[2].bias}
+    for stream, names in ((block.img_qkv, ("to_q", "to_k", "to_v", "norm_q", "norm_k")),
+                          (block.ctx_qkv, ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"))):
+        for name, weight, bias in zip(names, stream.qkv.weight.chunk(3), stream.qkv.bias.chunk(3)):
+            state[f"attn.{name}.weight"], state[f"attn.{name}.bias"] = weight, bias
+        state[f"attn.{names[3]}.weight"], state[f"attn.{names[4]}.weight"] = stream.q_norm.weight, stream.k_norm.weight
+    if not block.context_pre_only:
+        state |= {"attn.to_add_out.weight": block.ctx_proj.weight, "attn.to_add_out.bias": block.ctx_proj.bias,
+                  "ff_context.net.0.proj.weight": block.ctx_mlp[0].weight,
+                  "ff_context.net.0.proj.bias": block.ctx_mlp[0].bias,
+                  "ff_context.net.2.weight": block.ctx_mlp[2].weight, "ff_context.net.2.bias": block.ctx_mlp[2].bias}
+    theirs.load_state_dict(state, strict=True)
+    return theirs
+
+
+@pytest.mark.parametrize("context_pre_only", [False, True])
+def test_block_computes_what_diffusers_joint_transformer_block_computes(context_pre_only: bool) -> None:
+    """The reference implementation pins the block's maths, so every fusion for speed is checked against it."""
+    pytest.importorskip("diffusers")
+    width, heads = 64, 4
+    ours = MMDiTBlock(width, heads, 4.0, qk_norm=True, context_pre_only=context_pre_only)
+    _randomise(ours)
+    theirs = _diffusers_block_from(ours, width, heads)
+    img, ctx, cond = torch.randn(3, 16, width), torch.randn(3, 5, width), torch.randn(3, width)
+    img_out, ctx_out = ours(img, ctx, cond, None)
+    their_ctx_out, their_img_out = theirs(img, ctx, cond)
+    torch.testing.assert_close(img_out, their_img_out, atol=1e-5, rtol=1e-5)
+    if context_pre_only:
+        assert ctx_out is None and their_ctx_out is None
+    else:
+        torch.testing.assert_close(ctx_out, their_ctx_out, atol=1e-5, rtol=1e-5)
 
 
 def test_qk_norm_is_configurable() -> None:
