@@ -1,8 +1,10 @@
 """Speed benchmark: sd3ray's MM-DiT training step vs diffusers' SD3Transformer2DModel at the same dimensions,
-sampling throughput, the data path, and MFU on GPU. Prints a markdown table and writes JSON.
+sampling throughput, the data path, MFU on GPU and (optionally) the Ray Train overhead. Prints a markdown table,
+writes it and a JSON beside --output, and logs the figures, a chart and both files to MLflow.
 
     python jobs/benchmark.py --config configs/mnist.yaml --batch 64                  # CPU, eager fp32
     python jobs/benchmark.py --config configs/mnist.yaml --batch 256 --compile       # GPU: bf16, + torch.compile
+    python jobs/benchmark.py --ray-overhead configs/mnist_tiny.yaml                  # + Ray Train vs local mode
 
 diffusers comes with the `bench` extra: pip install -e ".[bench]".
 """
@@ -17,11 +19,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import argparse
 import importlib.util
 import json
+import tempfile
 
 import torch
 
-from sd3ray.benchmark import H100_BF16_DENSE_TFLOPS, data_path_row, full_step_tflop, mfu, model_step_rows, sampling_row
+from sd3ray.benchmark import (
+    H100_BF16_DENSE_TFLOPS,
+    benchmark_metrics,
+    data_path_row,
+    full_step_tflop,
+    markdown_report,
+    mfu,
+    model_step_rows,
+    ray_overhead_config,
+    ray_overhead_rows,
+    row_key,
+    sampling_row,
+)
 from sd3ray.cli import add_config_args, config_from_args, positive_int
+from sd3ray.config import load_config
 from sd3ray.context import default_device
 
 
@@ -33,13 +49,20 @@ def main() -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"])
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=positive_int, default=3)
+    parser.add_argument("--iters", type=positive_int, default=3, help="timed steps per model, in alternation")
     parser.add_argument("--sampling-images", type=int, default=64, help="0 skips the sampling figure")
     parser.add_argument("--no-data", action="store_true", help="skip the data-path figure")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="for MFU (GPU only)")
-    parser.add_argument("--output", type=Path, default=Path("benchmark.json"))
+    parser.add_argument("--ray-overhead", metavar="CONFIG", type=Path,
+                        help="also train CONFIG locally and on one Ray worker with as many CPUs (needs ray)")
+    parser.add_argument("--ray-overhead-steps", type=positive_int, default=200)
+    parser.add_argument("--tracking-uri", default="", help="MLflow server (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--output", type=Path, default=Path("benchmark.json"), help="JSON; the table goes beside it")
     args = parser.parse_args()
     cfg = config_from_args(parser, args, [f"train.batch_size={args.batch}"])
+    if not args.no_tracking and importlib.util.find_spec("mlflow") is None:
+        parser.error("mlflow is not installed: pip install mlflow-skinny, or pass --no-tracking")
     device = torch.device(args.device) if args.device else default_device()
     bf16 = device.type == "cuda"
     with_diffusers = importlib.util.find_spec("diffusers") is not None
@@ -47,24 +70,43 @@ def main() -> int:
         print("diffusers is not installed (pip install -e '.[bench]'): timing sd3ray alone")
     rows = model_step_rows(cfg, args.batch, args.context_len, device, bf16, args.compile, args.warmup, args.iters,
                            with_diffusers)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{name}, {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch}, config {args.config}\n")
-    print("| model | compiled | params (M) | images/s | vs diffusers eager | MFU |\n|---|---|---|---|---|---|")
-    reference = next((r for r in rows if r["model"] == "diffusers" and not r["compiled"]), None)
     for r in rows:
-        ratio = f"{r['images_per_s'] / reference['images_per_s']:.2f}×" if reference else "-"
         r["mfu"] = mfu(cfg, args.batch, args.context_len, r["seconds_per_step"], args.peak_tflops) if bf16 else None
-        shown = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"| {r['model']} | {r['compiled']} | {r['params_m']:.1f} | {r['images_per_s']:.1f} | {ratio} | {shown} |")
-    extra = []
+    extras = []
     if args.sampling_images:
-        extra.append(sampling_row(cfg, device, args.sampling_images, cfg.sample.steps, cfg.sample.guidance, bf16))
+        extras.append(sampling_row(cfg, device, args.sampling_images, cfg.sample.steps, cfg.sample.guidance, bf16))
     if not args.no_data:
-        extra.append(data_path_row(cfg, device))
-    for row in extra:
-        print(f"{row['what']}: {row['images_per_s']:.3g} images/s")
-    print(f"full sd3ray step (MM-DiT + text encoder): {full_step_tflop(cfg, args.batch, args.context_len):.3f} TFLOP")
-    args.output.write_text(json.dumps({"device": name, "batch": args.batch, "rows": rows, "extra": extra}, indent=2))
+        extras.append(data_path_row(cfg, device))
+    ray_rows = []
+    if args.ray_overhead:
+        threads = torch.get_num_threads()
+        ray_cfg = ray_overhead_config(load_config(args.ray_overhead), args.ray_overhead_steps,
+                                      tempfile.mkdtemp(prefix="sd3ray-bench-"))
+        ray_rows = ray_overhead_rows(ray_cfg, [(f"ray 1 worker × {threads} CPU", 1, threads)])
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    precision = "bf16 autocast" if bf16 else "fp32"
+    report = markdown_report(f"{name}, {precision}, batch {args.batch}, config {args.config}", rows, extras, ray_rows)
+    print(f"\n{report}full sd3ray step (MM-DiT + text encoder): "
+          f"{full_step_tflop(cfg, args.batch, args.context_len):.3f} TFLOP")
+    summary = {"device": name, "precision": precision, "batch": args.batch, "config": str(args.config),
+               "rows": rows, "extra": extras, "ray_overhead": ray_rows}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(summary, indent=2))
+    args.output.with_suffix(".md").write_text(report)
+    if not args.no_tracking:
+        from sd3ray.plots import bar_plot
+        from sd3ray.tracking import log_benchmark
+
+        chart = bar_plot({row_key(r): r["images_per_s"] for r in rows}, "training images/s",
+                         f"{name}, {precision}, batch {args.batch}")
+        with tempfile.TemporaryDirectory() as files:
+            for path in (args.output, args.output.with_suffix(".md")):
+                (Path(files) / path.name).write_bytes(path.read_bytes())
+            run_id = log_benchmark(cfg, args.tracking_uri, f"benchmark-b{args.batch}",
+                                   {"sd3ray.device": name, "sd3ray.precision": precision,
+                                    "sd3ray.torch_version": torch.__version__},
+                                   benchmark_metrics(rows, extras, ray_rows), chart, Path(files))
+        print(f"logged to MLflow run {run_id}")
     return 0
 
 

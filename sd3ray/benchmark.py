@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,16 +45,55 @@ def _synchronize(device: torch.device) -> None:
 
 def seconds_per_call(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> float:
     """Median wall time of `fn` after `warmup` calls (compilation and allocator warm-up excluded)."""
+    return interleaved_seconds({"fn": fn}, device, warmup, iters)["fn"]
+
+
+def interleaved_seconds(calls: dict[str, Callable[[], Any]], device: torch.device, warmup: int,
+                        iters: int) -> dict[str, float]:
+    """Median wall time of each call, timed in alternation (A B A B ...) so that drift in the machine's speed
+    (other load, clocks, the allocator's state) falls on every candidate alike instead of on whichever ran last."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in calls.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(iters):
+        for name, fn in calls.items():
+            _synchronize(device)
+            started = time.perf_counter()
+            fn()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# Ops whose time is set by the hardware's matmul/attention throughput: the part of a step no implementation of
+# the same maths can avoid. Everything else (norms, activations, modulation, copies, the optimizer) is overhead.
+GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})
+
+
+def is_attention_op(name: str) -> bool:
+    return "scaled_dot_product" in name or "flash_attention" in name or "efficient_attention" in name
+
+
+def kernel_seconds(step: Callable[[], Any], device: torch.device) -> dict[str, float]:
+    """Seconds one step spends in GEMMs and in attention kernels, from PyTorch's profiler (self time of each op,
+    device time on GPU), with the step's profiled total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _synchronize(device)
+    with profile(activities=activities) as prof:
+        step()
         _synchronize(device)
-        started = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    seconds = {"gemm_s": 0.0, "attention_s": 0.0, "profiled_s": 0.0}
+    for event in prof.key_averages():
+        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        seconds["profiled_s"] += us / 1e6
+        if event.key in GEMM_OPS:
+            seconds["gemm_s"] += us / 1e6
+        elif is_attention_op(event.key):
+            seconds["attention_s"] += us / 1e6
+    return seconds
 
 
 def train_step(model: nn.Module, forward: Callable[[], torch.Tensor], target: torch.Tensor,
@@ -71,7 +111,8 @@ def train_step(model: nn.Module, forward: Callable[[], torch.Tensor], target: to
 
 def model_step_rows(cfg: Config, batch: int, context_len: int, device: torch.device, bf16: bool, compile: bool,
                     warmup: int, iters: int, with_diffusers: bool) -> list[dict[str, Any]]:
-    """Images/s of one training step for each implementation (eager, and compiled when asked)."""
+    """Images/s of one training step for each implementation (eager, and compiled when asked), timed in
+    alternation, with the share of each eager step spent in GEMMs and attention."""
     m = cfg.model
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, m.channels, m.image_size, m.image_size, generator=g).to(device)
@@ -86,19 +127,33 @@ def model_step_rows(cfg: Config, batch: int, context_len: int, device: torch.dev
     if with_diffusers:
         candidates.append(("diffusers", lambda: build_diffusers_model(cfg),
                            lambda model: model(x, context, pooled, t * 1000, return_dict=False)[0]))
-    rows = []
+    rows: dict[str, dict[str, Any]] = {}
+    steps: dict[str, Callable[[], None]] = {}
     for name, build, call in candidates:
         for compiled in ([False, True] if compile else [False]):
             torch.manual_seed(0)
             model = build().to(device).train()
             runner = torch.compile(model) if compiled else model
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-            step = train_step(model, partial(call, runner), target, optimizer, autocast)
-            seconds = seconds_per_call(step, device, warmup, iters)
-            rows.append({"model": name, "compiled": compiled, "params_m": count_parameters(model) / 1e6,
-                         "seconds_per_step": seconds, "images_per_s": batch / seconds})
-            del model, optimizer, runner
-    return rows
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+            key = f"{name}{' compiled' if compiled else ''}"
+            steps[key] = train_step(model, partial(call, runner), target, optimizer, autocast)
+            rows[key] = {"model": name, "compiled": compiled, "params_m": count_parameters(model) / 1e6}
+    for key, seconds in interleaved_seconds(steps, device, warmup, iters).items():
+        rows[key] |= {"seconds_per_step": seconds, "images_per_s": batch / seconds}
+    for key, step in steps.items():
+        if not rows[key]["compiled"]:  # compiled kernels are fused and renamed: only eager ops split cleanly
+            rows[key] |= kernel_seconds(step, device)
+    return list(rows.values())
+
+
+def speed_ceiling(rows: list[dict[str, Any]]) -> float | None:
+    """How many times faster than eager diffusers a step could be if it kept only sd3ray's GEMM and attention
+    time: the most any implementation of the same maths can gain with these kernels on this device."""
+    ours = next((r for r in rows if r["model"] == "sd3ray" and not r["compiled"]), None)
+    theirs = next((r for r in rows if r["model"] == "diffusers" and not r["compiled"]), None)
+    if ours is None or theirs is None or "gemm_s" not in ours:
+        return None
+    return theirs["seconds_per_step"] / (ours["gemm_s"] + ours["attention_s"])
 
 
 def mfu(cfg: Config, batch: int, context_len: int, seconds: float, peak_tflops: float) -> float:
@@ -129,7 +184,8 @@ def sampling_row(cfg: Config, device: torch.device, num_images: int, steps: int,
             generate(model, prompts, cfg, 0, device, guidance, steps, "euler", batch_size=num_images)
 
     seconds = seconds_per_call(run, device, warmup=1, iters=1)
-    return {"what": f"sampling ({steps} Euler steps, CFG {guidance:g})", "images_per_s": num_images / seconds}
+    return {"what": f"sampling ({steps} Euler steps, CFG {guidance:g})", "key": "sampling",
+            "images_per_s": num_images / seconds}
 
 
 def data_path_row(cfg: Config, device: torch.device, iters: int = 50) -> dict[str, Any]:
@@ -142,5 +198,98 @@ def data_path_row(cfg: Config, device: torch.device, iters: int = 50) -> dict[st
     load_seconds = time.perf_counter() - started
     step = iter(range(10**9))
     seconds = seconds_per_call(lambda: batches.get(next(step)), device, warmup=2, iters=iters)
-    return {"what": "data path (Parquet -> resident -> batch)", "seconds_per_batch": seconds,
+    return {"what": "data path (Parquet -> resident -> batch)", "key": "data_path", "seconds_per_batch": seconds,
             "images_per_s": cfg.train.batch_size / seconds, "load_seconds": load_seconds}
+
+
+def ray_overhead_config(cfg: Config, steps: int, output_dir: str) -> Config:
+    """The config cut to a throughput run: `steps` steps, four log intervals, one evaluation without samples."""
+    from sd3ray.config import apply_overrides, from_dict, to_dict
+
+    return from_dict(apply_overrides(to_dict(cfg), [f"train.steps={steps}", f"train.log_every={max(1, steps // 4)}",
+                                 f"train.eval_every={steps}", f"train.ckpt_every={steps}", "eval.num_samples=0",
+                                 f"train.output_dir={output_dir}"]))
+
+
+def ray_overhead_rows(cfg: Config, setups: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """Steady-state images/s of local mode, then of Ray Train for each (name, workers, cpus per worker) setup.
+
+    images/s is the rate over the last log interval (after warm-up); "fixed_s" is wall time minus the steps at
+    that rate: start-up, data loading, final evaluation and teardown. The first row is local mode.
+    """
+    from sd3ray.local import run_local
+    from sd3ray.ray_train import build_trainer, connect
+
+    rows = []
+
+    def record(name: str, workers: int, cpus: int, wall: float, metrics: dict[str, Any]) -> None:
+        rate = metrics["train/images_per_s"]
+        fixed = wall - cfg.train.steps * cfg.train.batch_size * workers / rate
+        rows.append({"setup": name, "workers": workers, "cpus_per_worker": cpus, "images_per_s": rate,
+                     "wall_s": wall, "fixed_s": fixed,
+                     "vs_local": rate / rows[0]["images_per_s"] if rows else 1.0})
+        print(f"{name}: {rate:.0f} img/s, wall {wall:.1f}s, fixed {fixed:.1f}s", flush=True)
+
+    started = time.perf_counter()
+    local = run_local(cfg, "local", "local", device="cpu", tracking=False)
+    threads = torch.get_num_threads()
+    record(f"local ({threads} threads)", 1, threads, time.perf_counter() - started, local.metrics)
+    connect()
+    for name, workers, cpus in setups:
+        started = time.perf_counter()
+        result = build_trainer(cfg, f"bench-{workers}x{cpus}", workers=workers, tracking=False,
+                               storage_path=str(Path(cfg.train.output_dir) / "ray"), cpus_per_worker=cpus).fit()
+        record(name, workers, cpus, time.perf_counter() - started, result.metrics)
+    return rows
+
+
+def row_key(row: dict[str, Any]) -> str:
+    return f"{row['model']}{'_compiled' if row['compiled'] else ''}"
+
+
+def markdown_report(header: str, rows: list[dict[str, Any]], extras: list[dict[str, Any]],
+                    ray_rows: list[dict[str, Any]]) -> str:
+    """The benchmark as markdown: the model-step table, then sampling, data path, ceiling and Ray overhead."""
+    reference = next((r for r in rows if r["model"] == "diffusers" and not r["compiled"]), None)
+    lines = [header, "", "| model | compiled | params (M) | images/s | vs diffusers eager | GEMM+attention | MFU |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r['images_per_s'] / reference['images_per_s']:.2f}×" if reference else "-"
+        share = f"{(r['gemm_s'] + r['attention_s']) / r['seconds_per_step']:.0%}" if "gemm_s" in r else "-"
+        shown_mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        lines.append(f"| {r['model']} | {r['compiled']} | {r['params_m']:.1f} | {r['images_per_s']:.3g} | {ratio} "
+                     f"| {share} | {shown_mfu} |")
+    lines.append("")
+    ceiling = speed_ceiling(rows)
+    if ceiling is not None:
+        lines.append(f"ceiling: a step that kept only sd3ray's GEMM and attention time would run {ceiling:.2f}× "
+                     f"eager diffusers on this device")
+    lines += [f"{e['what']}: {e['images_per_s']:.3g} images/s" for e in extras]
+    if ray_rows:
+        lines += ["", "| setup | images/s | vs local | fixed s |", "|---|---|---|---|"]
+        lines += [f"| {r['setup']} | {r['images_per_s']:.0f} | {r['vs_local']:.2f}× | {r['fixed_s']:.1f} |"
+                  for r in ray_rows]
+    return "\n".join(lines) + "\n"
+
+
+def benchmark_metrics(rows: list[dict[str, Any]], extras: list[dict[str, Any]],
+                      ray_rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The figures as flat MLflow metric names."""
+    metrics: dict[str, float] = {}
+    reference = next((r for r in rows if r["model"] == "diffusers" and not r["compiled"]), None)
+    for r in rows:
+        key = f"bench/{row_key(r)}"
+        metrics[f"{key}/images_per_s"] = r["images_per_s"]
+        if reference is not None:
+            metrics[f"{key}/vs_diffusers_eager"] = r["images_per_s"] / reference["images_per_s"]
+        if "gemm_s" in r:
+            metrics[f"{key}/gemm_attention_share"] = (r["gemm_s"] + r["attention_s"]) / r["seconds_per_step"]
+        if r.get("mfu") is not None:
+            metrics[f"{key}/mfu"] = r["mfu"]
+    if (ceiling := speed_ceiling(rows)) is not None:
+        metrics["bench/speed_ceiling_vs_diffusers"] = ceiling
+    for e in extras:
+        metrics[f"bench/{e['key']}/images_per_s"] = e["images_per_s"]
+    for r in ray_rows[1:]:
+        metrics[f"bench/ray_{r['workers']}x{r['cpus_per_worker']}cpu/vs_local"] = r["vs_local"]
+    return metrics

@@ -46,3 +46,14 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], xlabel: str, y
     ax.legend(fontsize=8)
     fig.tight_layout()
     return figure_to_array(fig)
+
+
+def bar_plot(values: dict[str, float], ylabel: str, title: str = "") -> np.ndarray:
+    """One labelled bar per entry, value printed on top: {label: value} -> RGB uint8 image."""
+    fig, ax = plt.subplots(figsize=(1.2 * len(values) + 2, 3.5), dpi=100)
+    bars = ax.bar(list(values), list(values.values()), color="tab:blue")
+    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    fig.tight_layout()
+    return figure_to_array(fig)
