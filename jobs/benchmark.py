@@ -37,7 +37,7 @@ from sd3ray.benchmark import (
     sampling_row,
 )
 from sd3ray.cli import add_config_args, config_from_args, positive_int
-from sd3ray.config import load_config
+from sd3ray.config import ConfigError, load_config
 from sd3ray.context import default_device
 
 
@@ -63,6 +63,15 @@ def main() -> int:
     cfg = config_from_args(parser, args, [f"train.batch_size={args.batch}"])
     if not args.no_tracking and importlib.util.find_spec("mlflow") is None:
         parser.error("mlflow is not installed: pip install mlflow-skinny, or pass --no-tracking")
+    ray_cfg = None
+    if args.ray_overhead:  # checked before the minutes of model timing, not after
+        if importlib.util.find_spec("ray") is None:
+            parser.error("--ray-overhead needs Ray: pip install 'ray[train]'")
+        try:
+            ray_base = load_config(args.ray_overhead)
+        except ConfigError as err:
+            parser.error(f"--ray-overhead: {err}")
+        ray_cfg = ray_overhead_config(ray_base, args.ray_overhead_steps, tempfile.mkdtemp(prefix="sd3ray-bench-"))
     device = torch.device(args.device) if args.device else default_device()
     bf16 = device.type == "cuda"
     with_diffusers = importlib.util.find_spec("diffusers") is not None
@@ -78,10 +87,8 @@ def main() -> int:
     if not args.no_data:
         extras.append(data_path_row(cfg, device))
     ray_rows = []
-    if args.ray_overhead:
+    if ray_cfg is not None:
         threads = torch.get_num_threads()
-        ray_cfg = ray_overhead_config(load_config(args.ray_overhead), args.ray_overhead_steps,
-                                      tempfile.mkdtemp(prefix="sd3ray-bench-"))
         ray_rows = ray_overhead_rows(ray_cfg, [(f"ray 1 worker × {threads} CPU", 1, threads)])
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if bf16 else "fp32"

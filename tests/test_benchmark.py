@@ -112,3 +112,12 @@ def test_benchmark_job_prints_writes_and_logs_its_figures(mnist_parquet: Path, t
     assert run.data.params["model.width"] == "64" and run.data.tags["sd3ray.kind"] == "benchmark"
     artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(run.info.run_id, "benchmark")}
     assert artifacts == {"benchmark/b.json", "benchmark/b.md"}
+
+
+def test_benchmark_job_rejects_a_bad_ray_overhead_config_before_timing(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "jobs/benchmark.py", "--ray-overhead", "configs/missing.yaml", "--no-tracking",
+         "--output", str(tmp_path / "b.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--ray-overhead: config file configs/missing.yaml does not exist" in proc.stderr
+    assert not (tmp_path / "b.json").exists()
