@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="for MFU (GPU only)")
     parser.add_argument("--ray-overhead", metavar="CONFIG", type=Path,
                         help="also train CONFIG locally and on one Ray worker with as many CPUs (needs ray)")
-    parser.add_argument("--ray-overhead-steps", type=positive_int, default=200)
+    parser.add_argument("--ray-overhead-steps", type=positive_int, default=400)
     parser.add_argument("--tracking-uri", default="", help="MLflow server (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--output", type=Path, default=Path("benchmark.json"), help="JSON; the table goes beside it")

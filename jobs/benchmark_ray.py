@@ -1,10 +1,10 @@
 """Ray Train overhead: steady-state images/s of --local vs Ray Train workers, with fixed costs reported apart.
 
-    python jobs/benchmark_ray.py --config configs/mnist_tiny.yaml --steps 200
+    python jobs/benchmark_ray.py --config configs/mnist_tiny.yaml --steps 400
 
 Runs the same config (1) in this process, (2) on 1 Ray worker with all the CPUs local mode uses, (3) on 1 worker
-with 1 CPU and (4) on 2 workers with 1 CPU each. images/s is the rate over the last log interval (after warm-up);
-"fixed" is wall time minus steps at that rate: start-up, data loading, final evaluation and teardown.
+with 1 CPU and (4) on 2 workers with 1 CPU each. images/s is the rate over the second half of the run (warm-up
+excluded); "fixed" is wall time minus steps at that rate: start-up, data loading, final evaluation and teardown.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from sd3ray.cli import add_config_args, config_from_args, positive_int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, default="configs/mnist_tiny.yaml")
-    parser.add_argument("--steps", type=positive_int, default=200)
+    parser.add_argument("--steps", type=positive_int, default=400)
     parser.add_argument("--output", type=Path, default=Path("benchmark_ray.json"))
     args = parser.parse_args()
     cfg = ray_overhead_config(config_from_args(parser, args), args.steps, tempfile.mkdtemp(prefix="sd3ray-bench-"))

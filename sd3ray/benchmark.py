@@ -203,10 +203,11 @@ def data_path_row(cfg: Config, device: torch.device, iters: int = 50) -> dict[st
 
 
 def ray_overhead_config(cfg: Config, steps: int, output_dir: str) -> Config:
-    """The config cut to a throughput run: `steps` steps, four log intervals, one evaluation without samples."""
+    """The config cut to a throughput run: `steps` steps logged twice, so the reported rate is the second half's
+    (warm-up excluded, half the run averaged), and one evaluation without samples."""
     from sd3ray.config import apply_overrides, from_dict, to_dict
 
-    return from_dict(apply_overrides(to_dict(cfg), [f"train.steps={steps}", f"train.log_every={max(1, steps // 4)}",
+    return from_dict(apply_overrides(to_dict(cfg), [f"train.steps={steps}", f"train.log_every={max(1, steps // 2)}",
                                  f"train.eval_every={steps}", f"train.ckpt_every={steps}", "eval.num_samples=0",
                                  f"train.output_dir={output_dir}"]))
 
@@ -214,7 +215,7 @@ def ray_overhead_config(cfg: Config, steps: int, output_dir: str) -> Config:
 def ray_overhead_rows(cfg: Config, setups: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
     """Steady-state images/s of local mode, then of Ray Train for each (name, workers, cpus per worker) setup.
 
-    images/s is the rate over the last log interval (after warm-up); "fixed_s" is wall time minus the steps at
+    images/s is the rate over the second half of the run; "fixed_s" is wall time minus the steps at
     that rate: start-up, data loading, final evaluation and teardown. The first row is local mode.
     """
     from sd3ray.local import run_local

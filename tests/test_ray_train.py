@@ -101,7 +101,7 @@ def test_ray_overhead_rows_compare_ray_with_local_mode(ray_head, micro_config, t
     from sd3ray.benchmark import ray_overhead_config, ray_overhead_rows
 
     cfg = ray_overhead_config(micro_config(), steps=8, output_dir=str(tmp_path / "bench"))
-    assert (cfg.train.steps, cfg.train.log_every, cfg.eval.num_samples) == (8, 2, 0)
+    assert (cfg.train.steps, cfg.train.log_every, cfg.eval.num_samples) == (8, 4, 0)
     local, ray_row = ray_overhead_rows(cfg, [("ray 1 worker × 1 CPU", 1, 1)])
     assert local["vs_local"] == 1.0 and ray_row["setup"] == "ray 1 worker × 1 CPU"
     assert ray_row["vs_local"] == pytest.approx(ray_row["images_per_s"] / local["images_per_s"])
