@@ -2,8 +2,9 @@
 
     python jobs/benchmark_ray.py --config configs/mnist_tiny.yaml --steps 400
 
-Runs the same config (1) in this process, (2) on 1 Ray worker with all the CPUs local mode uses, (3) on 1 worker
-with 1 CPU and (4) on 2 workers with 1 CPU each. images/s is the rate over the second half of the run (warm-up
+Runs the same config (1) in this process, (2) in this process again once the Ray cluster is up (its daemons share
+the CPUs), (3) on 1 Ray worker with all the CPUs local mode uses, (4) on 1 worker with 1 CPU and (5) on 2 workers
+with 1 CPU each. images/s is the rate over the second half of the run (warm-up
 excluded); "fixed" is wall time minus steps at that rate: start-up, data loading, final evaluation and teardown.
 """
 
@@ -33,7 +34,7 @@ def main() -> int:
     cfg = ray_overhead_config(config_from_args(parser, args), args.steps, tempfile.mkdtemp(prefix="sd3ray-bench-"))
     threads = torch.get_num_threads()
     rows = ray_overhead_rows(cfg, [(f"ray 1 worker × {threads} CPU", 1, threads), ("ray 1 worker × 1 CPU", 1, 1),
-                                   ("ray 2 workers × 1 CPU", 2, 1)])
+                                   ("ray 2 workers × 1 CPU", 2, 1)], local_beside_cluster=True)
     print("\n| setup | images/s | vs local | fixed s |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['setup']} | {r['images_per_s']:.0f} | {r['vs_local']:.2f}× | {r['fixed_s']:.1f} |")

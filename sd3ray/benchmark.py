@@ -212,21 +212,24 @@ def ray_overhead_config(cfg: Config, steps: int, output_dir: str) -> Config:
                                  f"train.output_dir={output_dir}"]))
 
 
-def ray_overhead_rows(cfg: Config, setups: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+def ray_overhead_rows(cfg: Config, setups: list[tuple[str, int, int]],
+                      local_beside_cluster: bool = False) -> list[dict[str, Any]]:
     """Steady-state images/s of local mode, then of Ray Train for each (name, workers, cpus per worker) setup.
 
     images/s is the rate over the second half of the run; "fixed_s" is wall time minus the steps at
-    that rate: start-up, data loading, final evaluation and teardown. The first row is local mode.
+    that rate: start-up, data loading, final evaluation and teardown. The first row is local mode. With
+    `local_beside_cluster`, local mode runs again once the Ray cluster is up: on a small machine the cluster's own
+    processes take CPU time, and that row separates their cost from Ray Train's.
     """
     from sd3ray.local import run_local
     from sd3ray.ray_train import build_trainer, connect
 
     rows = []
 
-    def record(name: str, workers: int, cpus: int, wall: float, metrics: dict[str, Any]) -> None:
+    def record(name: str, on_ray: bool, workers: int, cpus: int, wall: float, metrics: dict[str, Any]) -> None:
         rate = metrics["train/images_per_s"]
         fixed = wall - cfg.train.steps * cfg.train.batch_size * workers / rate
-        rows.append({"setup": name, "workers": workers, "cpus_per_worker": cpus, "images_per_s": rate,
+        rows.append({"setup": name, "ray": on_ray, "workers": workers, "cpus_per_worker": cpus, "images_per_s": rate,
                      "wall_s": wall, "fixed_s": fixed,
                      "vs_local": rate / rows[0]["images_per_s"] if rows else 1.0})
         print(f"{name}: {rate:.0f} img/s, wall {wall:.1f}s, fixed {fixed:.1f}s", flush=True)
@@ -234,13 +237,18 @@ def ray_overhead_rows(cfg: Config, setups: list[tuple[str, int, int]]) -> list[d
     started = time.perf_counter()
     local = run_local(cfg, "local", "local", device="cpu", tracking=False)
     threads = torch.get_num_threads()
-    record(f"local ({threads} threads)", 1, threads, time.perf_counter() - started, local.metrics)
+    record(f"local ({threads} threads)", False, 1, threads, time.perf_counter() - started, local.metrics)
     connect()
+    if local_beside_cluster:
+        started = time.perf_counter()
+        local = run_local(cfg, "local-beside-ray", "local-beside-ray", device="cpu", tracking=False)
+        record(f"local ({threads} threads), Ray cluster up", False, 1, threads, time.perf_counter() - started,
+               local.metrics)
     for name, workers, cpus in setups:
         started = time.perf_counter()
         result = build_trainer(cfg, f"bench-{workers}x{cpus}", workers=workers, tracking=False,
                                storage_path=str(Path(cfg.train.output_dir) / "ray"), cpus_per_worker=cpus).fit()
-        record(name, workers, cpus, time.perf_counter() - started, result.metrics)
+        record(name, True, workers, cpus, time.perf_counter() - started, result.metrics)
     return rows
 
 
@@ -291,6 +299,6 @@ def benchmark_metrics(rows: list[dict[str, Any]], extras: list[dict[str, Any]],
         metrics["bench/speed_ceiling_vs_diffusers"] = ceiling
     for e in extras:
         metrics[f"bench/{e['key']}/images_per_s"] = e["images_per_s"]
-    for r in ray_rows[1:]:
+    for r in (r for r in ray_rows if r["ray"]):
         metrics[f"bench/ray_{r['workers']}x{r['cpus_per_worker']}cpu/vs_local"] = r["vs_local"]
     return metrics

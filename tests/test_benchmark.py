@@ -73,10 +73,10 @@ def test_report_and_metrics_carry_the_ratios() -> None:
             {"model": "diffusers", "compiled": False, "params_m": 1.0, "seconds_per_step": 0.8, "images_per_s": 5.0,
              "gemm_s": 0.3, "attention_s": 0.1, "mfu": None}]
     extras = [{"what": "sampling", "key": "sampling", "images_per_s": 2.0}]
-    ray_rows = [{"setup": "local", "workers": 1, "cpus_per_worker": 2, "images_per_s": 100.0, "fixed_s": 1.0,
-                 "vs_local": 1.0},
-                {"setup": "ray", "workers": 1, "cpus_per_worker": 2, "images_per_s": 95.0, "fixed_s": 9.0,
-                 "vs_local": 0.95}]
+    ray_rows = [{"setup": "local", "ray": False, "workers": 1, "cpus_per_worker": 2, "images_per_s": 100.0,
+                 "fixed_s": 1.0, "vs_local": 1.0},
+                {"setup": "ray", "ray": True, "workers": 1, "cpus_per_worker": 2, "images_per_s": 95.0,
+                 "fixed_s": 9.0, "vs_local": 0.95}]
     report = markdown_report("header", rows, extras, ray_rows)
     assert "| sd3ray | False | 1.0 | 8 | 1.60× | 80% | - |" in report
     assert "run 2.00× eager diffusers" in report  # 0.8 s / (0.3 + 0.1) s
