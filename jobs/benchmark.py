@@ -106,13 +106,11 @@ def main() -> int:
 
         chart = bar_plot({row_key(r): r["images_per_s"] for r in rows}, "training images/s",
                          f"{name}, {precision}, batch {args.batch}")
-        with tempfile.TemporaryDirectory() as files:
-            for path in (args.output, args.output.with_suffix(".md")):
-                (Path(files) / path.name).write_bytes(path.read_bytes())
-            run_id = log_benchmark(cfg, args.tracking_uri, f"benchmark-b{args.batch}",
-                                   {"sd3ray.device": name, "sd3ray.precision": precision,
-                                    "sd3ray.torch_version": torch.__version__},
-                                   benchmark_metrics(rows, extras, ray_rows), chart, Path(files))
+        run_id = log_benchmark(cfg, args.tracking_uri, f"benchmark-b{args.batch}",
+                               {"sd3ray.device": name, "sd3ray.precision": precision,
+                                "sd3ray.torch_version": torch.__version__},
+                               benchmark_metrics(rows, extras, ray_rows), chart,
+                               [args.output, args.output.with_suffix(".md")])
         print(f"logged to MLflow run {run_id}")
     return 0
 

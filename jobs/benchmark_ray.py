@@ -4,8 +4,8 @@
 
 Runs the same config (1) in this process, (2) in this process again once the Ray cluster is up (its daemons share
 the CPUs), (3) on 1 Ray worker with all the CPUs local mode uses, (4) on 1 worker with 1 CPU and (5) on 2 workers
-with 1 CPU each. images/s is the rate over the second half of the run (warm-up
-excluded); "fixed" is wall time minus steps at that rate: start-up, data loading, final evaluation and teardown.
+with 1 CPU each. images/s is the rate over the second half of the run (warm-up excluded); "fixed" is wall time
+minus steps at that rate: start-up, data loading, final evaluation and teardown.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from torch import nn
 from sd3ray.config import Config
 from sd3ray.flops import mmdit_forward_flops, train_step_flops
 from sd3ray.model import MMDiT, count_parameters
+from sd3ray.train_loop import adamw
 
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -134,7 +135,7 @@ def model_step_rows(cfg: Config, batch: int, context_len: int, device: torch.dev
             torch.manual_seed(0)
             model = build().to(device).train()
             runner = torch.compile(model) if compiled else model
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cuda", "cpu"))
+            optimizer = adamw(model, device, lr=1e-4)
             key = f"{name}{' compiled' if compiled else ''}"
             steps[key] = train_step(model, partial(call, runner), target, optimizer, autocast)
             rows[key] = {"model": name, "compiled": compiled, "params_m": count_parameters(model) / 1e6}
@@ -146,11 +147,19 @@ def model_step_rows(cfg: Config, batch: int, context_len: int, device: torch.dev
     return list(rows.values())
 
 
+def eager_row(rows: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r["model"] == model and not r["compiled"]), None)
+
+
+def gemm_attention_share(row: dict[str, Any]) -> float | None:
+    """Fraction of the step spent in GEMMs and attention (eager rows only)."""
+    return (row["gemm_s"] + row["attention_s"]) / row["seconds_per_step"] if "gemm_s" in row else None
+
+
 def speed_ceiling(rows: list[dict[str, Any]]) -> float | None:
     """How many times faster than eager diffusers a step could be if it kept only sd3ray's GEMM and attention
     time: the most any implementation of the same maths can gain with these kernels on this device."""
-    ours = next((r for r in rows if r["model"] == "sd3ray" and not r["compiled"]), None)
-    theirs = next((r for r in rows if r["model"] == "diffusers" and not r["compiled"]), None)
+    ours, theirs = eager_row(rows, "sd3ray"), eager_row(rows, "diffusers")
     if ours is None or theirs is None or "gemm_s" not in ours:
         return None
     return theirs["seconds_per_step"] / (ours["gemm_s"] + ours["attention_s"])
@@ -259,12 +268,12 @@ def row_key(row: dict[str, Any]) -> str:
 def markdown_report(header: str, rows: list[dict[str, Any]], extras: list[dict[str, Any]],
                     ray_rows: list[dict[str, Any]]) -> str:
     """The benchmark as markdown: the model-step table, then sampling, data path, ceiling and Ray overhead."""
-    reference = next((r for r in rows if r["model"] == "diffusers" and not r["compiled"]), None)
+    reference = eager_row(rows, "diffusers")
     lines = [header, "", "| model | compiled | params (M) | images/s | vs diffusers eager | GEMM+attention | MFU |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['images_per_s'] / reference['images_per_s']:.2f}×" if reference else "-"
-        share = f"{(r['gemm_s'] + r['attention_s']) / r['seconds_per_step']:.0%}" if "gemm_s" in r else "-"
+        share = f"{gemm_attention_share(r):.0%}" if "gemm_s" in r else "-"
         shown_mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         lines.append(f"| {r['model']} | {r['compiled']} | {r['params_m']:.1f} | {r['images_per_s']:.3g} | {ratio} "
                      f"| {share} | {shown_mfu} |")
@@ -285,14 +294,14 @@ def benchmark_metrics(rows: list[dict[str, Any]], extras: list[dict[str, Any]],
                       ray_rows: list[dict[str, Any]]) -> dict[str, float]:
     """The figures as flat MLflow metric names."""
     metrics: dict[str, float] = {}
-    reference = next((r for r in rows if r["model"] == "diffusers" and not r["compiled"]), None)
+    reference = eager_row(rows, "diffusers")
     for r in rows:
         key = f"bench/{row_key(r)}"
         metrics[f"{key}/images_per_s"] = r["images_per_s"]
         if reference is not None:
             metrics[f"{key}/vs_diffusers_eager"] = r["images_per_s"] / reference["images_per_s"]
-        if "gemm_s" in r:
-            metrics[f"{key}/gemm_attention_share"] = (r["gemm_s"] + r["attention_s"]) / r["seconds_per_step"]
+        if (share := gemm_attention_share(r)) is not None:
+            metrics[f"{key}/gemm_attention_share"] = share
         if r.get("mfu") is not None:
             metrics[f"{key}/mfu"] = r["mfu"]
     if (ceiling := speed_ceiling(rows)) is not None:

@@ -182,13 +182,14 @@ def log_evaluation(cfg: Config, checkpoint: str, uri: str, step: int, rows: list
 
 
 def log_benchmark(cfg: Config, uri: str, run_name: str, tags: dict[str, str], metrics: dict[str, float],
-                  chart: np.ndarray, files: Path) -> str:
+                  chart: np.ndarray, files: list[Path]) -> str:
     """Log one benchmark as its own run: the benchmarked config as params, the figures as metrics, the device and
     versions as tags, a throughput chart, and the table and JSON as artifacts."""
     tracker = MlflowTracker(resolve_tracking_uri(uri or cfg.tracking.uri), cfg.tracking.experiment, run_name)
     tracker.start(cfg, None, tags={"sd3ray.kind": "benchmark", **tags})
     tracker.log_metrics(metrics, 0)
     tracker.log_image("benchmark_images_per_s", chart, 0)
-    tracker.log_artifact(files, "benchmark")
+    for path in files:
+        tracker.log_artifact(path, "benchmark")
     tracker.finish("FINISHED")
     return tracker.run_id

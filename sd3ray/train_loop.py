@@ -85,10 +85,14 @@ def learning_rate_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def adamw(model: torch.nn.Module, device: torch.device, **kwargs: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where PyTorch has one: it updates every tensor in one pass, measured 4-5x
+    faster than foreach on CPU too."""
+    return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **kwargs)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    # The fused kernel updates every tensor in one pass: measured 4-5x faster than foreach on CPU too.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=device.type in ("cuda", "cpu"))
+    optimizer = adamw(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, cfg))
     return optimizer, scheduler
 
