@@ -1,10 +1,10 @@
 """Speed benchmark: sd3ray's MM-DiT training step vs diffusers' SD3Transformer2DModel at the same dimensions,
-sampling throughput, the data path, MFU on GPU and (optionally) the Ray Train overhead. Prints a markdown table,
-writes it and a JSON beside --output, and logs the figures, a chart and both files to MLflow.
+sampling throughput, the data path, MFU on GPU and (optionally) Ray Train against local mode. Prints a markdown
+table, writes it and a JSON beside --output, and logs the figures, a chart and both files to MLflow.
 
     python jobs/benchmark.py --config configs/mnist.yaml --batch 64                  # CPU, eager fp32
     python jobs/benchmark.py --config configs/mnist.yaml --batch 256 --compile       # GPU: bf16, + torch.compile
-    python jobs/benchmark.py --ray-overhead configs/mnist_tiny.yaml                  # + Ray Train vs local mode
+    python jobs/benchmark.py --ray-overhead configs/mnist_tiny.yaml --skip-models    # Ray Train vs local mode only
 
 diffusers comes with the `bench` extra: pip install -e ".[bench]".
 """
@@ -23,25 +23,15 @@ import tempfile
 
 import torch
 
-from sd3ray.benchmark import (
-    H100_BF16_DENSE_TFLOPS,
-    benchmark_metrics,
-    data_path_row,
-    full_step_tflop,
-    markdown_report,
-    mfu,
-    model_step_rows,
-    ray_overhead_config,
-    ray_overhead_rows,
-    row_key,
-    sampling_row,
-)
+from benchmarks.ray_overhead import ray_overhead_config, ray_overhead_rows, ray_setups
+from benchmarks.report import benchmark_metrics, log_benchmark, markdown_report, row_key
+from benchmarks.speed import H100_BF16_DENSE_TFLOPS, data_path_row, full_step_tflop, mfu, model_step_rows, sampling_row
 from sd3ray.cli import add_config_args, config_from_args, positive_int
 from sd3ray.config import ConfigError, load_config
 from sd3ray.context import default_device
 
 
-def main() -> int:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--batch", type=positive_int, default=64)
@@ -52,14 +42,19 @@ def main() -> int:
     parser.add_argument("--iters", type=positive_int, default=3, help="timed steps per model, in alternation")
     parser.add_argument("--sampling-images", type=int, default=64, help="0 skips the sampling figure")
     parser.add_argument("--no-data", action="store_true", help="skip the data-path figure")
+    parser.add_argument("--skip-models", action="store_true", help="skip model, sampling and data timing")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="for MFU (GPU only)")
     parser.add_argument("--ray-overhead", metavar="CONFIG", type=Path,
-                        help="also train CONFIG locally and on one Ray worker with as many CPUs (needs ray)")
+                        help="also train CONFIG locally and on Ray workers (1×all CPUs, 1×1, 2×1; needs ray)")
     parser.add_argument("--ray-overhead-steps", type=positive_int, default=400)
     parser.add_argument("--tracking-uri", default="", help="MLflow server (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--output", type=Path, default=Path("benchmark.json"), help="JSON; the table goes beside it")
-    args = parser.parse_args()
+    return parser, parser.parse_args()
+
+
+def main() -> int:
+    parser, args = parse_args()
     cfg = config_from_args(parser, args, [f"train.batch_size={args.batch}"])
     if not args.no_tracking and importlib.util.find_spec("mlflow") is None:
         parser.error("mlflow is not installed: pip install mlflow-skinny, or pass --no-tracking")
@@ -74,22 +69,21 @@ def main() -> int:
         ray_cfg = ray_overhead_config(ray_base, args.ray_overhead_steps, tempfile.mkdtemp(prefix="sd3ray-bench-"))
     device = torch.device(args.device) if args.device else default_device()
     bf16 = device.type == "cuda"
-    with_diffusers = importlib.util.find_spec("diffusers") is not None
-    if not with_diffusers:
-        print("diffusers is not installed (pip install -e '.[bench]'): timing sd3ray alone")
-    rows = model_step_rows(cfg, args.batch, args.context_len, device, bf16, args.compile, args.warmup, args.iters,
-                           with_diffusers)
-    for r in rows:
-        r["mfu"] = mfu(cfg, args.batch, args.context_len, r["seconds_per_step"], args.peak_tflops) if bf16 else None
-    extras = []
-    if args.sampling_images:
-        extras.append(sampling_row(cfg, device, args.sampling_images, cfg.sample.steps, cfg.sample.guidance, bf16))
-    if not args.no_data:
-        extras.append(data_path_row(cfg, device))
-    ray_rows = []
+    rows, extras, ray_rows = [], [], []
+    if not args.skip_models:
+        with_diffusers = importlib.util.find_spec("diffusers") is not None
+        if not with_diffusers:
+            print("diffusers is not installed (pip install -e '.[bench]'): timing sd3ray alone")
+        rows = model_step_rows(cfg, args.batch, args.context_len, device, bf16, args.compile, args.warmup,
+                               args.iters, with_diffusers)
+        for r in rows:
+            r["mfu"] = mfu(cfg, args.batch, args.context_len, r["seconds_per_step"], args.peak_tflops) if bf16 else None
+        if args.sampling_images:
+            extras.append(sampling_row(cfg, device, args.sampling_images, cfg.sample.steps, cfg.sample.guidance, bf16))
+        if not args.no_data:
+            extras.append(data_path_row(cfg, device))
     if ray_cfg is not None:
-        threads = torch.get_num_threads()
-        ray_rows = ray_overhead_rows(ray_cfg, [(f"ray 1 worker × {threads} CPU", 1, threads)])
+        ray_rows = ray_overhead_rows(ray_cfg, ray_setups(torch.get_num_threads()), local_beside_cluster=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if bf16 else "fp32"
     report = markdown_report(f"{name}, {precision}, batch {args.batch}, config {args.config}", rows, extras, ray_rows)
@@ -102,13 +96,12 @@ def main() -> int:
     args.output.with_suffix(".md").write_text(report)
     if not args.no_tracking:
         from sd3ray.plots import bar_plot
-        from sd3ray.tracking import log_benchmark
+        from sd3ray.tracking import make_tracker
 
-        chart = bar_plot({row_key(r): r["images_per_s"] for r in rows}, "training images/s",
-                         f"{name}, {precision}, batch {args.batch}")
-        run_id = log_benchmark(cfg, args.tracking_uri, f"benchmark-b{args.batch}",
-                               {"sd3ray.device": name, "sd3ray.precision": precision,
-                                "sd3ray.torch_version": torch.__version__},
+        bars = {row_key(r): r["images_per_s"] for r in rows} or {r["setup"]: r["images_per_s"] for r in ray_rows}
+        chart = bar_plot(bars, "training images/s", f"{name}, {precision}, batch {args.batch}")
+        tags = {"sd3ray.device": name, "sd3ray.precision": precision, "sd3ray.torch_version": torch.__version__}
+        run_id = log_benchmark(make_tracker(cfg, uri=args.tracking_uri or None), cfg, f"benchmark-b{args.batch}", tags,
                                benchmark_metrics(rows, extras, ray_rows), chart,
                                [args.output, args.output.with_suffix(".md")])
         print(f"logged to MLflow run {run_id}")

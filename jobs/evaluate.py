@@ -19,8 +19,8 @@ import torch
 from sd3ray.cli import non_negative_float, positive_int
 from sd3ray.context import default_device
 from sd3ray.data import read_split
-from sd3ray.evaluate import Reference, evaluate_settings, load_judge, markdown_table
 from sd3ray.inference import load_ema_model
+from sd3ray.judge import Reference, judge_settings, load_judge, log_judged_settings, markdown_table
 from sd3ray.plots import line_plot
 
 
@@ -43,7 +43,7 @@ def main() -> int:
     parquet = args.parquet_dir or cfg.data.parquet_dir
     train, test = read_split(parquet, "train"), read_split(parquet, "test")
     reference = Reference(load_judge(train, device), train, test)
-    rows = evaluate_settings(model, cfg, reference, args.guidance, args.steps, args.num_samples, args.sampler)
+    rows = judge_settings(model, cfg, reference, args.guidance, args.steps, args.num_samples, args.sampler)
     table = markdown_table(rows)
     print(f"\ncheckpoint step {step}, {args.num_samples} samples per setting\n\n{table}")
     series = {f"{s} steps": ([r["guidance"] for r in rows if r["steps"] == s],
@@ -55,9 +55,10 @@ def main() -> int:
         (out / "results.md").write_text(table + "\n")
         (out / "results.json").write_text(json.dumps(rows, indent=2))
         if not args.no_tracking:
-            from sd3ray.tracking import log_evaluation
+            from sd3ray.tracking import make_tracker
 
-            run_id = log_evaluation(cfg, args.checkpoint, args.tracking_uri, step, rows, plot, out)
+            tracker = make_tracker(cfg, uri=args.tracking_uri or None)
+            run_id = log_judged_settings(tracker, cfg, args.checkpoint, step, rows, plot, out)
             print(f"logged to MLflow run {run_id}")
     return 0
 

@@ -20,7 +20,7 @@ from sd3ray.checkpoint import list_checkpoints, load_checkpoint
 from sd3ray.cli import positive_int
 from sd3ray.context import default_device
 from sd3ray.data import read_split
-from sd3ray.evaluate import Reference, evaluate_settings, load_judge
+from sd3ray.judge import Reference, judge_settings, load_judge
 from sd3ray.model import Denoiser
 from sd3ray.plots import line_plot
 
@@ -45,7 +45,7 @@ def main() -> int:
         model.load_state_dict(data.ema)
         model.eval().requires_grad_(False)
         seconds = data.meta.get("train_seconds", float("nan"))  # recorded by every checkpoint since format 1
-        (row,) = evaluate_settings(model, data.config, reference, [data.config.sample.guidance],
+        (row,) = judge_settings(model, data.config, reference, [data.config.sample.guidance],
                                    [data.config.sample.steps], args.num_samples)
         rows.append({"step": data.step, "train_minutes": seconds / 60, **row})
     print("| step | train min | prompt acc | cFID | floor | cFID/floor |\n|---|---|---|---|---|---|")

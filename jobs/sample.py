@@ -22,8 +22,7 @@ import torch
 from sd3ray.cli import non_negative_float, positive_int
 from sd3ray.context import default_device
 from sd3ray.images import make_grid, save_png
-from sd3ray.inference import load_ema_model
-from sd3ray.validation import generate
+from sd3ray.inference import generate, load_ema_model
 
 
 def parse_args() -> argparse.Namespace:

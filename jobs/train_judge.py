@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import argparse
 
 from sd3ray.data import ensure_parquet, read_split
-from sd3ray.evaluate import cache_dir, judge_cache_key, judge_outputs, load_judge
+from sd3ray.judge import cache_dir, judge_cache_key, judge_outputs, load_judge
 
 
 def main() -> int:

@@ -22,7 +22,6 @@ SamplerName = Literal["euler", "heun"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]
 LogCheckpoints = Literal["final", "none"]
-FailMode = Literal["raise", "kill"]
 
 
 class ConfigError(ValueError):
@@ -97,8 +96,6 @@ class TrainConfig:
     precision: Precision = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     compile: bool = False
     output_dir: str = "runs"
-    fail_at_step: int = -1  # debug: fail once at this step on rank 0 (fault-tolerance tests)
-    fail_mode: FailMode = "raise"
 
 
 @dataclass(frozen=True)

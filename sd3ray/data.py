@@ -1,4 +1,4 @@
-"""Data: MNIST import, Parquet shards (pyarrow), the in-memory training set and per-rank batches.
+"""Data: MNIST import, Parquet shards (pyarrow), the in-memory training set and each step's batch per rank.
 
 On disk an image set is a folder of Parquet shards `{split}-{k:05d}.parquet` with columns
 `image` (fixed-size binary, uint8 C×H×W row-major), `label` (int16, −1 when absent) and `caption` (string,
@@ -24,13 +24,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sd3ray.text import digit_prompts
+from sd3ray.config import Config
+from sd3ray.flow import sample_timesteps
+from sd3ray.text import PromptBank, digit_prompts
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 SPLITS = ("train", "test")
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Model space [-1, 1] -> uint8 [0, 255]: images leave the model as uint8 (files, Parquet, samples.npz)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> model space [-1, 1] (float32)."""
+    return x.float() / 127.5 - 1.0
 
 
 class DataError(RuntimeError):
@@ -200,7 +212,10 @@ def prepare_mnist(raw_root: str | Path, out_dir: str | Path, image_size: int = 3
 
 
 def ensure_parquet(parquet_dir: str | Path, raw_root: str | Path, image_size: int, download: bool) -> Path:
-    """Use the Parquet set if it exists, else build it from MNIST (so the first run needs no extra step)."""
+    """Use the Parquet set if it exists, else build it from MNIST (so the first run needs no extra step).
+
+    Drivers call this once, before any worker starts (`prepare_dataset`); the training loop only reads
+    (`load_splits`), so N workers never race to convert the same files."""
     if (Path(parquet_dir) / "metadata.json").is_file():
         return Path(parquet_dir)
     staging = Path(str(parquet_dir) + ".partial")
@@ -208,6 +223,16 @@ def ensure_parquet(parquet_dir: str | Path, raw_root: str | Path, image_size: in
     prepare_mnist(raw_root, staging, image_size, download)
     os.replace(staging, parquet_dir)
     return Path(parquet_dir)
+
+
+def prepare_dataset(cfg: Config) -> Path:
+    """The driver's step: make sure `data.parquet_dir` holds the image set, converting MNIST on first use."""
+    return ensure_parquet(cfg.data.parquet_dir, cfg.data.raw_root, cfg.model.image_size, cfg.data.download)
+
+
+def load_splits(cfg: Config) -> tuple[ImageSet, ImageSet]:
+    """The loop's step: read the prepared train and test splits into memory."""
+    return read_split(cfg.data.parquet_dir, "train"), read_split(cfg.data.parquet_dir, "test")
 
 
 # ---------------------------------------------------------------------------------------- prompts & batches
@@ -256,3 +281,32 @@ class ShardedBatches:
             self._epoch, self._perm = epoch, torch.randperm(self.num_items, generator=generator)
         start = within * self.global_batch + self.rank * self.batch_size
         return self._perm[start : start + self.batch_size]
+
+
+class TrainingBatches:
+    """Each step's batch for this rank, gathered on the device from (seed, step) alone: images, prompt tokens
+    (one of each image's prompts at random, the empty prompt with probability `prompt_dropout`), t and eps.
+    Random draws are made for the global batch and sliced per rank, so the split over workers changes nothing."""
+
+    def __init__(self, images: ImageSet, cfg: Config, rank: int, world_size: int, device: torch.device) -> None:
+        prompts, candidates = prompt_candidates(images)
+        self.bank = PromptBank.build(prompts, cfg.text.max_length).to(device)
+        row_of = {p: i for i, p in enumerate(self.bank.prompts)}
+        self.candidates = torch.tensor([row_of[p] for p in prompts])[candidates].to(device)  # (N, K) bank rows
+        self.images = images.images.to(device)  # uint8, resident: MNIST is 60 MB
+        self.sampler = ShardedBatches(len(images), cfg.train.batch_size, rank, world_size, cfg.train.seed)
+        self.cfg, self.device = cfg, device
+        b = cfg.train.batch_size
+        self.rank_slice = slice(rank * b, (rank + 1) * b)
+
+    def get(self, step: int) -> tuple[torch.Tensor, ...]:
+        """x0 (b,C,H,W) in [-1,1], ids and mask (b,L), t (b,), eps (b,C,H,W)."""
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        n, sl = self.sampler.global_batch, self.rank_slice
+        t = sample_timesteps(self.cfg.flow, n, g, self.device)[sl]
+        eps = torch.randn((n, *self.images.shape[1:]), generator=g, device=self.device)[sl]
+        choice = torch.randint(0, self.candidates.shape[1], (n,), generator=g, device=self.device)[sl]
+        dropped = (torch.rand(n, generator=g, device=self.device) < self.cfg.text.prompt_dropout)[sl]
+        index = self.sampler.indices(step).to(self.device, non_blocking=True)
+        rows = torch.where(dropped, 0, self.candidates[index, choice])  # bank row 0 is the empty prompt
+        return from_uint8(self.images[index]), self.bank.ids[rows], self.bank.mask[rows], t, eps

@@ -1,4 +1,8 @@
-"""Load a trained model for sampling or evaluation, from a checkpoint directory or an MLflow run id."""
+"""Inference: draw images from a trained model, and load one from a checkpoint directory or an MLflow run id.
+
+`generate` is the one way sd3ray samples: training-time grids, the judge, `jobs/sample.py`, evaluation and the
+benchmarks all call it.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,30 @@ import torch
 
 from sd3ray.checkpoint import CheckpointError, load_checkpoint
 from sd3ray.config import Config
+from sd3ray.data import to_uint8
 from sd3ray.model import Denoiser
-from sd3ray.tracking import resolve_tracking_uri
+from sd3ray.sampling import sample
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@torch.no_grad()
+def generate(model: Denoiser, prompts: list[str], cfg: Config, seed: int, device: torch.device,
+             guidance: float | None = None, steps: int | None = None, sampler: str | None = None,
+             batch_size: int = 256) -> torch.Tensor:
+    """uint8 (N, C, H, W) samples, one per prompt; the same seed gives the same images. Unset sampler settings
+    come from `cfg.sample`."""
+    m = cfg.model
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(prompts), m.channels, m.image_size, m.image_size, generator=generator)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        velocity = model.velocity_fn(chunk, cfg.sample.guidance if guidance is None else guidance)
+        x = sample(velocity, noise[start : start + len(chunk)].to(device), steps or cfg.sample.steps,
+                   sampler or cfg.sample.sampler, cfg.sample.shift)
+        out.append(to_uint8(x).cpu())
+    return torch.cat(out)
 
 
 def resolve_checkpoint(spec: str, tracking_uri: str = "") -> Path:
@@ -22,6 +46,8 @@ def resolve_checkpoint(spec: str, tracking_uri: str = "") -> Path:
         return path
     if RUN_ID.match(spec):
         import mlflow
+
+        from sd3ray.tracking import resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri)
         try:

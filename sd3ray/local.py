@@ -8,6 +8,7 @@ import torch
 
 from sd3ray.config import Config
 from sd3ray.context import LocalContext, default_device, resolve_resume
+from sd3ray.data import prepare_dataset
 from sd3ray.tracking import make_tracker
 from sd3ray.train_loop import TrainResult, train
 
@@ -15,6 +16,7 @@ from sd3ray.train_loop import TrainResult, train
 def run_local(cfg: Config, name: str | None, default_name: str, resume: str | None = None,
               device: str | None = None, tracking: bool = True) -> TrainResult:
     """`name` is the user's run name (None when not given); `--resume latest` without one picks the newest run."""
+    prepare_dataset(cfg)
     output_dir = Path(cfg.train.output_dir)
     resume_path = resolve_resume(resume, output_dir, name)
     # a resumed run keeps writing next to the checkpoint it came from

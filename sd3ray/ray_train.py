@@ -8,9 +8,11 @@ rank reports the same number of times.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
-from dataclasses import replace
+import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +26,29 @@ from torch import nn
 
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config, from_dict, to_dict
-from sd3ray.data import ensure_parquet
+from sd3ray.data import prepare_dataset
 from sd3ray.tracking import NullTracker, check_reachable, make_tracker, resolve_tracking_uri
 from sd3ray.train_loop import train
+
+
+@dataclass(frozen=True)
+class DebugHooks:
+    """Fault-tolerance tests' hooks, kept in the Ray context so the loop never sees them."""
+
+    # rank 0 dies without cleanup, as on a lost node, right after reporting this step's checkpoint (first run only)
+    kill_after_checkpoint: int = -1
+    save_replica_to: str = ""  # each rank's final weights, to prove replicas stay identical
 
 
 class RayContext:
     """RunContext for a Ray Train worker."""
 
-    def __init__(self, run_storage: str) -> None:
+    def __init__(self, run_storage: str, debug: DebugHooks = DebugHooks()) -> None:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.run_storage = run_storage
+        self.debug = debug
         self._restored: tempfile.TemporaryDirectory | None = None
 
     @property
@@ -77,18 +89,31 @@ class RayContext:
             ray.train.report(scalars, checkpoint=Checkpoint.from_directory(str(tmp / name)), checkpoint_dir_name=name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if data.step == self.debug.kill_after_checkpoint and self._restored is None:
+            die_like_a_lost_node(data.step)
         return f"{self.run_storage}/{name}"
+
+
+def die_like_a_lost_node(step: int) -> None:
+    """DebugHooks.kill_after_checkpoint: end this worker process at once, without cleanup."""
+    print(f"sd3ray: killing rank 0 after the step-{step} checkpoint (debug hook)", flush=True)
+    # Ray Train's controller registers a reported checkpoint when it next polls the workers (every 2 s by default,
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker that dies sooner restarts from an older checkpoint, which is
+    # correct but would not test a restart from the newest one.
+    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
+    os._exit(1)
 
 
 def train_worker(config: dict[str, Any]) -> None:
     """Per-worker entry point: rebuild the Config, then run the shared loop."""
     cfg = from_dict(config["cfg"])
-    ctx = RayContext(config["run_storage"])
+    debug = DebugHooks(**config.get("debug", {}))
+    ctx = RayContext(config["run_storage"], debug)
     tracking = config["tracking"] and ctx.is_main
     tracker = make_tracker(cfg, enabled=True, uri=config["tracking_uri"]) if tracking else NullTracker()
     result = train(cfg, ctx, tracker)
-    if config.get("save_replica_to"):  # debug: each rank's final weights, to prove replicas stay identical
-        torch.save(result.model.state_dict(), Path(config["save_replica_to"]) / f"rank{ctx.rank}.pt")
+    if debug.save_replica_to:
+        torch.save(result.model.state_dict(), Path(debug.save_replica_to) / f"rank{ctx.rank}.pt")
 
 
 def _absolute_paths(cfg: Config) -> Config:
@@ -115,13 +140,13 @@ def check_resources(workers: int, use_gpu: bool, cpus_per_worker: int = 1) -> No
 
 def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None,
                   max_failures: int = 0, tracking: bool = True, callbacks: list | None = None,
-                  extra: dict[str, Any] | None = None, cpus_per_worker: int = 1) -> TorchTrainer:
+                  debug: DebugHooks | None = None, cpus_per_worker: int = 1) -> TorchTrainer:
     """A TorchTrainer for `cfg` whose checkpoints go to storage_path/name."""
     cfg = _absolute_paths(cfg)
     storage = storage_path or default_storage(cfg)
     uri = resolve_tracking_uri(cfg.tracking.uri)
     loop_config = {"cfg": to_dict(cfg), "tracking": tracking, "tracking_uri": uri,
-                   "run_storage": f"{storage.rstrip('/')}/{name}", **(extra or {})}
+                   "run_storage": f"{storage.rstrip('/')}/{name}", "debug": asdict(debug or DebugHooks())}
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
@@ -169,7 +194,7 @@ def connect() -> None:
 def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = None, storage_path: str | None = None,
             max_failures: int = 0, tracking: bool = True, cpus_per_worker: int = 1) -> ray.train.Result:
     """Prepare data and run checks on the driver, then fit."""
-    ensure_parquet(cfg.data.parquet_dir, cfg.data.raw_root, cfg.model.image_size, cfg.data.download)
+    prepare_dataset(cfg)  # once, here: the workers only read it
     if tracking:
         check_reachable(resolve_tracking_uri(cfg.tracking.uri))
     connect()

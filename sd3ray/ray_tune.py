@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sd3ray.config import Config, ConfigError, TimestepScheme, build_dataclass, load_config
+from sd3ray.config import Config, ConfigError, FlowConfig, TimestepScheme, build_dataclass, load_config
 
 
 @dataclass(frozen=True)
@@ -23,9 +23,10 @@ class SchemeSpec:
     """One timestep-sampling scheme with its parameters."""
 
     scheme: TimestepScheme
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    mode_scale: float = 1.29
+    # the defaults are the training config's, so a sweep's bare "logit_normal" is the scheme training would use
+    logit_mean: float = FlowConfig.logit_mean
+    logit_std: float = FlowConfig.logit_std
+    mode_scale: float = FlowConfig.mode_scale
 
     @property
     def label(self) -> str:

@@ -1,5 +1,9 @@
-"""ODE samplers for rectified flow: Euler and Heun from t = 1 (noise) to t = 0 (data), with classifier-free
-guidance. dt is 1/N for N steps (before the optional shift), never a fixed constant."""
+"""ODE samplers for rectified flow: Euler and Heun from t = 1 (noise) to t = 0 (data). dt is 1/N for N steps
+(before the optional shift), never a fixed constant.
+
+The samplers know nothing of models or prompts: they integrate any `(z_t, t) -> v` function. Guidance and text
+conditioning happen where that function is made (`Denoiser.velocity_fn`).
+"""
 
 from __future__ import annotations
 
@@ -39,18 +43,6 @@ def heun(velocity_fn: VelocityFn, noise: torch.Tensor, times: torch.Tensor) -> t
     return x
 
 
-def guided(cond_fn: VelocityFn, uncond_fn: VelocityFn, scale: float) -> VelocityFn:
-    """Classifier-free guidance: v = v_uncond + scale·(v_cond − v_uncond). scale = 1 is the conditional model."""
-    if scale == 1.0:
-        return cond_fn
-
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v_cond, v_uncond = cond_fn(x, t), uncond_fn(x, t)
-        return v_uncond + scale * (v_cond - v_uncond)
-
-    return velocity
-
-
 def sample(
     velocity_fn: VelocityFn,
     noise: torch.Tensor,
@@ -66,35 +58,3 @@ def sample(
         case "heun":
             return heun(velocity_fn, noise, times)
     raise ValueError(f"unknown sampler {sampler!r}; allowed: euler, heun")
-
-
-@torch.no_grad()
-def prompt_velocity(denoiser: torch.nn.Module, prompts: list[str], guidance: float) -> VelocityFn:
-    """The guided velocity of a `Denoiser` for a batch of prompts.
-
-    The text is encoded once for the whole trajectory, and the conditional and unconditional branches run as
-    one batch of 2B, which is how CFG is cheapest on any device.
-    """
-    encoder = denoiser.text_encoder
-    if guidance == 1.0:
-        ids, mask = encoder.tokenize(prompts)
-        context, pooled = encoder.encode(ids, mask)
-        return lambda x, t: denoiser.mmdit(x, t, context, pooled, mask)
-    ids, mask = encoder.tokenize(list(prompts) + [""] * len(prompts))
-    context, pooled = encoder.encode(ids, mask)
-
-    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        v_cond, v_uncond = denoiser.mmdit(torch.cat([x, x]), torch.cat([t, t]), context, pooled, mask).chunk(2)
-        return v_uncond + guidance * (v_cond - v_uncond)
-
-    return velocity
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model space [-1, 1] -> uint8 [0, 255]."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def from_uint8(x: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> model space [-1, 1] (float32)."""
-    return x.float() / 127.5 - 1.0

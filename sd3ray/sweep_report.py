@@ -13,6 +13,7 @@ import numpy as np
 
 from sd3ray.plots import line_plot
 from sd3ray.ray_tune import SchemeSpec, SweepSpec, base_config, trial_label
+from sd3ray.tracking import Tracker
 
 SUMMARY_METRICS = ("val/loss", "judge/prompt_accuracy", "judge/fid_ratio")
 
@@ -71,10 +72,9 @@ def metric_vs_width(rows: list[dict[str, Any]], spec: SweepSpec) -> np.ndarray:
     return line_plot(series, "model width", spec.metric, f"{spec.name}: {spec.metric} by width", logx=True)
 
 
-def best_grids(client: Any, experiment_ids: list[str], parent_run_id: str, rows: list[dict[str, Any]]) -> np.ndarray:
-    """The final sample grid of the best trial per scheme, side by side, titled with trial and rank metric."""
+def best_grids(tracker: Tracker, rows: list[dict[str, Any]]) -> np.ndarray:
+    """The final sample grid of the best trial per scheme, side by side, titled with the trial's label."""
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from sd3ray.plots import figure_to_array
 
@@ -83,18 +83,10 @@ def best_grids(client: Any, experiment_ids: list[str], parent_run_id: str, rows:
         if row["status"] != "failed":
             best.setdefault(row["scheme"], row)
     panels = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for scheme, row in best.items():
-            runs = client.search_runs(experiment_ids, f"tags.mlflow.parentRunId = '{parent_run_id}' and "
-                                                      f"attributes.run_name = '{row['trial']}'")
-            if not runs:
-                continue
-            grids = [a.path for a in client.list_artifacts(runs[0].info.run_id, "images")
-                     if a.path.startswith("images/samples+step+") and a.path.endswith(".png")]
-            if grids:
-                latest = max(grids, key=lambda p: int(p.split("+")[2]))
-                local = client.download_artifacts(runs[0].info.run_id, latest, tmp)
-                panels.append((f"{scheme}\n{row['trial']}", np.asarray(Image.open(local).convert("RGB"))))
+    for scheme, row in best.items():
+        grid = tracker.latest_child_image(row["trial"], "samples")
+        if grid is not None:
+            panels.append((f"{scheme}\n{row['trial']}", grid))
     if not panels:
         return np.full((32, 32, 3), 255, np.uint8)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), dpi=100, squeeze=False)
@@ -106,7 +98,7 @@ def best_grids(client: Any, experiment_ids: list[str], parent_run_id: str, rows:
     return figure_to_array(fig)
 
 
-def write_summary(tracker: Any, results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
+def write_summary(tracker: Tracker, results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
     """Log the sweep's table (CSV, markdown), metric-vs-width plot and best grids to the parent run."""
     rows = summarize(results, spec)
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,8 +106,7 @@ def write_summary(tracker: Any, results: Any, spec: SweepSpec) -> list[dict[str,
         (Path(tmp) / "results.md").write_text(to_markdown(rows) + "\n")
         tracker.log_artifact(Path(tmp), "sweep")
     tracker.log_image("metric_vs_width", metric_vs_width(rows, spec), 0)
-    experiment = tracker.client.get_run(tracker.run_id).info.experiment_id
-    tracker.log_image("best_grid_per_scheme", best_grids(tracker.client, [experiment], tracker.run_id, rows), 0)
+    tracker.log_image("best_grid_per_scheme", best_grids(tracker, rows), 0)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped early", "failed")}
     tracker.log_metrics({f"sweep/{k.replace(' ', '_')}": v for k, v in counts.items()}, 0)
     return rows

@@ -1,9 +1,6 @@
-"""Prompts and the byte-level text encoder.
+"""Prompts and their tokens: the byte tokenizer, digit prompt renderings and the prompt bank.
 
-SD3 conditions on frozen CLIP and T5. Neither can be fetched offline and both are far larger than digits need,
-so sd3ray trains a small transformer over UTF-8 bytes jointly with the MM-DiT: no vocabulary file, any text
-encodes. It returns what the MM-DiT consumes: token embeddings for joint attention, a pooled vector for the
-adaLN modulation, and a padding mask.
+The text encoder's weights live in `sd3ray.model.text_encoder`; this module holds no parameters.
 """
 
 from __future__ import annotations
@@ -12,10 +9,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-from sd3ray.config import TextConfig
 
 PAD_ID = 0
 BOS_ID = 1  # every prompt starts with BOS, so even the empty prompt has one real token to attend to
@@ -91,65 +84,3 @@ class PromptBank:
 
     def to(self, device: torch.device | str) -> PromptBank:
         return PromptBank(self.prompts, self.ids.to(device), self.mask.to(device))
-
-
-class _EncoderLayer(nn.Module):
-    """Pre-norm transformer layer; padding keys are masked out of attention."""
-
-    def __init__(self, width: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.norm1 = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        b, length, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, L, head_dim)
-        x = x + self.proj(h.transpose(1, 2).reshape(b, length, d))
-        return x + self.mlp(self.norm2(x))
-
-
-class TextEncoder(nn.Module):
-    """Byte transformer: forward(list[str]) -> context (B,L,D), pooled (B,D), mask (B,L) bool."""
-
-    def __init__(self, cfg: TextConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.token_embedding = nn.Embedding(VOCAB_SIZE, cfg.width, padding_idx=PAD_ID)
-        self.position_embedding = nn.Parameter(torch.randn(cfg.max_length, cfg.width) * 0.02)
-        self.layers = nn.ModuleList(_EncoderLayer(cfg.width, cfg.num_heads) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.width)
-        self.pool = nn.Linear(cfg.width, cfg.width)
-        self._token_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and mask on this module's device, tokenising each distinct prompt once."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._token_cache]
-        if missing:
-            ids, mask = tokenize(missing, self.cfg.max_length)
-            for i, p in enumerate(missing):
-                self._token_cache[p] = (ids[i], mask[i])
-        device = self.token_embedding.weight.device
-        ids = torch.stack([self._token_cache[p][0] for p in prompts]).to(device)
-        mask = torch.stack([self._token_cache[p][1] for p in prompts]).to(device)
-        return ids, mask
-
-    def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids, mask (B,L) -> context (B,L,D), pooled (B,D). Padding positions never influence real ones."""
-        x = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]  # (B, L, D)
-        attn_mask = mask[:, None, None, :]  # (B, 1, 1, L): every query sees only real keys
-        for layer in self.layers:
-            x = layer(x, attn_mask)
-        x = self.norm(x)
-        weights = mask.to(x.dtype)[..., None]  # (B, L, 1)
-        pooled = self.pool((x * weights).sum(1) / weights.sum(1))  # masked mean over real tokens
-        return x, pooled
-
-    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, mask = self.tokenize(prompts)
-        context, pooled = self.encode(ids, mask)
-        return context, pooled, mask

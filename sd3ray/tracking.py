@@ -3,7 +3,6 @@ rank 0 holds one (other ranks get a NullTracker)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -24,13 +23,24 @@ class TrackingError(RuntimeError):
 
 
 class Tracker(Protocol):
+    """Everything sd3ray records, and the one thing it reads back. A backend implements these and nothing else:
+    the loop, sweeps, evaluation and benchmarks use no other method and never look at the backend's client."""
+
     run_id: str | None
 
-    def start(self, cfg: Config, run_id: str | None = None, tags: dict[str, str] | None = None) -> str | None: ...
+    def start(self, cfg: Config, run_id: str | None = None, tags: dict[str, str] | None = None,
+              run_name: str | None = None, parent_run_id: str | None = None) -> str | None:
+        """Open a new run (config values as params), or continue `run_id`. `run_name` and `parent_run_id` default
+        to `cfg.tracking`'s; a child run lives beside its parent. Returns the run id (None if nothing records)."""
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, key: str, image: np.ndarray, step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
+        """The newest image `key` of this run's child run named so, if any (a sweep shows its best trials')."""
+
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -40,7 +50,8 @@ class NullTracker:
     def __init__(self) -> None:
         self.run_id: str | None = None
 
-    def start(self, cfg: Config, run_id: str | None = None, tags: dict[str, str] | None = None) -> str | None:
+    def start(self, cfg: Config, run_id: str | None = None, tags: dict[str, str] | None = None,
+              run_name: str | None = None, parent_run_id: str | None = None) -> str | None:
         self.run_id = run_id
         return run_id
 
@@ -48,6 +59,10 @@ class NullTracker:
     def log_image(self, key: str, image: np.ndarray, step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
+        return None
+
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -90,7 +105,8 @@ class MlflowTracker:
         self.run_id: str | None = None
         self._logged_through = -1  # metrics at or below this step were logged before a resume
 
-    def start(self, cfg: Config, run_id: str | None = None, tags: dict[str, str] | None = None) -> str | None:
+    def start(self, cfg: Config, run_id: str | None = None, tags: dict[str, str] | None = None,
+              run_name: str | None = None, parent_run_id: str | None = None) -> str | None:
         check_reachable(self.uri)
         from mlflow.tracking import MlflowClient
 
@@ -101,12 +117,16 @@ class MlflowTracker:
             history = self.client.get_metric_history(run_id, PROGRESS_METRIC)
             self._logged_through = max((m.step for m in history), default=-1)
             return run_id
-        experiment = self.client.get_experiment_by_name(self.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
         all_tags = {"sd3ray.config_hash": config_hash(cfg), "mlflow.source.git.commit": git_commit(), **(tags or {})}
-        if cfg.tracking.parent_run_id:
-            all_tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-        run = self.client.create_run(experiment_id, run_name=self.run_name or None, tags=all_tags)
+        parent = parent_run_id if parent_run_id is not None else cfg.tracking.parent_run_id
+        experiment_id = self._parent_experiment(parent) if parent else None
+        if experiment_id is not None:
+            all_tags["mlflow.parentRunId"] = parent
+        else:
+            experiment = self.client.get_experiment_by_name(self.experiment)
+            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
+        name = run_name if run_name is not None else (self.run_name or cfg.tracking.run_name)
+        run = self.client.create_run(experiment_id, run_name=name or None, tags=all_tags)
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
@@ -115,6 +135,16 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=params[i : i + 100])
         self.client.log_text(self.run_id, to_yaml(cfg), "config.yaml")
         return self.run_id
+
+    def _parent_experiment(self, parent_run_id: str) -> str | None:
+        """The parent's experiment, where a child run must live for the UI to nest it; None when the parent is not
+        in this store (a checkpoint trained against another server): the run is then logged standalone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(parent_run_id).info.experiment_id
+        except MlflowException:
+            return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if step <= self._logged_through:
@@ -138,58 +168,34 @@ class MlflowTracker:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
 
+    def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
+        import tempfile
+
+        from PIL import Image
+
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        runs = self.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{self.run_id}' and "
+                                                     f"attributes.run_name = '{child_run_name}'")
+        if not runs:
+            return None
+        prefix = f"images/{key}+step+"  # MlflowClient.log_image's file names: KEY+step+STEP+timestamp+uuid.png
+        images = [a.path for a in self.client.list_artifacts(runs[0].info.run_id, "images")
+                  if a.path.startswith(prefix) and a.path.endswith(".png")]
+        if not images:
+            return None
+        latest = max(images, key=lambda p: int(p[len(prefix):].split("+")[0]))
+        with tempfile.TemporaryDirectory() as tmp:
+            local = self.client.download_artifacts(runs[0].info.run_id, latest, tmp)
+            return np.asarray(Image.open(local).convert("RGB"))
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
             self.client.set_terminated(self.run_id, status)
 
 
 def make_tracker(cfg: Config, enabled: bool = True, uri: str | None = None) -> Tracker:
+    """The MLflow tracker at `uri` (default: the config's, then $MLFLOW_TRACKING_URI, then ./mlflow.db)."""
     if not enabled:
         return NullTracker()
-    return MlflowTracker(uri or resolve_tracking_uri(cfg.tracking.uri), cfg.tracking.experiment, cfg.tracking.run_name)
-
-
-def log_evaluation(cfg: Config, checkpoint: str, uri: str, step: int, rows: list[dict[str, float]],
-                   plot: np.ndarray, files: Path) -> str:
-    """Log an evaluation grid as a new run nested under the checkpoint's training run (when known), so the UI
-    shows it beside that run without touching the training run's own metrics or status."""
-    meta_path = Path(checkpoint) / "meta.json"
-    source = json.loads(meta_path.read_text()).get("mlflow_run_id") if meta_path.is_file() else checkpoint
-    tags = {"sd3ray.evaluated_checkpoint": str(checkpoint), "sd3ray.evaluated_step": str(step)}
-    tracker = MlflowTracker(resolve_tracking_uri(uri or cfg.tracking.uri), cfg.tracking.experiment,
-                            f"evaluate-step{step}")
-    check_reachable(tracker.uri)
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    try:
-        if source:
-            client = MlflowClient(tracker.uri)
-            parent = client.get_run(source)
-            tags["mlflow.parentRunId"] = source
-            tracker.experiment = client.get_experiment(parent.info.experiment_id).name  # nest in the same place
-    except MlflowException:
-        pass  # the training run lives in another tracking store: log a standalone run
-    tracker.start(cfg, None, tags=tags)
-    for row in rows:
-        prefix = f"eval/g{row['guidance']:g}_s{row['steps']}"
-        tracker.log_metrics({f"{prefix}/{k.split('/')[-1]}": v for k, v in row.items() if k.startswith("judge/")},
-                            step)
-    tracker.log_image("eval_accuracy_vs_guidance", plot, step)
-    tracker.log_artifact(files, "evaluation")
-    tracker.finish("FINISHED")
-    return tracker.run_id
-
-
-def log_benchmark(cfg: Config, uri: str, run_name: str, tags: dict[str, str], metrics: dict[str, float],
-                  chart: np.ndarray, files: list[Path]) -> str:
-    """Log one benchmark as its own run: the benchmarked config as params, the figures as metrics, the device and
-    versions as tags, a throughput chart, and the table and JSON as artifacts."""
-    tracker = MlflowTracker(resolve_tracking_uri(uri or cfg.tracking.uri), cfg.tracking.experiment, run_name)
-    tracker.start(cfg, None, tags={"sd3ray.kind": "benchmark", **tags})
-    tracker.log_metrics(metrics, 0)
-    tracker.log_image("benchmark_images_per_s", chart, 0)
-    for path in files:
-        tracker.log_artifact(path, "benchmark")
-    tracker.finish("FINISHED")
-    return tracker.run_id
+    return MlflowTracker(resolve_tracking_uri(uri or cfg.tracking.uri), cfg.tracking.experiment,
+                         cfg.tracking.run_name)

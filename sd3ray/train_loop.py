@@ -1,14 +1,14 @@
 """The training loop: `train(cfg, ctx, tracker)`, the same code in a local process and on every Ray Train worker.
 
 It never imports ray (the context abstracts it) and only reaches mlflow through the tracker. The hot loop makes no
-host syncs: losses and grad norms accumulate on the device and are read at log steps only.
+host syncs: losses and grad norms accumulate on the device and are read at log steps only. When to log, evaluate,
+checkpoint and stop is decided in one place, `plan_step`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -21,16 +21,15 @@ import torch
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config, TrainConfig
 from sd3ray.context import RunContext
-from sd3ray.data import ImageSet, ShardedBatches, ensure_parquet, prompt_candidates, read_split
+from sd3ray.data import TrainingBatches, load_splits
 from sd3ray.ema import EMA
-from sd3ray.evaluate import SampleJudge, is_digit_data
-from sd3ray.flow import flow_loss, sample_timesteps
+from sd3ray.flow import flow_loss
 from sd3ray.images import make_grid
+from sd3ray.inference import generate
+from sd3ray.judge import SampleJudge, is_digit_data
 from sd3ray.model import Denoiser, count_parameters
-from sd3ray.sampling import from_uint8
-from sd3ray.text import PromptBank
 from sd3ray.tracking import Tracker
-from sd3ray.validation import GRID_PROMPTS, GRID_SEED, ValidationSet, generate, validation_losses
+from sd3ray.validation import GRID_PROMPTS, GRID_SEED, ValidationSet, validation_losses
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,33 +45,35 @@ class TrainResult:
     model: Denoiser | None = None  # the final (non-EMA) weights of this rank
 
 
-class TrainingBatches:
-    """Each step's batch for this rank, gathered on the device from (seed, step) alone: images, prompt tokens
-    (one of each image's prompts at random, the empty prompt with probability `prompt_dropout`), t and eps.
-    Random draws are made for the global batch and sliced per rank, so the split over workers changes nothing."""
+@dataclass(frozen=True)
+class StepPlan:
+    """What the loop does after an optimizer step."""
 
-    def __init__(self, images: ImageSet, cfg: Config, rank: int, world_size: int, device: torch.device) -> None:
-        prompts, candidates = prompt_candidates(images)
-        self.bank = PromptBank.build(prompts, cfg.text.max_length).to(device)
-        row_of = {p: i for i, p in enumerate(self.bank.prompts)}
-        self.candidates = torch.tensor([row_of[p] for p in prompts])[candidates].to(device)  # (N, K) bank rows
-        self.images = images.images.to(device)  # uint8, resident: MNIST is 60 MB
-        self.sampler = ShardedBatches(len(images), cfg.train.batch_size, rank, world_size, cfg.train.seed)
-        self.cfg, self.device = cfg, device
-        b = cfg.train.batch_size
-        self.rank_slice = slice(rank * b, (rank + 1) * b)
+    log: bool  # reduce the loss across ranks, print and log it, check the time budget
+    evaluate: bool  # rank 0: validation loss, sample grid, judge
+    checkpoint: bool  # rank 0 writes a checkpoint
+    stop: bool  # the time budget is spent: evaluate, checkpoint and leave the loop
 
-    def get(self, step: int) -> tuple[torch.Tensor, ...]:
-        """x0 (b,C,H,W) in [-1,1], ids and mask (b,L), t (b,), eps (b,C,H,W)."""
-        g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed * 1_000_003 + step)
-        n, sl = self.sampler.global_batch, self.rank_slice
-        t = sample_timesteps(self.cfg.flow, n, g, self.device)[sl]
-        eps = torch.randn((n, *self.images.shape[1:]), generator=g, device=self.device)[sl]
-        choice = torch.randint(0, self.candidates.shape[1], (n,), generator=g, device=self.device)[sl]
-        dropped = (torch.rand(n, generator=g, device=self.device) < self.cfg.text.prompt_dropout)[sl]
-        index = self.sampler.indices(step).to(self.device, non_blocking=True)
-        rows = torch.where(dropped, 0, self.candidates[index, choice])  # bank row 0 is the empty prompt
-        return from_uint8(self.images[index]), self.bank.ids[rows], self.bank.mask[rows], t, eps
+    @property
+    def report(self) -> bool:
+        """Every rank calls ctx.save_and_report at exactly these steps."""
+        return self.evaluate or self.checkpoint
+
+
+def plan_step(step: int, cfg: TrainConfig, budget_spent: bool = False) -> StepPlan:
+    """The schedule after `step` optimizer steps (1-based: `step` steps are done).
+
+    Rank symmetry: Ray Train's report is collective, so every rank must report the same number of times, at the
+    same steps. The plan therefore depends only on the step, the config and `budget_spent`, and the loop only
+    passes `budget_spent` after reducing it over all ranks (max), at log steps. Nothing one rank alone knows (its
+    own clock, its own loss) may enter it.
+    """
+    last = step >= cfg.steps
+    checkpoint_due = step % cfg.ckpt_every == 0 or last
+    log = step % cfg.log_every == 0 or checkpoint_due
+    stop = budget_spent and log and not last
+    return StepPlan(log=log, evaluate=step % cfg.eval_every == 0 or last or stop,
+                    checkpoint=checkpoint_due or stop, stop=stop)
 
 
 def learning_rate_factor(step: int, cfg: TrainConfig) -> float:
@@ -100,11 +101,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
-def load_data(cfg: Config) -> tuple[ImageSet, ImageSet]:
-    parquet = ensure_parquet(cfg.data.parquet_dir, cfg.data.raw_root, cfg.model.image_size, cfg.data.download)
-    return read_split(parquet, "train"), read_split(parquet, "test")
 
 
 def rng_state() -> dict[str, Any]:
@@ -135,7 +131,7 @@ class Progress:
         return {"train/images_per_s": self.global_batch / step_time, "train/step_time_s": step_time}
 
 
-def evaluate_step(ema_model: Denoiser, val: ValidationSet, cfg: Config, device: torch.device, tracker: Tracker,
+def validate_and_judge(ema_model: Denoiser, val: ValidationSet, cfg: Config, device: torch.device, tracker: Tracker,
                   step: int, judge: SampleJudge | None) -> dict[str, float]:
     """Rank 0: fixed-t validation loss, the sample grid, and judge metrics with a confusion matrix."""
     metrics = validation_losses(ema_model, val)
@@ -151,10 +147,13 @@ def evaluate_step(ema_model: Denoiser, val: ValidationSet, cfg: Config, device: 
 
 
 def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
-    """Train `cfg.train.steps` steps (or until `train.max_minutes`), resuming from `ctx.resume_from()`."""
+    """Train `cfg.train.steps` steps (or until `train.max_minutes`), resuming from `ctx.resume_from()`.
+
+    The data must already be prepared (`sd3ray.data.prepare_dataset`, the driver's job); the loop only reads it.
+    """
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     device, tc = ctx.device, cfg.train
-    train_set, test_set = load_data(cfg)
+    train_set, test_set = load_splits(cfg)
     batches = TrainingBatches(train_set, cfg, ctx.rank, ctx.world_size, device)
     model = Denoiser(cfg).to(device)
     ema = EMA(model, tc.ema_decay)
@@ -182,8 +181,6 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     checkpoint: str | None = None
     try:
         while step < tc.steps:
-            if step == tc.fail_at_step and resume is None and ctx.is_main:
-                inject_failure(step, tc.fail_mode)
             x0, ids, mask, t, eps = batches.get(step)
             with autocast_for(tc, device):
                 loss = flow_loss(partial(net, ids=ids, mask=mask), x0, eps, t)
@@ -195,10 +192,8 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
             ema.update(model, step)
             step += 1
             loss_sum, grad_sum, count = loss_sum + loss.detach(), grad_sum + grad_norm.detach(), count + 1
-            last = step == tc.steps
-            is_ckpt = step % tc.ckpt_every == 0 or last
-            stop = False
-            if step % tc.log_every == 0 or is_ckpt:
+            budget_spent = False
+            if plan_step(step, tc).log:
                 mean_loss = ctx.all_reduce_mean(loss_sum / count).item()
                 if not math.isfinite(mean_loss):
                     raise NonFiniteLossError(
@@ -210,13 +205,13 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                 tracker.log_metrics(metrics, step)
                 loss_sum, grad_sum, count = loss_sum * 0, grad_sum * 0, 0
                 over_budget = tc.max_minutes > 0 and time.monotonic() - started > 60 * tc.max_minutes
-                stop = ctx.all_reduce_max(torch.tensor(float(over_budget), device=device)).item() > 0
-            is_eval = step % tc.eval_every == 0 or last or stop
-            if is_eval and ctx.is_main:
-                evaluated = evaluate_step(ema.model, val, cfg, device, tracker, step, judge)
-            if is_eval or is_ckpt or stop:
+                budget_spent = ctx.all_reduce_max(torch.tensor(float(over_budget), device=device)).item() > 0
+            plan = plan_step(step, tc, budget_spent)
+            if plan.evaluate and ctx.is_main:
+                evaluated = validate_and_judge(ema.model, val, cfg, device, tracker, step, judge)
+            if plan.report:
                 data = None
-                if (is_ckpt or stop) and ctx.is_main:
+                if plan.checkpoint and ctx.is_main:
                     data = CheckpointData(step, cfg, model.state_dict(), ema.model.state_dict(),
                                           optimizer.state_dict(), scheduler.state_dict(), rng_state(),
                                           {"mlflow_run_id": run_id,
@@ -224,7 +219,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                                            "train_seconds": seconds_before + time.monotonic() - started})
                 checkpoint = ctx.save_and_report(data, {**metrics, **evaluated, "step": step}) or checkpoint
                 progress.restart(step)
-            if stop:
+            if plan.stop:
                 print(f"sd3ray: train.max_minutes={tc.max_minutes} reached at step {step}; stopped cleanly", flush=True)
                 break
         if ctx.is_main:
@@ -234,18 +229,6 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
         raise
     tracker.finish("FINISHED")
     return TrainResult(step, checkpoint, run_id, {**metrics, **evaluated}, model)
-
-
-def inject_failure(step: int, mode: str) -> None:
-    """Debug (train.fail_at_step): fail once, in a run that did not resume, to exercise fault tolerance."""
-    print(f"sd3ray: injecting a failure at step {step} (train.fail_at_step, mode {mode})", flush=True)
-    # Ray Train's controller registers a reported checkpoint when it next polls the workers (every 2 s by default,
-    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker that dies sooner restarts from an older checkpoint, which is
-    # correct but would not test a restart from the newest one.
-    time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0)) + 1)
-    if mode == "kill":
-        os._exit(1)  # the worker process dies without cleanup, as on a lost node
-    raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
 
 
 def restore(path: Path, cfg: Config, model: Denoiser, ema: EMA, optimizer, scheduler,

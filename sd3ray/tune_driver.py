@@ -8,17 +8,17 @@ from typing import Any
 
 from sd3ray.ray_tune import SweepSpec, base_config, build_tuner, run_trial, trial_resources
 from sd3ray.sweep_report import to_markdown, write_summary
-from sd3ray.tracking import NullTracker, make_tracker
+from sd3ray.tracking import make_tracker
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> list[dict[str, Any]]:
     from ray import tune
 
-    from sd3ray.data import ensure_parquet
+    from sd3ray.data import prepare_dataset
     from sd3ray.ray_train import connect
 
     base = base_config(spec)
-    ensure_parquet(base.data.parquet_dir, base.data.raw_root, base.model.image_size, base.data.download)
+    prepare_dataset(base)  # once, here: every trial's workers only read it
     storage = Path(spec.storage_path).resolve() / spec.name
     meta_path = storage.parent / f"{spec.name}.sd3ray.json"
     connect()
@@ -26,8 +26,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
     if resume and not tune.Tuner.can_restore(str(storage)):
         raise FileNotFoundError(f"--resume: no sweep to continue at {storage}; run without --resume first")
     parent = json.loads(meta_path.read_text())["parent_run_id"] if resume and meta_path.is_file() else None
-    tracker.run_name = f"sweep-{spec.name}"
-    parent = tracker.start(base, parent, tags={"sd3ray.sweep": spec.name}) or ""
+    parent = tracker.start(base, parent, tags={"sd3ray.sweep": spec.name}, run_name=f"sweep-{spec.name}") or ""
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps({"parent_run_id": parent}))
     if resume:
@@ -37,12 +36,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
     else:
         tuner = build_tuner(spec, storage, parent, tracking)
     results = tuner.fit()
-    if isinstance(tracker, NullTracker):
-        from sd3ray.sweep_report import summarize
-
-        rows = summarize(results, spec)
-    else:
-        rows = write_summary(tracker, results, spec)
+    rows = write_summary(tracker, results, spec)
     tracker.finish("FINISHED")
     print(to_markdown(rows))
     return rows

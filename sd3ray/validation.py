@@ -1,18 +1,16 @@
-"""What the loop measures every eval interval: fixed-t validation loss on held-out images and a sample grid with
-fixed prompts and fixed noise, so grids compare across steps and runs."""
+"""What the loop measures on held-out data every eval interval: the fixed-t validation loss, and the fixed prompts
+and seed of the sample grid, so grids compare across steps and runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 from sd3ray.config import Config
-from sd3ray.data import ImageSet
+from sd3ray.data import ImageSet, from_uint8
 from sd3ray.flow import fixed_t_validation_loss, validation_levels
 from sd3ray.model import Denoiser
-from sd3ray.sampling import from_uint8, prompt_velocity, sample, to_uint8
 
 # The seed's grid, row by row: numerals and words mixed so one glance shows both kinds of prompt.
 GRID_PROMPTS: tuple[str, ...] = tuple(
@@ -58,30 +56,10 @@ def validation_losses(model: Denoiser, val: ValidationSet, batch_size: int = 256
     totals = torch.zeros(len(val.levels), device=val.x0.device)
     for start in range(0, len(val.prompts), batch_size):
         stop = min(start + batch_size, len(val.prompts))
-        ids, mask = model.text_encoder.tokenize(val.prompts[start:stop])
-        context, pooled = model.text_encoder.encode(ids, mask)
-        velocity = partial(model.mmdit, context=context, pooled=pooled, context_mask=mask)
+        velocity = model.velocity_fn(val.prompts[start:stop])
         losses = fixed_t_validation_loss(velocity, val.x0[start:stop], val.eps[start:stop], val.levels)
         totals += losses * (stop - start)
     per_level = (totals / len(val.prompts)).tolist()
     metrics = {f"val/loss_t{level:.3f}": loss for level, loss in zip(val.levels.tolist(), per_level)}
     metrics["val/loss"] = sum(per_level) / len(per_level)
     return metrics
-
-
-@torch.no_grad()
-def generate(model: Denoiser, prompts: list[str], cfg: Config, seed: int, device: torch.device,
-             guidance: float | None = None, steps: int | None = None, sampler: str | None = None,
-             batch_size: int = 256) -> torch.Tensor:
-    """uint8 (N, C, H, W) samples, one per prompt; the same seed gives the same images."""
-    m = cfg.model
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(prompts), m.channels, m.image_size, m.image_size, generator=generator)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        fn = prompt_velocity(model, chunk, cfg.sample.guidance if guidance is None else guidance)
-        x = sample(fn, noise[start : start + len(chunk)].to(device), steps or cfg.sample.steps,
-                   sampler or cfg.sample.sampler, cfg.sample.shift)
-        out.append(to_uint8(x).cpu())
-    return torch.cat(out)

@@ -9,15 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sd3ray.benchmark import (
-    benchmark_metrics,
-    build_diffusers_model,
-    interleaved_seconds,
-    kernel_seconds,
-    markdown_report,
-    model_step_rows,
-    speed_ceiling,
-)
+from benchmarks.report import benchmark_metrics, markdown_report
+from benchmarks.speed import build_diffusers_model, interleaved_seconds, kernel_seconds, model_step_rows, speed_ceiling
 from sd3ray.config import load_config
 from sd3ray.model import MMDiT, count_parameters
 from tests.conftest import REPO_ROOT
@@ -121,3 +114,21 @@ def test_benchmark_job_rejects_a_bad_ray_overhead_config_before_timing(tmp_path:
     assert proc.returncode == 2
     assert "--ray-overhead: config file configs/missing.yaml does not exist" in proc.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.integration
+def test_ray_overhead_rows_compare_ray_with_local_mode(ray_head, micro_config, tmp_path: Path) -> None:
+    from benchmarks.ray_overhead import ray_overhead_config, ray_overhead_rows
+
+    cfg = ray_overhead_config(micro_config(), steps=8, output_dir=str(tmp_path / "bench"))
+    assert (cfg.train.steps, cfg.train.log_every, cfg.eval.num_samples) == (8, 4, 0)
+    local, beside, ray_row = ray_overhead_rows(cfg, [("ray 1 worker × 1 CPU", 1, 1)], local_beside_cluster=True)
+    assert local["vs_local"] == 1.0 and not local["ray"]
+    assert beside["setup"].endswith("Ray cluster up") and not beside["ray"]
+    assert ray_row["setup"] == "ray 1 worker × 1 CPU" and ray_row["ray"]
+    assert ray_row["vs_local"] == pytest.approx(ray_row["images_per_s"] / local["images_per_s"])
+    for row in (local, beside, ray_row):  # fixed cost: wall time less the 8 steps at the steady rate
+        assert row["fixed_s"] == pytest.approx(row["wall_s"] - 8 * 16 / row["images_per_s"])
+        assert 0 < row["fixed_s"] < row["wall_s"]
+    assert (tmp_path / "bench" / "ray" / "bench-1x1").is_dir()  # the Ray run wrote where the config says
+

@@ -7,11 +7,14 @@ import torch
 from sd3ray.data import (
     DataError,
     ShardedBatches,
+    TrainingBatches,
+    from_uint8,
     load_mnist,
     pad_to,
     prompt_candidates,
     read_idx,
     read_split,
+    to_uint8,
     write_split,
 )
 from sd3ray.text import prompt_digit
@@ -86,3 +89,29 @@ def test_sharded_batches_partition_each_global_batch() -> None:
     fresh = ShardedBatches(100, batch_size=8, rank=0, world_size=1, seed=5)
     assert torch.equal(fresh.indices(17), one.indices(17))  # a pure function of the step: resume is exact
     assert not torch.equal(one.indices(0), one.indices(one.steps_per_epoch))  # a new permutation per epoch
+
+
+def test_batches_are_a_function_of_the_step(micro_config) -> None:
+    from sd3ray.data import read_split
+
+    cfg = micro_config("text.prompt_dropout=0.5")
+    images = read_split(cfg.data.parquet_dir, "test")
+    one = TrainingBatches(images, cfg, 0, 1, torch.device("cpu"))
+    again = TrainingBatches(images, cfg, 0, 1, torch.device("cpu"))
+    for x, y in zip(one.get(5), again.get(5)):
+        assert torch.equal(x, y)
+    x0, ids, mask, t, eps = one.get(5)
+    assert x0.min() >= -1 and x0.max() <= 1 and x0.shape == (16, 1, 32, 32)
+    empty = mask.sum(1) == 1  # only BOS: the dropped prompts
+    assert 0 < empty.sum() < 16
+    # halves of a 2-worker split are the two halves of the 1-worker batch of twice the size
+    two = [TrainingBatches(images, micro_config("text.prompt_dropout=0.5", "train.batch_size=8"), r, 2,
+                           torch.device("cpu")) for r in range(2)]
+    for whole, parts in zip(one.get(9), zip(*(w.get(9) for w in two))):
+        assert torch.equal(whole, torch.cat(parts))
+
+
+def test_uint8_round_trip() -> None:
+    pixels = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(to_uint8(from_uint8(pixels)), pixels)
+    assert from_uint8(pixels).min() == -1 and from_uint8(pixels).max() == 1

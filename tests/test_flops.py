@@ -17,7 +17,7 @@ def test_flop_formula_matches_pytorchs_counter(overrides: list[str]) -> None:
     x, t = torch.randn(3, 1, 32, 32), torch.rand(3)
     # the math backend runs attention as plain matmuls, which the counter sees (fused CPU kernels it does not)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        context, pooled = model.text_encoder.encode(ids, mask)
+        context, pooled = model.text_encoder(ids, mask)
         text_flops = counter.get_total_flops()
         model.mmdit(x, t, context, pooled, mask)
     assert text_forward_flops(cfg, 3, ids.shape[1]) == text_flops

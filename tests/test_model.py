@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
-from sd3ray.config import ModelConfig, load_config
-from sd3ray.model import Denoiser, MMDiT
+from sd3ray.config import ModelConfig, TextConfig, load_config
+from sd3ray.model import Denoiser, MMDiT, TextEncoder
 from sd3ray.model.attention import joint_attention
 from sd3ray.model.block import MMDiTBlock
 from sd3ray.model.embeddings import patchify, timestep_embedding, unpatchify
+from sd3ray.text import tokenize
 
 SMALL = ModelConfig(image_size=16, channels=1, patch_size=2, width=64, depth=3, num_heads=4, context_dim=32,
                     pooled_dim=32)
@@ -162,6 +163,42 @@ def test_denoiser_gradients_reach_the_text_encoder() -> None:
     cfg = load_config("configs/mnist_tiny.yaml")
     model = Denoiser(cfg)
     _randomise(model)
-    out = model.velocity(torch.randn(2, 1, 32, 32), torch.rand(2), ["7", "seven"])
+    ids, mask = model.text_encoder.tokenize(["7", "seven"])
+    out = model(torch.randn(2, 1, 32, 32), torch.rand(2), ids, mask)
     out.pow(2).mean().backward()
     assert model.text_encoder.token_embedding.weight.grad.abs().sum() > 0
+
+
+def test_encoder_shapes_and_padding_independence() -> None:
+    enc = TextEncoder(TextConfig(width=32, depth=2, num_heads=4, max_length=16)).eval()
+    ids, mask = enc.tokenize(["seven", "a handwritten 7"])
+    context, pooled = enc(ids, mask)
+    assert context.shape == (2, 16, 32) and pooled.shape == (2, 32) and mask.shape == (2, 16)
+    # The same prompt padded to 16 or to 24 positions must give the same real tokens and pooled vector.
+    long_enc = TextEncoder(TextConfig(width=32, depth=2, num_heads=4, max_length=24)).eval()
+    ids, mask = tokenize(["seven"], 16)
+    longer_ids, longer_mask = tokenize(["seven"], 24)
+    ctx_a, pooled_a = long_enc(ids, mask)
+    ctx_b, pooled_b = long_enc(longer_ids, longer_mask)
+    real = mask[0]
+    torch.testing.assert_close(ctx_a[0, real], ctx_b[0, :16][real])
+    torch.testing.assert_close(pooled_a, pooled_b)
+
+
+def test_velocity_fn_is_the_conditional_model_and_batched_guidance_matches_separate_branches() -> None:
+    model = Denoiser(load_config("configs/mnist_tiny.yaml")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompts = ["7", "the digit two"]
+    z, t = torch.randn(2, 1, 32, 32), torch.rand(2)
+    with torch.no_grad():
+        ids, mask = model.text_encoder.tokenize(prompts)
+        cond = model(z, t, ids, mask)  # the training path
+        uncond = model.velocity(z, t, model.condition(["", ""]))
+        torch.testing.assert_close(model.velocity_fn(prompts)(z, t), cond, atol=1e-5, rtol=1e-4)
+        # v = v_uncond + g·(v_cond − v_uncond), with both branches in one batch
+        torch.testing.assert_close(model.velocity_fn(prompts, 2.5)(z, t), uncond + 2.5 * (cond - uncond),
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.velocity_fn(prompts, 0.0)(z, t), uncond, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(cond, uncond, atol=1e-4)  # the prompt matters, so guidance is not a no-op

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from sd3ray.ray_train import build_trainer, check_resources, check_storage
+from sd3ray.ray_train import DebugHooks, build_trainer, check_resources, check_storage
 from tests.conftest import MICRO, REPO_ROOT
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,8 @@ def test_ray_job_submit_end_to_end(ray_head, mnist_parquet: Path, tmp_path: Path
     assert [a.path for a in client.list_artifacts(run.info.run_id, "images")], "no sample grid logged"
 
 
-def _fit(cfg_overrides: list[str], mnist_parquet: Path, tmp_path: Path, name: str, workers: int, **kwargs):
+def _fit(cfg_overrides: list[str], mnist_parquet: Path, tmp_path: Path, name: str, workers: int,
+         debug: dict | None = None, **kwargs):
     from sd3ray.config import load_config
 
     replicas = tmp_path / f"{name}-replicas"
@@ -50,7 +51,7 @@ def _fit(cfg_overrides: list[str], mnist_parquet: Path, tmp_path: Path, name: st
     cfg = load_config(REPO_ROOT / "configs/mnist_tiny.yaml",
                       [*MICRO, f"data.parquet_dir={mnist_parquet}", f"train.output_dir={tmp_path}", *cfg_overrides])
     trainer = build_trainer(cfg, name, workers=workers, storage_path=str(tmp_path / "storage"),
-                            extra={"save_replica_to": str(replicas)}, **kwargs)
+                            debug=DebugHooks(**{"save_replica_to": str(replicas), **(debug or {})}), **kwargs)
     result = trainer.fit()
     return result, [torch.load(replicas / f"rank{r}.pt") for r in range(workers)]
 
@@ -61,8 +62,8 @@ def test_worker_failure_restarts_from_the_checkpoint_and_matches_an_uninterrupte
     common = ["train.steps=4", "train.log_every=1", "train.ckpt_every=2", "train.eval_every=100",
               f"tracking.uri={uri}"]
     clean, clean_replicas = _fit([*common, "tracking.experiment=clean"], mnist_parquet, tmp_path, "clean", 2)
-    faulty, faulty_replicas = _fit([*common, "tracking.experiment=faulty", "train.fail_at_step=3",
-                                    "train.fail_mode=kill"], mnist_parquet, tmp_path, "faulty", 2, max_failures=1)
+    faulty, faulty_replicas = _fit([*common, "tracking.experiment=faulty"], mnist_parquet, tmp_path, "faulty", 2,
+                                   debug={"kill_after_checkpoint": 2}, max_failures=1)
     assert clean.metrics["step"] == faulty.metrics["step"] == 4
     for key, value in clean_replicas[0].items():
         # same batches, same state after restoring step 2: the restarted run is bit-identical
@@ -95,19 +96,3 @@ def test_impossible_requests_fail_fast_with_advice(ray_head, tmp_path: Path) -> 
         check_storage(str(blocker / "sub"))
     with pytest.raises(RuntimeError, match="cannot be opened"):
         check_storage("nosuchscheme://bucket/x")
-
-
-def test_ray_overhead_rows_compare_ray_with_local_mode(ray_head, micro_config, tmp_path: Path) -> None:
-    from sd3ray.benchmark import ray_overhead_config, ray_overhead_rows
-
-    cfg = ray_overhead_config(micro_config(), steps=8, output_dir=str(tmp_path / "bench"))
-    assert (cfg.train.steps, cfg.train.log_every, cfg.eval.num_samples) == (8, 4, 0)
-    local, beside, ray_row = ray_overhead_rows(cfg, [("ray 1 worker × 1 CPU", 1, 1)], local_beside_cluster=True)
-    assert local["vs_local"] == 1.0 and not local["ray"]
-    assert beside["setup"].endswith("Ray cluster up") and not beside["ray"]
-    assert ray_row["setup"] == "ray 1 worker × 1 CPU" and ray_row["ray"]
-    assert ray_row["vs_local"] == pytest.approx(ray_row["images_per_s"] / local["images_per_s"])
-    for row in (local, beside, ray_row):  # fixed cost: wall time less the 8 steps at the steady rate
-        assert row["fixed_s"] == pytest.approx(row["wall_s"] - 8 * 16 / row["images_per_s"])
-        assert 0 < row["fixed_s"] < row["wall_s"]
-    assert (tmp_path / "bench" / "ray" / "bench-1x1").is_dir()  # the Ray run wrote where the config says

@@ -1,9 +1,7 @@
 import pytest
 import torch
 
-from sd3ray.config import load_config
-from sd3ray.model import Denoiser
-from sd3ray.sampling import euler, from_uint8, guided, heun, prompt_velocity, sample, timestep_schedule, to_uint8
+from sd3ray.sampling import euler, heun, sample, timestep_schedule
 
 
 def _straight_path_field(x0: torch.Tensor):
@@ -37,33 +35,3 @@ def test_heun_is_exact_on_linear_paths_where_euler_is_not() -> None:
     exact = z1 - a - b / 2
     torch.testing.assert_close(heun(field, z1, timestep_schedule(3)), exact)
     assert not torch.allclose(euler(field, z1, timestep_schedule(3)), exact, atol=1e-3)
-
-
-def test_guidance_formula() -> None:
-    cond, uncond = (lambda z, t: z + 1), (lambda z, t: z - 1)
-    z, t = torch.randn(2, 1, 2, 2), torch.rand(2)
-    torch.testing.assert_close(guided(cond, uncond, 1.0)(z, t), cond(z, t))
-    torch.testing.assert_close(guided(cond, uncond, 0.0)(z, t), uncond(z, t))
-    torch.testing.assert_close(guided(cond, uncond, 3.0)(z, t), z - 1 + 3 * 2)
-
-
-def test_batched_guidance_matches_separate_branches() -> None:
-    model = Denoiser(load_config("configs/mnist_tiny.yaml")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    prompts = ["7", "the digit two"]
-    z, t = torch.randn(2, 1, 32, 32), torch.rand(2)
-    with torch.no_grad():
-        cond = model.velocity(z, t, prompts)
-        uncond = model.velocity(z, t, ["", ""])
-        torch.testing.assert_close(prompt_velocity(model, prompts, 1.0)(z, t), cond, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(prompt_velocity(model, prompts, 2.5)(z, t), uncond + 2.5 * (cond - uncond),
-                                   atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(cond, uncond, atol=1e-4)  # the prompt matters, so guidance is not a no-op
-
-
-def test_uint8_round_trip() -> None:
-    pixels = torch.arange(256, dtype=torch.uint8)
-    assert torch.equal(to_uint8(from_uint8(pixels)), pixels)
-    assert from_uint8(pixels).min() == -1 and from_uint8(pixels).max() == 1

@@ -9,7 +9,7 @@ from sd3ray.config import load_config
 from sd3ray.context import LocalContext
 from sd3ray.ema import EMA
 from sd3ray.tracking import NullTracker
-from sd3ray.train_loop import NonFiniteLossError, TrainingBatches, learning_rate_factor, train
+from sd3ray.train_loop import NonFiniteLossError, learning_rate_factor, plan_step, train
 
 
 class StepRecorder(NullTracker):
@@ -20,6 +20,20 @@ class StepRecorder(NullTracker):
     def log_metrics(self, metrics, step):
         if "train/loss" in metrics:
             self.losses.append((step, metrics["train/loss"]))
+
+
+class CrashAfterCheckpoint(LocalContext):
+    """A process that dies right after writing the checkpoint of `crash_step`."""
+
+    def __init__(self, run_dir: Path, crash_step: int) -> None:
+        super().__init__(run_dir, torch.device("cpu"), keep=10)
+        self.crash_step = crash_step
+
+    def save_and_report(self, data, metrics):
+        where = super().save_and_report(data, metrics)
+        if data is not None and data.step == self.crash_step:
+            raise RuntimeError(f"crashed after the step-{data.step} checkpoint")
+        return where
 
 
 def _train(cfg, run_dir: Path, resume: Path | None = None, tracker: NullTracker | None = None):
@@ -41,8 +55,8 @@ def test_crash_and_resume_gives_identical_weights(micro_config, tmp_path: Path) 
     """6 steps straight == 3 steps, a crash, a resume from the step-3 checkpoint, 3 more steps."""
     common = ["train.steps=6", "train.ckpt_every=3", "train.log_every=3", "train.eval_every=100"]
     straight = _train(micro_config(*common), tmp_path / "a")
-    with pytest.raises(RuntimeError, match="injected failure at step 3"):
-        _train(micro_config(*common, "train.fail_at_step=3"), tmp_path / "b")
+    with pytest.raises(RuntimeError, match="crashed after the step-3 checkpoint"):
+        train(micro_config(*common), CrashAfterCheckpoint(tmp_path / "b", crash_step=3), NullTracker())
     checkpoint = latest_checkpoint(tmp_path / "b/checkpoints")
     assert checkpoint.name == "step_00000003"
     recorder = StepRecorder()
@@ -75,26 +89,6 @@ def test_wall_clock_budget_stops_cleanly_with_a_checkpoint(micro_config, tmp_pat
     assert "val/loss" in result.metrics  # the final evaluation ran
 
 
-def test_batches_are_a_function_of_the_step(micro_config) -> None:
-    from sd3ray.data import read_split
-
-    cfg = micro_config("text.prompt_dropout=0.5")
-    images = read_split(cfg.data.parquet_dir, "test")
-    one = TrainingBatches(images, cfg, 0, 1, torch.device("cpu"))
-    again = TrainingBatches(images, cfg, 0, 1, torch.device("cpu"))
-    for x, y in zip(one.get(5), again.get(5)):
-        assert torch.equal(x, y)
-    x0, ids, mask, t, eps = one.get(5)
-    assert x0.min() >= -1 and x0.max() <= 1 and x0.shape == (16, 1, 32, 32)
-    empty = mask.sum(1) == 1  # only BOS: the dropped prompts
-    assert 0 < empty.sum() < 16
-    # halves of a 2-worker split are the two halves of the 1-worker batch of twice the size
-    two = [TrainingBatches(images, micro_config("text.prompt_dropout=0.5", "train.batch_size=8"), r, 2,
-                           torch.device("cpu")) for r in range(2)]
-    for whole, parts in zip(one.get(9), zip(*(w.get(9) for w in two))):
-        assert torch.equal(whole, torch.cat(parts))
-
-
 def test_learning_rate_schedule() -> None:
     cfg = load_config(None, ["train.warmup_steps=10", "train.steps=110", "train.lr_schedule=cosine"]).train
     assert learning_rate_factor(0, cfg) == pytest.approx(0.1)
@@ -112,3 +106,35 @@ def test_ema_follows_its_formula() -> None:
     ema.update(model, step=1000)
     torch.testing.assert_close(ema.model.weight, before + 0.1 * (model.weight - before))
     assert ema.decay_at(0) == pytest.approx(0.1)  # warm-up: early EMA tracks the model closely
+
+
+def _plans(cfg, budget_spent_at: int | None = None) -> dict[str, list[int]]:
+    steps: dict[str, list[int]] = {"log": [], "evaluate": [], "checkpoint": [], "report": [], "stop": []}
+    for step in range(1, cfg.steps + 1):
+        plan = plan_step(step, cfg, budget_spent=step == budget_spent_at)
+        for key in steps:
+            if getattr(plan, key):
+                steps[key].append(step)
+        if plan.stop:
+            break
+    return steps
+
+
+def test_step_plan_follows_the_intervals_and_always_ends_with_a_checkpoint() -> None:
+    cfg = load_config(None, ["train.steps=10", "train.log_every=3", "train.eval_every=4", "train.ckpt_every=5"]).train
+    plans = _plans(cfg)
+    assert plans["checkpoint"] == [5, 10]
+    assert plans["log"] == [3, 5, 6, 9, 10]  # a checkpoint step also logs: its report carries the latest loss
+    assert plans["evaluate"] == [4, 8, 10]
+    assert plans["report"] == [4, 5, 8, 10] and plans["stop"] == []
+
+
+def test_a_spent_budget_stops_only_at_a_log_step_with_an_evaluation_and_a_checkpoint() -> None:
+    cfg = load_config(None, ["train.steps=100", "train.log_every=3", "train.eval_every=50",
+                             "train.ckpt_every=50"]).train
+    plans = _plans(cfg, budget_spent_at=6)
+    assert plans["stop"] == [6] and plans["checkpoint"] == [6] and plans["evaluate"] == [6]
+    # the flag is only ever all-reduced at log steps; anywhere else it must not change the plan
+    assert plan_step(7, cfg, budget_spent=True) == plan_step(7, cfg)
+    # at the last step the run ends anyway: that is not a budget stop
+    assert not plan_step(100, cfg, budget_spent=True).stop

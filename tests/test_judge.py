@@ -10,7 +10,7 @@ import torch
 from scipy import linalg
 
 from sd3ray.data import read_split
-from sd3ray.evaluate import Reference, eval_prompts, frechet_distance, judge_images, judge_outputs, load_judge
+from sd3ray.judge import Reference, eval_prompts, frechet_distance, judge_images, judge_outputs, load_judge
 from tests.conftest import REPO_ROOT
 
 

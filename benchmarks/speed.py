@@ -1,6 +1,9 @@
 """Speed measurements, side by side in one process: the MM-DiT training step of sd3ray vs diffusers'
 SD3Transformer2DModel at the same dimensions, sampling throughput, the data path, and MFU on GPU.
 
+Measurement code lives here, outside the `sd3ray` package: the library's imports say what training depends on,
+and nothing in training depends on this.
+
 Both models get the same inputs (random context of the same length, pooled vector, t·1000 for diffusers' timestep),
 the same loss and an AdamW step, so the ratio measures the implementations, not the recipes. The text encoder is
 left out of the comparison (diffusers' transformer has none); it is in the FLOP count of a full sd3ray step.
@@ -13,15 +16,16 @@ import statistics
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from sd3ray.config import Config
+from sd3ray.data import TrainingBatches, read_split
 from sd3ray.flops import mmdit_forward_flops, train_step_flops
-from sd3ray.model import MMDiT, count_parameters
+from sd3ray.inference import generate
+from sd3ray.model import Denoiser, MMDiT, count_parameters
 from sd3ray.train_loop import adamw
 
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -177,9 +181,6 @@ def full_step_tflop(cfg: Config, batch: int, context_len: int) -> float:
 def sampling_row(cfg: Config, device: torch.device, num_images: int, steps: int, guidance: float,
                  bf16: bool) -> dict[str, Any]:
     """Images/s of Euler sampling with classifier-free guidance (weights perturbed so the work is real)."""
-    from sd3ray.model import Denoiser
-    from sd3ray.validation import generate
-
     torch.manual_seed(0)
     model = Denoiser(cfg).to(device).eval()
     with torch.no_grad():
@@ -199,9 +200,6 @@ def sampling_row(cfg: Config, device: torch.device, num_images: int, steps: int,
 
 def data_path_row(cfg: Config, device: torch.device, iters: int = 50) -> dict[str, Any]:
     """Seconds to assemble one training batch on the device (images, prompts, t, eps) from resident data."""
-    from sd3ray.data import read_split
-    from sd3ray.train_loop import TrainingBatches
-
     started = time.perf_counter()
     batches = TrainingBatches(read_split(cfg.data.parquet_dir, "train"), cfg, 0, 1, device)
     load_seconds = time.perf_counter() - started
@@ -209,105 +207,3 @@ def data_path_row(cfg: Config, device: torch.device, iters: int = 50) -> dict[st
     seconds = seconds_per_call(lambda: batches.get(next(step)), device, warmup=2, iters=iters)
     return {"what": "data path (Parquet -> resident -> batch)", "key": "data_path", "seconds_per_batch": seconds,
             "images_per_s": cfg.train.batch_size / seconds, "load_seconds": load_seconds}
-
-
-def ray_overhead_config(cfg: Config, steps: int, output_dir: str) -> Config:
-    """The config cut to a throughput run: `steps` steps logged twice, so the reported rate is the second half's
-    (warm-up excluded, half the run averaged), and one evaluation without samples."""
-    from sd3ray.config import apply_overrides, from_dict, to_dict
-
-    return from_dict(apply_overrides(to_dict(cfg), [f"train.steps={steps}", f"train.log_every={max(1, steps // 2)}",
-                                 f"train.eval_every={steps}", f"train.ckpt_every={steps}", "eval.num_samples=0",
-                                 f"train.output_dir={output_dir}"]))
-
-
-def ray_overhead_rows(cfg: Config, setups: list[tuple[str, int, int]],
-                      local_beside_cluster: bool = False) -> list[dict[str, Any]]:
-    """Steady-state images/s of local mode, then of Ray Train for each (name, workers, cpus per worker) setup.
-
-    images/s is the rate over the second half of the run; "fixed_s" is wall time minus the steps at
-    that rate: start-up, data loading, final evaluation and teardown. The first row is local mode. With
-    `local_beside_cluster`, local mode runs again once the Ray cluster is up: on a small machine the cluster's own
-    processes take CPU time, and that row separates their cost from Ray Train's.
-    """
-    from sd3ray.local import run_local
-    from sd3ray.ray_train import build_trainer, connect
-
-    rows = []
-
-    def record(name: str, on_ray: bool, workers: int, cpus: int, wall: float, metrics: dict[str, Any]) -> None:
-        rate = metrics["train/images_per_s"]
-        fixed = wall - cfg.train.steps * cfg.train.batch_size * workers / rate
-        rows.append({"setup": name, "ray": on_ray, "workers": workers, "cpus_per_worker": cpus, "images_per_s": rate,
-                     "wall_s": wall, "fixed_s": fixed,
-                     "vs_local": rate / rows[0]["images_per_s"] if rows else 1.0})
-        print(f"{name}: {rate:.0f} img/s, wall {wall:.1f}s, fixed {fixed:.1f}s", flush=True)
-
-    started = time.perf_counter()
-    local = run_local(cfg, "local", "local", device="cpu", tracking=False)
-    threads = torch.get_num_threads()
-    record(f"local ({threads} threads)", False, 1, threads, time.perf_counter() - started, local.metrics)
-    connect()
-    if local_beside_cluster:
-        started = time.perf_counter()
-        local = run_local(cfg, "local-beside-ray", "local-beside-ray", device="cpu", tracking=False)
-        record(f"local ({threads} threads), Ray cluster up", False, 1, threads, time.perf_counter() - started,
-               local.metrics)
-    for name, workers, cpus in setups:
-        started = time.perf_counter()
-        result = build_trainer(cfg, f"bench-{workers}x{cpus}", workers=workers, tracking=False,
-                               storage_path=str(Path(cfg.train.output_dir) / "ray"), cpus_per_worker=cpus).fit()
-        record(name, True, workers, cpus, time.perf_counter() - started, result.metrics)
-    return rows
-
-
-def row_key(row: dict[str, Any]) -> str:
-    return f"{row['model']}{'_compiled' if row['compiled'] else ''}"
-
-
-def markdown_report(header: str, rows: list[dict[str, Any]], extras: list[dict[str, Any]],
-                    ray_rows: list[dict[str, Any]]) -> str:
-    """The benchmark as markdown: the model-step table, then sampling, data path, ceiling and Ray overhead."""
-    reference = eager_row(rows, "diffusers")
-    lines = [header, "", "| model | compiled | params (M) | images/s | vs diffusers eager | GEMM+attention | MFU |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = f"{r['images_per_s'] / reference['images_per_s']:.2f}×" if reference else "-"
-        share = f"{gemm_attention_share(r):.0%}" if "gemm_s" in r else "-"
-        shown_mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-        lines.append(f"| {r['model']} | {r['compiled']} | {r['params_m']:.1f} | {r['images_per_s']:.3g} | {ratio} "
-                     f"| {share} | {shown_mfu} |")
-    lines.append("")
-    ceiling = speed_ceiling(rows)
-    if ceiling is not None:
-        lines.append(f"ceiling: a step that kept only sd3ray's GEMM and attention time would run {ceiling:.2f}× "
-                     f"eager diffusers on this device")
-    lines += [f"{e['what']}: {e['images_per_s']:.3g} images/s" for e in extras]
-    if ray_rows:
-        lines += ["", "| setup | images/s | vs local | fixed s |", "|---|---|---|---|"]
-        lines += [f"| {r['setup']} | {r['images_per_s']:.0f} | {r['vs_local']:.2f}× | {r['fixed_s']:.1f} |"
-                  for r in ray_rows]
-    return "\n".join(lines) + "\n"
-
-
-def benchmark_metrics(rows: list[dict[str, Any]], extras: list[dict[str, Any]],
-                      ray_rows: list[dict[str, Any]]) -> dict[str, float]:
-    """The figures as flat MLflow metric names."""
-    metrics: dict[str, float] = {}
-    reference = eager_row(rows, "diffusers")
-    for r in rows:
-        key = f"bench/{row_key(r)}"
-        metrics[f"{key}/images_per_s"] = r["images_per_s"]
-        if reference is not None:
-            metrics[f"{key}/vs_diffusers_eager"] = r["images_per_s"] / reference["images_per_s"]
-        if (share := gemm_attention_share(r)) is not None:
-            metrics[f"{key}/gemm_attention_share"] = share
-        if r.get("mfu") is not None:
-            metrics[f"{key}/mfu"] = r["mfu"]
-    if (ceiling := speed_ceiling(rows)) is not None:
-        metrics["bench/speed_ceiling_vs_diffusers"] = ceiling
-    for e in extras:
-        metrics[f"bench/{e['key']}/images_per_s"] = e["images_per_s"]
-    for r in (r for r in ray_rows if r["ray"]):
-        metrics[f"bench/ray_{r['workers']}x{r['cpus_per_worker']}cpu/vs_local"] = r["vs_local"]
-    return metrics

@@ -1,4 +1,4 @@
-"""Judge what the model draws: a frozen MNIST classifier reads generated digits.
+"""The judge: a frozen MNIST classifier reads generated digits, during training and after it.
 
 Metrics (all from the judge, none from the model being judged):
 - prompt accuracy: share of samples the judge reads as the prompted digit (overall, per digit, numeral vs word);
@@ -13,6 +13,7 @@ it reads digits anywhere in the 32×32 frame, then cached by a hash of its recip
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd3ray.config import Config
-from sd3ray.data import ImageSet
+from sd3ray.data import ImageSet, from_uint8
+from sd3ray.inference import generate
 from sd3ray.model import Denoiser
 from sd3ray.plots import confusion_image
-from sd3ray.sampling import from_uint8
 from sd3ray.text import DIGIT_WORDS, is_word_prompt
-from sd3ray.validation import generate
+from sd3ray.tracking import Tracker
 
 JUDGE_VERSION = "cnn-v1"
 JUDGE_EPOCHS = 3
@@ -242,7 +243,7 @@ def is_digit_data(images: ImageSet) -> bool:
     return images.captions is None and images.images.shape[1:] == (1, 32, 32)
 
 
-def evaluate_settings(model: Denoiser, cfg: Config, reference: Reference, guidances: list[float], steps: list[int],
+def judge_settings(model: Denoiser, cfg: Config, reference: Reference, guidances: list[float], steps: list[int],
                       num_samples: int, sampler: str | None = None, seed: int = EVAL_SEED) -> list[dict[str, float]]:
     """Judge metrics for each (guidance, steps) pair, same prompts and noise for all: one row per pair."""
     device = next(model.parameters()).device
@@ -269,3 +270,21 @@ def markdown_table(rows: list[dict[str, float]]) -> str:
                      f"{word:.3f} | {r['judge/fid']:.2f} | {r['judge/fid_floor']:.2f} | {r['judge/fid_ratio']:.2f} | "
                      f"{r['judge/diversity']:.2f} ({r['judge/diversity_real']:.2f}) | {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def log_judged_settings(tracker: Tracker, cfg: Config, checkpoint: str, step: int, rows: list[dict[str, float]],
+                        plot: np.ndarray, files: Path) -> str | None:
+    """Log a `judge_settings` table as a new run nested under the checkpoint's training run (when the store has
+    it), so the UI shows it beside that run without touching the training run's own metrics or status."""
+    meta_path = Path(checkpoint) / "meta.json"
+    training_run = json.loads(meta_path.read_text()).get("mlflow_run_id") if meta_path.is_file() else checkpoint
+    tags = {"sd3ray.evaluated_checkpoint": str(checkpoint), "sd3ray.evaluated_step": str(step)}
+    run_id = tracker.start(cfg, None, tags=tags, run_name=f"evaluate-step{step}", parent_run_id=training_run or "")
+    for row in rows:
+        prefix = f"eval/g{row['guidance']:g}_s{row['steps']}"
+        tracker.log_metrics({f"{prefix}/{k.split('/')[-1]}": v for k, v in row.items() if k.startswith("judge/")},
+                            step)
+    tracker.log_image("eval_accuracy_vs_guidance", plot, step)
+    tracker.log_artifact(files, "evaluation")
+    tracker.finish("FINISHED")
+    return run_id

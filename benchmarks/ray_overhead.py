@@ -1,0 +1,68 @@
+"""Ray Train against local mode: steady-state images/s of the same config in this process and on Ray workers,
+with the fixed costs (start-up, data loading, final evaluation, teardown) reported apart."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sd3ray.config import Config, apply_overrides, from_dict, to_dict
+
+# (label, workers, CPUs per worker); "{threads}" is the number of threads local mode uses
+RAY_SETUPS = (("ray 1 worker × {threads} CPU", 1, 0), ("ray 1 worker × 1 CPU", 1, 1), ("ray 2 workers × 1 CPU", 2, 1))
+
+
+def ray_setups(threads: int) -> list[tuple[str, int, int]]:
+    """The setups the benchmark compares with local mode; 0 CPUs per worker means `threads`."""
+    return [(label.format(threads=threads), workers, cpus or threads) for label, workers, cpus in RAY_SETUPS]
+
+
+def ray_overhead_config(cfg: Config, steps: int, output_dir: str) -> Config:
+    """The config cut to a throughput run: `steps` steps logged twice, so the reported rate is the second half's
+    (warm-up excluded, half the run averaged), and one evaluation without samples."""
+    return from_dict(apply_overrides(to_dict(cfg), [f"train.steps={steps}", f"train.log_every={max(1, steps // 2)}",
+                                 f"train.eval_every={steps}", f"train.ckpt_every={steps}", "eval.num_samples=0",
+                                 f"train.output_dir={output_dir}"]))
+
+
+def ray_overhead_rows(cfg: Config, setups: list[tuple[str, int, int]],
+                      local_beside_cluster: bool = False) -> list[dict[str, Any]]:
+    """Steady-state images/s of local mode, then of Ray Train for each (name, workers, cpus per worker) setup.
+
+    images/s is the rate over the second half of the run; "fixed_s" is wall time minus the steps at
+    that rate: start-up, data loading, final evaluation and teardown. The first row is local mode. With
+    `local_beside_cluster`, local mode runs again once the Ray cluster is up: on a small machine the cluster's own
+    processes take CPU time, and that row separates their cost from Ray Train's.
+    """
+    from sd3ray.local import run_local
+    from sd3ray.ray_train import build_trainer, connect
+
+    rows = []
+
+    def record(name: str, on_ray: bool, workers: int, cpus: int, wall: float, metrics: dict[str, Any]) -> None:
+        rate = metrics["train/images_per_s"]
+        fixed = wall - cfg.train.steps * cfg.train.batch_size * workers / rate
+        rows.append({"setup": name, "ray": on_ray, "workers": workers, "cpus_per_worker": cpus, "images_per_s": rate,
+                     "wall_s": wall, "fixed_s": fixed,
+                     "vs_local": rate / rows[0]["images_per_s"] if rows else 1.0})
+        print(f"{name}: {rate:.0f} img/s, wall {wall:.1f}s, fixed {fixed:.1f}s", flush=True)
+
+    started = time.perf_counter()
+    local = run_local(cfg, "local", "local", device="cpu", tracking=False)
+    threads = torch.get_num_threads()
+    record(f"local ({threads} threads)", False, 1, threads, time.perf_counter() - started, local.metrics)
+    connect()
+    if local_beside_cluster:
+        started = time.perf_counter()
+        local = run_local(cfg, "local-beside-ray", "local-beside-ray", device="cpu", tracking=False)
+        record(f"local ({threads} threads), Ray cluster up", False, 1, threads, time.perf_counter() - started,
+               local.metrics)
+    for name, workers, cpus in setups:
+        started = time.perf_counter()
+        result = build_trainer(cfg, f"bench-{workers}x{cpus}", workers=workers, tracking=False,
+                               storage_path=str(Path(cfg.train.output_dir) / "ray"), cpus_per_worker=cpus).fit()
+        record(name, True, workers, cpus, time.perf_counter() - started, result.metrics)
+    return rows
