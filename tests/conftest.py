@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -70,10 +71,8 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts), stopped after the session."""
-    import signal
     import subprocess
     import sys
-    import time
     import urllib.request
 
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -97,44 +96,62 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
                 time.sleep(0.5)
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_process_group(proc)
         log.close()
+
+
+def stop_process_group(proc, grace_s: float = 20.0) -> None:
+    """Stop a server the tests started in its own session, and everything it started, by its process group only:
+    never `ray stop` or a kill by name, which would end every Ray process on the machine."""
+    import signal
+    import subprocess
+
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            # the group may outlive its leader for a moment: give the rest the same signal's chance, then check
+            time.sleep(1)
+            os.killpg(proc.pid, 0)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            continue
 
 
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
-    """A real Ray head on 127.0.0.1 with the job API, as README starts it; `ray stop` afterwards."""
+    """A real Ray head on 127.0.0.1 with the job API, as README starts it, in a process group of its own that is
+    stopped by PID afterwards."""
     import subprocess
     import sys
-    import time
     import urllib.error
     import urllib.request
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     gcs_port, dashboard_port = free_port(), free_port()
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
-    start = subprocess.run(
-        ["ray", "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-         "--disable-usage-stats"], env=env, capture_output=True, text=True, timeout=300)
-    if start.returncode != 0:
-        pytest.fail(f"ray start failed:\n{start.stdout[-2000:]}\n{start.stderr[-2000:]}")
+    log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
+    log = open(log_path, "w")
+    # --block keeps `ray start` in the foreground as the leader of the new session, so the whole node (GCS,
+    # raylet, dashboard, workers) shares its process group
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--port",
+         str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+         "--include-dashboard", "true", "--disable-usage-stats"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         deadline = time.time() + 300  # a loaded 2-core machine can take minutes
-        while True:  # the job API answers a little after `ray start` returns
+        while True:  # the job API answers a little after the node is up
             try:
                 urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
                 break
             except urllib.error.HTTPError:
                 break  # it answered
             except OSError as err:
-                if time.time() > deadline:
-                    raise RuntimeError("Ray job API did not come up") from err
+                if head.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"Ray head did not come up:\n{log_path.read_text()[-3000:]}") from err
                 time.sleep(1)
         import ray
 
@@ -144,4 +161,5 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
         import ray
 
         ray.shutdown()
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_process_group(head)
+        log.close()
