@@ -132,3 +132,31 @@ def test_ray_overhead_rows_compare_ray_with_local_mode(ray_head, micro_config, t
         assert 0 < row["fixed_s"] < row["wall_s"]
     assert (tmp_path / "bench" / "ray" / "bench-1x1").is_dir()  # the Ray run wrote where the config says
 
+
+
+def test_gpu_report_measures_every_part_with_tiny_settings(mnist_parquet: Path, tmp_path: Path) -> None:
+    """The GPU report's command, on CPU at toy sizes, so it is known to work before a GPU is at hand."""
+    pytest.importorskip("diffusers")
+    sets = [*TINY, f"data.parquet_dir={mnist_parquet}", "data.download=false", "train.batch_size=8",
+            "train.log_every=2", "train.eval_every=4", "eval.num_samples=20", "eval.batch_size=20", "sample.steps=2",
+            "data.num_val_images=16"]
+    proc = subprocess.run(
+        [sys.executable, "jobs/gpu_report.py", "--config", "configs/mnist_tiny.yaml", "--device", "cpu", "--batch", "2",
+         "--max-batch", "4", "--iters", "1", "--no-compile", "--minutes", "0.05", "--output", str(tmp_path / "r.json"),
+         *[a for s in sets for a in ("--set", s)]],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["model"], r["compiled"]) for r in report["speed"]] == [("sd3ray", False), ("diffusers", False)]
+    assert [r["batch"] for r in report["mfu"]] == [2, 4] and not any(r["out_of_memory"] for r in report["mfu"])
+    quality = report["quality"]
+    # the wall-clock budget ended the run (a 3 s budget cannot reach the config's steps), after a final judgement
+    assert 2 <= quality["steps"] < 2000 and quality["wall_minutes"] >= 0.05
+    final = quality["evaluations"][-1]
+    assert final["step"] == quality["steps"] and 0 <= final["judge/prompt_accuracy"] <= 1
+    assert final["judge/fid_ratio"] == pytest.approx(final["judge/fid"] / final["judge/fid_floor"])
+    minutes = [e["minutes"] for e in quality["evaluations"]]
+    assert minutes == sorted(minutes)
+    markdown = (tmp_path / "r.md").read_text()
+    assert markdown.startswith("# sd3ray GPU report: CPU") and "## Time to quality" in markdown
+    assert f"| {final['step']} |" in markdown

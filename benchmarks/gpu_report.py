@@ -1,0 +1,173 @@
+"""The GPU report: what one GPU does with sd3ray, in one command and one file.
+
+Three sections, each written to the report as soon as it is measured (a run cut short keeps what it finished):
+1. speed: the bf16 training step of sd3ray against diffusers' SD3Transformer2DModel, eager and compiled;
+2. mfu: the largest batch that fits, found by doubling, with images/s, MFU and peak memory at each batch;
+3. quality: the default model trained for a wall-clock budget, judged as it trains (prompt accuracy and
+   classifier-FID against its floor), with the minutes at which each judgement was made.
+
+It needs torch and sd3ray's own dependencies only (no ray, no mlflow), so it runs on a bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.speed import H100_BF16_DENSE_TFLOPS, mfu, model_step_rows
+from sd3ray.config import Config, apply_overrides, from_dict, to_dict
+from sd3ray.context import LocalContext
+from sd3ray.data import prepare_dataset
+from sd3ray.tracking import NullTracker
+from sd3ray.train_loop import train
+
+# Dense bf16 tensor-core peaks (TFLOP/s); the H200 has the H100's tensor cores with more and faster memory.
+PEAK_BF16_TFLOPS = {"H100": H100_BF16_DENSE_TFLOPS, "H200": H100_BF16_DENSE_TFLOPS, "A100": 312.0, "L4": 121.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The bf16 peak of a known GPU from its name, or None (MFU is then left out rather than guessed)."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
+
+
+@dataclass
+class Report:
+    """The report's sections as they are measured, saved as JSON and markdown after each one."""
+
+    path: Path
+    header: dict[str, Any]
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, section: Any) -> None:
+        self.sections[name] = section
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps({**self.header, **self.sections}, indent=2, default=str))
+        self.path.with_suffix(".md").write_text(to_markdown(self.header, self.sections))
+
+
+def speed_section(cfg: Config, device: torch.device, batch: int, context_len: int, with_diffusers: bool,
+                  compile: bool, iters: int) -> list[dict[str, Any]]:
+    """bf16 training-step rows: sd3ray and (when installed) diffusers, eager and compiled, timed in alternation."""
+    rows = model_step_rows(cfg, batch, context_len, device, bf16=device.type == "cuda", compile=compile, warmup=2,
+                           iters=iters, with_diffusers=with_diffusers)
+    peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    for r in rows:
+        r["mfu"] = mfu(cfg, batch, context_len, r["seconds_per_step"], peak) if peak else None
+    return rows
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def largest_batch_section(cfg: Config, device: torch.device, start: int, cap: int, context_len: int,
+                          iters: int) -> list[dict[str, Any]]:
+    """sd3ray's eager bf16 step at batch start, 2·start, ... until it runs out of memory or reaches `cap`."""
+    peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    rows, batch = [], start
+    while batch <= cap:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            (row,) = model_step_rows(cfg, batch, context_len, device, bf16=device.type == "cuda", compile=False,
+                                     warmup=1, iters=iters, with_diffusers=False)
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            rows.append({"batch": batch, "out_of_memory": True})
+            break
+        memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        rows.append({"batch": batch, "out_of_memory": False, "images_per_s": row["images_per_s"],
+                     "mfu": mfu(cfg, batch, context_len, row["seconds_per_step"], peak) if peak else None,
+                     "peak_memory_gib": memory})
+        print(f"batch {batch}: {row['images_per_s']:.0f} images/s", flush=True)
+        batch *= 2
+    return rows
+
+
+class JudgementRecorder(NullTracker):
+    """Keeps every evaluation's metrics with the wall-clock minutes since `started`."""
+
+    def __init__(self, started: float) -> None:
+        super().__init__()
+        self.started = started
+        self.evaluations: list[dict[str, float]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if "val/loss" in metrics:
+            self.evaluations.append({"step": step, "minutes": (time.monotonic() - self.started) / 60,
+                                     **{k: v for k, v in metrics.items() if k.startswith(("val/loss", "judge/"))
+                                        and "/accuracy_" not in k}})
+
+
+def quality_config(cfg: Config, minutes: float, output_dir: str) -> Config:
+    """The config trained against a wall-clock budget: enough steps that the budget, not the step count, ends it,
+    and checkpoints only at the end (a mid-run 1 GB checkpoint would cost the budget time)."""
+    steps = max(cfg.train.steps, 10**7)
+    return from_dict(apply_overrides(to_dict(cfg), [f"train.max_minutes={minutes}", f"train.output_dir={output_dir}",
+                                                    f"train.ckpt_every={steps}", "train.keep_checkpoints=1"]))
+
+
+def quality_section(cfg: Config, minutes: float, device: torch.device) -> dict[str, Any]:
+    """Train `cfg` for `minutes` of wall clock (start-up, compilation and evaluations included) and return the
+    judge's verdicts over time, the final one at `eval.num_samples` samples."""
+    with tempfile.TemporaryDirectory(prefix="sd3ray-quality-") as tmp:
+        run_cfg = quality_config(cfg, minutes, tmp)
+        started = time.monotonic()
+        prepare_dataset(run_cfg)
+        recorder = JudgementRecorder(started)
+        result = train(run_cfg, LocalContext(Path(tmp) / "run", device), recorder)
+        wall = time.monotonic() - started
+    return {"budget_minutes": minutes, "wall_minutes": wall / 60, "steps": result.step,
+            "images_seen": result.step * cfg.train.batch_size, "guidance": cfg.sample.guidance,
+            "sampler_steps": cfg.sample.steps, "num_samples": cfg.eval.num_samples,
+            "evaluations": recorder.evaluations}
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def to_markdown(header: dict[str, Any], sections: dict[str, Any]) -> str:
+    lines = [f"# sd3ray GPU report: {header['device']}", "",
+             f"torch {header['torch']}, config {header['config']}, {header['date']}", ""]
+    if speed := sections.get("speed"):
+        eager = next((r for r in speed if r["model"] == "diffusers" and not r["compiled"]), None)
+        lines += [f"## Training step, {header['precision']}, batch {header['batch']}", "",
+                  "| model | compiled | images/s | vs diffusers eager | MFU |", "|---|---|---|---|---|"]
+        for r in speed:
+            ratio = f"{r['images_per_s'] / eager['images_per_s']:.2f}×" if eager else "-"
+            lines.append(f"| {r['model']} | {r['compiled']} | {r['images_per_s']:.0f} | {ratio} | "
+                         f"{_fmt(r.get('mfu'), '.1%')} |")
+        lines.append("")
+    if mfu_rows := sections.get("mfu"):
+        lines += [f"## Largest batch (sd3ray, eager, {header['precision']})", "",
+                  "| batch | images/s | MFU | peak memory (GiB) |", "|---|---|---|---|"]
+        for r in mfu_rows:
+            if r["out_of_memory"]:
+                lines.append(f"| {r['batch']} | out of memory | | |")
+            else:
+                lines.append(f"| {r['batch']} | {r['images_per_s']:.0f} | {_fmt(r['mfu'], '.1%')} | "
+                             f"{_fmt(r['peak_memory_gib'], '.1f')} |")
+        lines.append("")
+    if quality := sections.get("quality"):
+        lines += [f"## Time to quality: {quality['budget_minutes']:g} minutes of wall clock", "",
+                  f"{quality['steps']} steps, {quality['images_seen']} images, {quality['wall_minutes']:.1f} min "
+                  f"from start to final checkpoint; judged at guidance {quality['guidance']:g}, "
+                  f"{quality['sampler_steps']} Euler steps, {quality['num_samples']} samples", "",
+                  "| step | minutes | val loss | prompt accuracy | cFID | floor | cFID / floor |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in quality["evaluations"]:
+            lines.append(f"| {e['step']} | {e['minutes']:.1f} | {e['val/loss']:.4f} | "
+                         f"{_fmt(e.get('judge/prompt_accuracy'), '.3f')} | {_fmt(e.get('judge/fid'), '.2f')} | "
+                         f"{_fmt(e.get('judge/fid_floor'), '.2f')} | {_fmt(e.get('judge/fid_ratio'), '.2f')} |")
+        lines.append("")
+    return "\n".join(lines)
