@@ -21,7 +21,14 @@ import time
 import torch
 
 from benchmarks.gpu_report import Report, largest_batch_section, quality_section, speed_section
-from sd3ray.cli import add_config_args, config_from_args, non_negative_float, positive_int
+from sd3ray.cli import (
+    add_config_args,
+    add_data_args,
+    config_from_args,
+    data_overrides,
+    non_negative_float,
+    positive_int,
+)
 from sd3ray.context import default_device
 
 PARTS = ("speed", "mfu", "quality")
@@ -36,7 +43,7 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--iters", type=positive_int, default=10, help="timed steps per candidate")
     parser.add_argument("--no-compile", action="store_true", help="speed: eager rows only")
     parser.add_argument("--minutes", type=non_negative_float, default=5.0, help="quality: wall-clock budget")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw/*-ubyte (sets data.raw_root)")
+    add_data_args(parser)
     parser.add_argument("--device", choices=["cuda", "cpu"])
     parser.add_argument("--output", type=Path, default=Path("gpu_report.json"), help="JSON; markdown beside it")
     args = parser.parse_args()
@@ -48,7 +55,7 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 
 def main() -> int:
     parser, args = parse_args()
-    cfg = config_from_args(parser, args, [f"data.raw_root={args.data_root}"] if args.data_root else [])
+    cfg = config_from_args(parser, args, data_overrides(args))
     device = torch.device(args.device) if args.device else default_device()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"

@@ -15,16 +15,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import argparse
 import time
 
-from sd3ray.cli import add_config_args, config_from_args, non_negative_float, positive_int
+from sd3ray.cli import (
+    add_config_args,
+    add_data_args,
+    config_from_args,
+    data_overrides,
+    non_negative_float,
+    positive_int,
+)
 
 
-def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--local", action="store_true", help="run in this process instead of on Ray workers")
     parser.add_argument("--name", help="run name: checkpoints go to OUTPUT_DIR/NAME (default: config + time)")
     parser.add_argument("--resume", metavar="latest|PATH", help="continue from a checkpoint (local mode)")
-    parser.add_argument("--data-root", help="folder holding MNIST/raw/*-ubyte (sets data.raw_root)")
+    add_data_args(parser)
     parser.add_argument("--steps", type=positive_int, help="training steps (sets train.steps)")
     parser.add_argument("--max-minutes", type=non_negative_float, help="wall-clock budget (sets train.max_minutes)")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="local mode: force a device")
@@ -37,12 +44,13 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ray.add_argument("--storage-path", help="where Ray stores checkpoints: a folder or a URI such as s3://bucket/x")
     ray.add_argument("--max-failures", type=int, default=0, help="restarts from the last checkpoint on failure")
     ray.add_argument("--cpus-per-worker", type=positive_int, default=1, help="CPUs (and torch threads) per worker")
-    return parser, parser.parse_args()
+    return parser
 
 
 def main() -> int:
-    parser, args = parse_args()
-    extra = [f"data.raw_root={args.data_root}"] if args.data_root else []
+    parser = build_parser()
+    args = parser.parse_args()
+    extra = data_overrides(args)
     extra += [f"train.steps={args.steps}"] if args.steps else []
     extra += [f"train.max_minutes={args.max_minutes}"] if args.max_minutes is not None else []
     cfg = config_from_args(parser, args, extra)

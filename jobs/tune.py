@@ -13,12 +13,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import argparse
 
+from sd3ray.cli import add_data_args, data_overrides
 from sd3ray.config import ConfigError
 from sd3ray.ray_tune import load_sweep
 from sd3ray.tune_driver import run_sweep
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tune_mnist.yaml", help="sweep YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -26,9 +27,15 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="continue the sweep of the same name; finished "
                                                               "trials are not rerun")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    add_data_args(parser)
+    return parser
+
+
+def main() -> int:
+    parser = build_parser()
     args = parser.parse_args()
     try:
-        spec = load_sweep(args.config, args.overrides)
+        spec = load_sweep(args.config, args.overrides, data_overrides(args))
     except ConfigError as err:
         parser.error(str(err))
     rows = run_sweep(spec, resume=args.resume, tracking=not args.no_tracking)

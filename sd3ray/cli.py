@@ -20,6 +20,19 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, 
         parser.error(str(err))
 
 
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The data flags every training job takes: raw MNIST and the prepared Parquet shards. On a cluster both must
+    be paths every node sees (a shared volume)."""
+    parser.add_argument("--data-root", help="folder holding MNIST/raw/*-ubyte, or to download to (data.raw_root)")
+    parser.add_argument("--parquet-dir", help="prepared Parquet shards, made on first use (data.parquet_dir)")
+
+
+def data_overrides(args: argparse.Namespace) -> list[str]:
+    """`--set` overrides for the data flags that were given."""
+    out = [f"data.raw_root={args.data_root}"] if args.data_root else []
+    return out + ([f"data.parquet_dir={args.parquet_dir}"] if args.parquet_dir else [])
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:

@@ -70,13 +70,18 @@ class SweepSpec:
     asha: AshaSpec = field(default_factory=AshaSpec)
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+def load_sweep(path: str | Path, overrides: list[str] | None = None, config_overrides: list[str] = ()) -> SweepSpec:
+    """A sweep file with `--set` overrides of its own keys, and `config_overrides` appended to every trial's
+    training config (the jobs' data flags)."""
+    from dataclasses import replace
+
     from sd3ray.config import apply_overrides
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file {p} does not exist; the shipped ones are configs/tune_*.yaml")
     spec = build_dataclass(SweepSpec, apply_overrides(yaml.safe_load(p.read_text()) or {}, overrides or []))
+    spec = replace(spec, overrides=(*spec.overrides, *config_overrides))
     if not spec.widths or not spec.schemes:
         raise ConfigError("widths and schemes: give at least one value each")
     base = base_config(spec)  # fail now, not in every trial

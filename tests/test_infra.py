@@ -1,0 +1,274 @@
+"""infra/ checked offline: KubeRay manifests against KubeRay's own CRD schemas (made strict) and controller rules,
+Kubernetes objects with kubernetes-validate --strict, `ray up` configs with Ray's validation, the Dockerfiles with
+hadolint, YAML with yamllint; every check is shown to catch a planted mistake. The MLflow launcher runs for real."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from infra.validate import (
+    INFRA,
+    KUBERAY_KINDS,
+    all_errors,
+    controller_errors,
+    core_errors,
+    crd_dir,
+    documents,
+    entrypoint_errors,
+    kuberay_errors,
+    kuberay_schema,
+    kustomization_errors,
+    pinned_ray_version,
+    ray_up_errors,
+)
+from tests.conftest import REPO_ROOT, free_port
+
+needs_crds = pytest.mark.skipif(
+    crd_dir() is None, reason="KubeRay CRDs not found: put KubeRay v1.7.0's ray.io_rayjobs.yaml and "
+    "ray.io_rayclusters.yaml (ray-operator/config/crd/bases/) in ../shared/kuberay-crds or $SD3RAY_KUBERAY_CRDS")
+
+MANIFESTS = sorted(p for p in (INFRA / "k8s").rglob("*.yaml") if p.name != "kustomization.yaml")
+KUBERAY_DOCS = [(p, d) for p in MANIFESTS for d in documents(p) if d["kind"] in KUBERAY_KINDS]
+CORE_DOCS = [(p, d) for p in MANIFESTS for d in documents(p) if d["kind"] not in KUBERAY_KINDS]
+CLUSTER_CONFIGS = sorted((INFRA / "cluster").glob("*.yaml"))
+
+
+def _ids(pairs: list[tuple[Path, dict]]) -> list[str]:
+    return [f"{p.relative_to(INFRA)}:{d['kind']}:{d['metadata']['name']}" for p, d in pairs]
+
+
+@needs_crds
+def test_every_manifest_and_cluster_config_is_valid() -> None:
+    assert all_errors() == []
+
+
+def _checked_keys(doc: Any, schema: dict[str, Any], path: tuple = ()) -> Iterator[tuple]:
+    """Paths of every key that sits in a mapping whose schema lists its properties (the strict ones)."""
+    if isinstance(doc, dict) and "properties" in schema:
+        for key, value in doc.items():
+            yield (*path, key)
+            if key in schema["properties"]:
+                yield from _checked_keys(value, schema["properties"][key], (*path, key))
+    elif isinstance(doc, list) and "items" in schema:
+        for i, item in enumerate(doc):
+            yield from _checked_keys(item, schema["items"], (*path, i))
+
+
+def _rename(doc: dict[str, Any], path: tuple, suffix: str = "x") -> dict[str, Any]:
+    mutated = copy.deepcopy(doc)
+    parent = mutated
+    for step in path[:-1]:
+        parent = parent[step]
+    parent[f"{path[-1]}{suffix}"] = parent.pop(path[-1])
+    return mutated
+
+
+@needs_crds
+@pytest.mark.parametrize(("path", "doc"), KUBERAY_DOCS, ids=_ids(KUBERAY_DOCS))
+def test_a_misspelt_key_anywhere_in_a_kuberay_manifest_is_caught(path: Path, doc: dict[str, Any]) -> None:
+    keys = [k for k in _checked_keys(doc, kuberay_schema(doc["kind"])) if k != ("kind",)]  # kind picks the schema
+    assert len(keys) > 40  # the walk reached deep into pod templates, not just the top level
+    missed = [k for k in keys if not any(str(k[-1]) + "x" in e for e in kuberay_errors(_rename(doc, k)))]
+    assert missed == []
+
+
+FREE_FORM = {"labels", "annotations", "matchLabels", "requests", "limits"}  # maps of any keys
+
+
+def _object_keys(doc: Any, path: tuple = ()) -> Iterator[tuple]:
+    """Paths of every key of a Kubernetes object that is a field name, not an entry of a free-form map."""
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if path == () and key in ("kind", "apiVersion"):
+                continue  # they pick the schema
+            yield (*path, key)
+            label_selector = key == "selector" and isinstance(value, dict) and "matchLabels" not in value
+            if key not in FREE_FORM and not label_selector:
+                yield from _object_keys(value, (*path, key))
+    elif isinstance(doc, list):
+        for i, item in enumerate(doc):
+            yield from _object_keys(item, (*path, i))
+
+
+@pytest.mark.parametrize(("path", "doc"), CORE_DOCS, ids=_ids(CORE_DOCS))
+def test_a_misspelt_key_anywhere_in_a_kubernetes_object_is_caught(path: Path, doc: dict[str, Any]) -> None:
+    assert core_errors(doc) == []
+    keys = list(_object_keys(doc))
+    assert keys and [k for k in keys if not core_errors(_rename(doc, k))] == []
+
+
+@needs_crds
+def test_controller_rules_the_schemas_lack() -> None:
+    (job,) = documents(INFRA / "k8s/rayjob-train.yaml")
+    (cluster,) = documents(INFRA / "k8s/raycluster.yaml")
+    assert controller_errors(job) == [] and controller_errors(cluster) == []
+    long_name = copy.deepcopy(job)
+    long_name["metadata"]["name"] = "sd3ray-" + "x" * 41  # 48 characters
+    assert "at most 47 characters" in controller_errors(long_name)[0]
+    bad_mode = copy.deepcopy(job)
+    bad_mode["spec"]["submissionMode"] = "K8sJob"
+    assert "submissionMode" in controller_errors(bad_mode)[0]
+    inverted = copy.deepcopy(cluster)
+    inverted["spec"]["workerGroupSpecs"][0].update(minReplicas=3, maxReplicas=2, replicas=3)
+    assert "minReplicas <= replicas <= maxReplicas" in controller_errors(inverted)[0]
+    other_ray = copy.deepcopy(cluster)
+    other_ray["spec"]["rayVersion"] = "2.49.0"
+    assert "differs from the Ray pinned" in controller_errors(other_ray)[0]
+
+
+def test_one_ray_version_everywhere() -> None:
+    pinned = pinned_ray_version()
+    dockerfile = (INFRA / "docker/Dockerfile").read_text()
+    assert re.search(r"^ARG RAY_VERSION=(\S+)$", dockerfile, re.M).group(1) == pinned
+    for _, doc in KUBERAY_DOCS:
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        assert spec["rayVersion"] == pinned
+    for path in CLUSTER_CONFIGS:
+        assert f"ray.__version__ == '{pinned}'" in path.read_text(), path
+
+
+def test_entrypoints_must_name_a_job_with_flags_and_config_it_accepts() -> None:
+    (job,) = documents(INFRA / "k8s/rayjob-train.yaml")
+    assert entrypoint_errors(job["spec"]["entrypoint"]) == []
+    assert "does not exist" in entrypoint_errors("python jobs/trian.py --workers 2")[0]
+    assert "unrecognized arguments: --wokers" in entrypoint_errors("python jobs/train.py --wokers 2")[0]
+    assert "model.widht: unknown key" in entrypoint_errors("python jobs/train.py --set model.widht=64")[0]
+    assert "configs/nope.yaml does not exist" in entrypoint_errors("python jobs/train.py --config configs/nope.yaml")[0]
+    assert "storage_pth: unknown key" in entrypoint_errors("python jobs/tune.py --set storage_pth=/x")[0]
+    assert "python jobs/NAME.py" in entrypoint_errors("bash -c 'python jobs/train.py'")[0]
+
+
+def test_kustomization_generates_what_pods_refer_to_and_sets_every_image(tmp_path: Path) -> None:
+    import shutil
+
+    assert kustomization_errors(INFRA / "k8s") == []
+    copy_root = tmp_path / "k8s"
+    shutil.copytree(INFRA / "k8s", copy_root)
+    kustomization = yaml.safe_load((copy_root / "kustomization.yaml").read_text())
+    kustomization["secretGenerator"] = [g for g in kustomization["secretGenerator"] if g["name"] != "sd3ray-s3"]
+    kustomization["images"] = [i for i in kustomization["images"] if i["name"] != "sd3ray-mlflow"]
+    kustomization["secretGenerator"] = [g for g in kustomization["secretGenerator"] if g["name"] != "sd3ray-ray-auth"]
+    kustomization["resources"] = [r for r in kustomization["resources"] if r != "data-pvc.yaml"] + ["missing.yaml"]
+    (copy_root / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    errors = "\n".join(kustomization_errors(copy_root))
+    assert "Secret 'sd3ray-s3'" in errors and "image 'sd3ray-mlflow'" in errors and "missing.yaml" in errors
+    assert "Secret 'sd3ray-ray-auth'" in errors and "PersistentVolumeClaim 'sd3ray-data'" in errors
+
+
+@pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=[p.name for p in CLUSTER_CONFIGS])
+def test_ray_up_configs_pass_rays_validation_and_a_misspelt_key_fails_it(path: Path, tmp_path: Path) -> None:
+    assert ray_up_errors(path) == []
+    config = yaml.safe_load(path.read_text())
+    for mutate in (lambda c: c.__setitem__("max_worker", c.pop("max_workers")),
+                   lambda c: c["available_node_types"]["gpu"].__setitem__("min_worker", 0),
+                   lambda c: c["docker"].__setitem__("imag", c["docker"].pop("image"))):
+        broken = copy.deepcopy(config)
+        mutate(broken)
+        planted = tmp_path / path.name
+        planted.write_text(yaml.safe_dump(broken))
+        assert ray_up_errors(planted), broken
+
+
+def test_yaml_is_lint_clean_and_a_duplicate_key_is_caught(tmp_path: Path) -> None:
+    lint = [sys.executable, "-m", "yamllint", "-s", "-c", str(INFRA / "yamllint.yaml")]
+    clean = subprocess.run([*lint, "infra", "configs"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stdout
+    (tmp_path / "dup.yaml").write_text("a: 1\na: 2\n")
+    assert subprocess.run([*lint, str(tmp_path / "dup.yaml")], capture_output=True).returncode != 0
+
+
+def test_dockerfiles_pass_hadolint_and_an_unpinned_base_fails_it(tmp_path: Path) -> None:
+    hadolint = [str(Path(sys.executable).parent / "hadolint"), "--failure-threshold", "warning"]
+    files = [INFRA / "docker/Dockerfile", INFRA / "docker/mlflow.Dockerfile"]
+    clean = subprocess.run([*hadolint, *map(str, files)], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stdout
+    planted = tmp_path / "Dockerfile"
+    planted.write_text(files[0].read_text().replace("FROM rayproject/ray:${RAY_VERSION}-${RAY_VARIANT}",
+                                                    "FROM rayproject/ray:latest"))
+    assert subprocess.run([*hadolint, str(planted)], capture_output=True).returncode != 0
+
+
+def test_the_image_installs_what_the_jobs_need() -> None:
+    dockerfile = (INFRA / "docker/Dockerfile").read_text()
+    ignore = (INFRA / "docker/Dockerfile.dockerignore").read_text()
+    for needed in ("sd3ray", "jobs", "configs", "benchmarks"):
+        assert f"COPY --chown=ray:users {needed} {needed}" in dockerfile
+        assert f"!{needed}/**" in ignore
+    assert re.search(r"^WORKDIR /home/ray/sd3ray$", dockerfile, re.M)
+
+
+# ------------------------------------------------------------------------------------- the MLflow launcher
+
+
+def _request(url: str, auth: tuple[str, str] | None = None, host: str | None = None) -> int:
+    import base64
+
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    if host:
+        request.add_header("Host", host)
+    try:
+        return urllib.request.urlopen(request, timeout=10).status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0  # not listening yet
+
+
+def test_mlflow_launcher_refuses_to_start_without_its_secrets() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.run(["bash", str(INFRA / "mlflow/serve.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "set MLFLOW_BACKEND_STORE_URI" in proc.stderr
+
+
+@pytest.mark.integration
+def test_mlflow_launcher_serves_with_basic_auth_and_allowed_hosts_only(tmp_path: Path) -> None:
+    from tests.conftest import stop_process_group
+
+    port = free_port()
+    admin = ("admin", "launcher-test-Passw0rd")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"), "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(["bash", str(INFRA / "mlflow/serve.sh")], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while _request(f"{base}/health") != 200:
+            if server.poll() is not None or time.time() > deadline:
+                pytest.fail(f"serve.sh did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        api = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert _request(api) == 401  # no credentials
+        assert _request(api, ("admin", "wrong")) == 401
+        assert _request(api, admin) == 200
+        assert _request(api, admin, host="evil.example") == 403  # DNS rebinding: a Host it does not serve
+        client_env = {**env, "MLFLOW_TRACKING_USERNAME": admin[0], "MLFLOW_TRACKING_PASSWORD": admin[1]}
+        logged = subprocess.run(
+            [sys.executable, "-c", "import mlflow; mlflow.set_tracking_uri('" + base + "'); "
+             "r = mlflow.start_run(); mlflow.log_metric('m', 1.0); mlflow.log_text('hi', 'a.txt'); mlflow.end_run(); "
+             "print(r.info.run_id)"], env=client_env, capture_output=True, text=True, timeout=300)
+        assert logged.returncode == 0, logged.stderr[-2000:]
+        # artifacts went through the server (proxied) into the destination, not to a path the client chose
+        assert list((tmp_path / "artifacts").rglob("a.txt"))
+    finally:
+        stop_process_group(server)
+        log.close()
