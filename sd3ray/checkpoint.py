@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -133,9 +134,21 @@ def model_config_mismatch(saved: Config, wanted: Config) -> list[str]:
             for k in sorted(a) if k.startswith(("model.", "text.")) and a[k] != b.get(k)]
 
 
+def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """Tensors and plain containers from a torch file, never code: the manifest proves a file is whole, not that
+    whoever wrote it (and its manifest) meant well, so nothing else is unpickled."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} holds something other than tensors and plain containers. sd3ray never "
+                              f"writes such files and refuses to load them, since unpickling them could run code. "
+                              f"Use a checkpoint sd3ray wrote, from a source you trust.") from exc
+
+
 def load_checkpoint(directory: Path, expected: Config | None = None, map_location: str | torch.device = "cpu",
                     weights_only_ok: bool = True) -> CheckpointData:
-    """Verify then load. With `expected`, a checkpoint of a different model fails naming each mismatched key."""
+    """Verify then load. With `expected`, a checkpoint of a different model fails naming each mismatched key.
+    The optimizer and RNG state are read only for a resume (`weights_only_ok=False`)."""
     directory = Path(directory)
     meta = verify(directory)
     saved_cfg = from_dict(yaml.safe_load((directory / "config.yaml").read_text()))
@@ -147,10 +160,10 @@ def load_checkpoint(directory: Path, expected: Config | None = None, map_locatio
     if meta.get("weights_only") and not weights_only_ok:
         raise CheckpointError(f"{directory} holds weights only (no optimizer state); it can be sampled from and "
                               f"evaluated, not resumed")
-    weights = torch.load(directory / "model.pt", map_location=map_location, weights_only=True)
+    weights = load_tensors(directory / "model.pt", map_location)
     data = CheckpointData(step=meta["step"], config=saved_cfg, model=weights["model"], ema=weights["ema"], meta=meta)
-    if not meta.get("weights_only"):
-        opt = torch.load(directory / "optimizer.pt", map_location=map_location, weights_only=False)
+    if not weights_only_ok:
+        opt = load_tensors(directory / "optimizer.pt", map_location)
         data.optimizer, data.scheduler = opt["optimizer"], opt["scheduler"]
-        data.rng = torch.load(directory / "rng.pt", weights_only=False)
+        data.rng = load_tensors(directory / "rng.pt")
     return data

@@ -27,7 +27,8 @@ def test_save_load_round_trip_and_keep_last_k(tmp_path: Path) -> None:
     for step in (10, 20, 30, 40):
         save_checkpoint(tmp_path, _data(step), keep=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000030", "step_00000040"]
-    loaded = load_checkpoint(latest_checkpoint(tmp_path), expected=load_config("configs/mnist_tiny.yaml"))
+    loaded = load_checkpoint(latest_checkpoint(tmp_path), expected=load_config("configs/mnist_tiny.yaml"),
+                             weights_only_ok=False)
     assert loaded.step == 40 and torch.equal(loaded.model["w"], torch.full((3,), 40.0))
     assert loaded.meta["mlflow_run_id"] == "abc" and loaded.scheduler == {"last_epoch": 40}
 
@@ -79,3 +80,49 @@ def test_meta_records_step_and_config_hash(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, _data(7))
     meta = json.loads((path / "meta.json").read_text())
     assert meta["step"] == 7 and len(meta["config_hash"]) == 12 and meta["weights_only"] is False
+
+
+class RunsCode:
+    """What a crafted pickle holds: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _plant(checkpoint: Path, name: str, payload: object) -> None:
+    """Replace one file with `payload` and rewrite the manifest to match, as whoever wrote both could."""
+    import hashlib
+
+    torch.save(payload, checkpoint / name)
+    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+    data = (checkpoint / name).read_bytes()
+    manifest[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["model.pt", "optimizer.pt", "rng.pt"])
+def test_a_planted_pickle_is_refused_by_resume_sampling_and_evaluation_and_runs_nothing(
+        name: str, tmp_path: Path, micro_config) -> None:
+    from sd3ray.context import LocalContext
+    from sd3ray.inference import load_ema_model
+    from sd3ray.tracking import NullTracker
+    from sd3ray.train_loop import train
+
+    cfg = micro_config("train.steps=2", "train.ckpt_every=2", "train.log_every=2", "train.eval_every=100")
+    checkpoint = Path(train(cfg, LocalContext(tmp_path / "run", torch.device("cpu")), NullTracker()).checkpoint)
+    marker = tmp_path / "pwned"
+    _plant(checkpoint, name, {"optimizer": RunsCode(marker), "scheduler": {}, "model": RunsCode(marker)})
+    with pytest.raises(CheckpointError, match=f"{name} holds something other than tensors"):
+        train(micro_config("train.steps=4", "train.ckpt_every=2", "train.log_every=2", "train.eval_every=100"),
+              LocalContext(tmp_path / "run", torch.device("cpu"), checkpoint), NullTracker())
+    if name == "model.pt":  # sampling and evaluation read the weights alone
+        with pytest.raises(CheckpointError, match="holds something other than tensors"):
+            load_ema_model(str(checkpoint), torch.device("cpu"))
+    else:
+        load_ema_model(str(checkpoint), torch.device("cpu"))  # never opens the training state
+    assert not marker.exists()
