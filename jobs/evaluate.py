@@ -26,7 +26,8 @@ from sd3ray.plots import line_plot
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or MLflow run id")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory (a folder or a URI such as s3://...) or MLflow run id")
     parser.add_argument("--guidance", type=non_negative_float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--steps", type=positive_int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--num-samples", type=positive_int, default=1000, help="judged samples per setting")

@@ -18,7 +18,8 @@ from sd3ray.data import DataError, prepare_mnist, read_metadata
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="data", help="folder holding MNIST/raw/*-ubyte (or to download to)")
-    parser.add_argument("--out", default="data/mnist_parquet", help="output folder for Parquet shards")
+    parser.add_argument("--out", default="data/mnist_parquet",
+                        help="output folder for Parquet shards, or a URI such as s3://bucket/mnist_parquet")
     parser.add_argument("--image-size", type=int, default=32, help="pad 28×28 digits to this size (default 32)")
     parser.add_argument("--no-download", action="store_true", help="never try the network")
     args = parser.parse_args()

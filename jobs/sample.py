@@ -27,7 +27,8 @@ from sd3ray.inference import generate, load_ema_model
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or MLflow run id")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory (a folder or a URI such as s3://...) or MLflow run id")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--prompts-file", type=Path, help="one prompt per line")
     parser.add_argument("--num-samples", type=positive_int, default=8, help="samples per prompt (default 8)")

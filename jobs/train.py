@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--storage-path", help="where Ray stores checkpoints: a folder or a URI such as s3://bucket/x")
     ray.add_argument("--max-failures", type=int, default=0, help="restarts from the last checkpoint on failure")
     ray.add_argument("--cpus-per-worker", type=positive_int, default=1, help="CPUs (and torch threads) per worker")
+    ray.add_argument("--placement", choices=["pack", "spread"], default="pack",
+                     help="pack workers onto as few nodes as fit (default), or spread them one per node")
     return parser
 
 
@@ -66,7 +68,7 @@ def main() -> int:
 
         run_ray(cfg, name, workers=args.workers, use_gpu=True if args.gpu else False if args.cpu else None,
                 storage_path=args.storage_path, max_failures=args.max_failures, tracking=not args.no_tracking,
-                cpus_per_worker=args.cpus_per_worker)
+                cpus_per_worker=args.cpus_per_worker, placement=args.placement.upper())
     return 0
 
 

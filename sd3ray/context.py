@@ -19,6 +19,7 @@ class RunContext(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    run_tags: dict[str, str]  # facts about where the run executes, recorded with it (e.g. its workers' nodes)
 
     @property
     def is_main(self) -> bool: ...
@@ -47,6 +48,7 @@ class LocalContext:
 
     rank = 0
     world_size = 1
+    run_tags: dict[str, str] = {}
 
     def __init__(self, run_dir: Path, device: torch.device | None = None, resume: Path | None = None,
                  keep: int = 3) -> None:

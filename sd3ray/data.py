@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
 from sd3ray.config import Config
 from sd3ray.flow import sample_timesteps
+from sd3ray.shared_storage import is_uri
 from sd3ray.text import PromptBank, digit_prompts
 
 MNIST_FILES = {
@@ -161,12 +163,40 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def open_folder(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """A folder named by a local path or by a URI pyarrow opens (e.g. `s3://bucket/prefix`, with
+    `?endpoint_override=HOST:PORT&scheme=http` for S3-compatible servers): its filesystem and path there."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(Path(location).resolve())
+    try:
+        fs, path = pafs.FileSystem.from_uri(str(location))
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError or ValueError by scheme
+        raise DataError(f"cannot open {location} ({exc}); use a local folder or a URI such as "
+                        f"s3://bucket/prefix with credentials in the environment") from exc
+    return fs, path.rstrip("/")
+
+
+def _is_file(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 def read_metadata(parquet_dir: str | Path) -> dict:
-    path = Path(parquet_dir) / "metadata.json"
-    if not path.is_file():
+    fs, root = open_folder(parquet_dir)
+    if not _is_file(fs, f"{root}/metadata.json"):
         raise DataError(f"no Parquet image set at {parquet_dir} (metadata.json missing). Create it with "
                         f"`python jobs/prepare_data.py --data-root DIR --out {parquet_dir}`")
-    return json.loads(path.read_text())
+    with fs.open_input_stream(f"{root}/metadata.json") as f:
+        return json.loads(f.read())
+
+
+def upload_image_set(local_dir: Path, location: str) -> None:
+    """Copy a prepared image set to `location` (a URI), shards first and metadata.json last, so a reader never
+    takes a half-uploaded set for a whole one."""
+    fs, root = open_folder(location)
+    fs.create_dir(root, recursive=True)
+    for path in sorted(local_dir.glob("*.parquet")) + [local_dir / "metadata.json"]:
+        with fs.open_output_stream(f"{root}/{path.name}") as out:
+            out.write(path.read_bytes())
 
 
 @dataclass
@@ -186,10 +216,11 @@ def read_split(parquet_dir: str | Path, split: str) -> ImageSet:
         raise DataError(f"{parquet_dir} has no {split!r} split (has {sorted(meta['splits'])})")
     c, s = meta["channels"], meta["image_size"]
     entry = meta["splits"][split]
-    missing = [name for name in entry["shards"] if not (Path(parquet_dir) / name).is_file()]
+    fs, root = open_folder(parquet_dir)
+    missing = [name for name in entry["shards"] if not _is_file(fs, f"{root}/{name}")]
     if missing:
         raise DataError(f"{parquet_dir} is incomplete: shards {missing} are missing; re-run jobs/prepare_data.py")
-    table = pa.concat_tables(pq.read_table(Path(parquet_dir) / name) for name in entry["shards"])
+    table = pa.concat_tables(pq.read_table(f"{root}/{name}", filesystem=fs) for name in entry["shards"])
     column = table.column("image").combine_chunks()
     if pa.types.is_fixed_size_binary(column.type):
         raw = np.frombuffer(column.buffers()[1], np.uint8)[column.offset * c * s * s :][: len(column) * c * s * s]
@@ -203,21 +234,31 @@ def read_split(parquet_dir: str | Path, split: str) -> ImageSet:
     return ImageSet(images, labels, captions)
 
 
-def prepare_mnist(raw_root: str | Path, out_dir: str | Path, image_size: int = 32, download: bool = False) -> Path:
-    """MNIST IDX -> Parquet (both splits), padded to image_size."""
+def prepare_mnist(raw_root: str | Path, out_dir: str | Path, image_size: int = 32,
+                  download: bool = False) -> str | Path:
+    """MNIST IDX -> Parquet (both splits), padded to image_size, in a local folder or at a URI (built locally,
+    then uploaded)."""
+    if is_uri(out_dir):
+        with tempfile.TemporaryDirectory(prefix="sd3ray-prepare-") as tmp:
+            upload_image_set(Path(prepare_mnist(raw_root, Path(tmp) / "set", image_size, download)), str(out_dir))
+        return out_dir
     for split in SPLITS:
         images, labels = load_mnist(raw_root, split, download)
         write_split(out_dir, split, pad_to(images, image_size)[:, None], labels)
     return Path(out_dir)
 
 
-def ensure_parquet(parquet_dir: str | Path, raw_root: str | Path, image_size: int, download: bool) -> Path:
-    """Use the Parquet set if it exists, else build it from MNIST (so the first run needs no extra step).
+def ensure_parquet(parquet_dir: str | Path, raw_root: str | Path, image_size: int, download: bool) -> str | Path:
+    """Use the Parquet set if it exists, else build it from MNIST (so the first run needs no extra step); a URI
+    gets the set built locally, then uploaded.
 
     Drivers call this once, before any worker starts (`prepare_dataset`); the training loop only reads
     (`load_splits`), so N workers never race to convert the same files."""
-    if (Path(parquet_dir) / "metadata.json").is_file():
-        return Path(parquet_dir)
+    fs, root = open_folder(parquet_dir)
+    if _is_file(fs, f"{root}/metadata.json"):
+        return parquet_dir
+    if is_uri(parquet_dir):
+        return prepare_mnist(raw_root, parquet_dir, image_size, download)
     staging = Path(str(parquet_dir) + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     prepare_mnist(raw_root, staging, image_size, download)
@@ -225,7 +266,7 @@ def ensure_parquet(parquet_dir: str | Path, raw_root: str | Path, image_size: in
     return Path(parquet_dir)
 
 
-def prepare_dataset(cfg: Config) -> Path:
+def prepare_dataset(cfg: Config) -> str | Path:
     """The driver's step: make sure `data.parquet_dir` holds the image set, converting MNIST on first use."""
     return ensure_parquet(cfg.data.parquet_dir, cfg.data.raw_root, cfg.model.image_size, cfg.data.download)
 

@@ -1,4 +1,5 @@
-"""Inference: draw images from a trained model, and load one from a checkpoint directory or an MLflow run id.
+"""Inference: draw images from a trained model, and load one from a checkpoint directory (local or at a URI such as
+s3://...) or an MLflow run id.
 
 `generate` is the one way sd3ray samples: training-time grids, the judge, `jobs/sample.py`, evaluation and the
 benchmarks all call it.
@@ -7,6 +8,7 @@ benchmarks all call it.
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +18,7 @@ from sd3ray.config import Config
 from sd3ray.data import to_uint8
 from sd3ray.model import Denoiser
 from sd3ray.sampling import sample
+from sd3ray.shared_storage import is_uri
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -39,8 +42,27 @@ def generate(model: Denoiser, prompts: list[str], cfg: Config, seed: int, device
     return torch.cat(out)
 
 
-def resolve_checkpoint(spec: str, tracking_uri: str = "") -> Path:
-    """A checkpoint directory as given, or the final checkpoint logged to an MLflow run."""
+def download_folder(uri: str, destination: Path) -> Path:
+    """Copy a folder at a URI (s3://bucket/runs/NAME/step_00001000?endpoint_override=...) to `destination`."""
+    import pyarrow.fs as pafs
+
+    from sd3ray.data import open_folder
+
+    fs, root = open_folder(uri)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise CheckpointError(f"--checkpoint {uri}: no such folder")
+    destination.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(root, str(destination), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return destination
+
+
+def resolve_checkpoint(spec: str, tracking_uri: str = "", scratch: Path | None = None) -> Path:
+    """A checkpoint directory as given, one at a URI (copied into `scratch`), or the final checkpoint logged to
+    an MLflow run."""
+    if is_uri(spec):
+        if scratch is None:
+            raise CheckpointError(f"--checkpoint {spec}: a URI needs a scratch folder to copy it to")
+        return download_folder(spec, scratch / "checkpoint")
     path = Path(spec)
     if path.exists():
         return path
@@ -55,12 +77,14 @@ def resolve_checkpoint(spec: str, tracking_uri: str = "") -> Path:
         except Exception as exc:
             raise CheckpointError(f"MLflow run {spec} at {uri} has no 'checkpoint' artifact ({exc}); pass a "
                                   f"checkpoint directory instead (see the run's sd3ray.checkpoint_uri tag)") from exc
-    raise CheckpointError(f"--checkpoint {spec!r} is neither an existing directory nor an MLflow run id")
+    raise CheckpointError(f"--checkpoint {spec!r} is neither an existing directory, a URI, nor an MLflow run id")
 
 
 def load_ema_model(spec: str, device: torch.device, tracking_uri: str = "") -> tuple[Denoiser, Config, int]:
-    """The EMA weights (what samples and evaluation use), its config and training step."""
-    data = load_checkpoint(resolve_checkpoint(spec, tracking_uri), map_location=device)
+    """The EMA weights (what samples and evaluation use), its config and training step, from a checkpoint folder,
+    a URI of one, or an MLflow run id."""
+    with tempfile.TemporaryDirectory(prefix="sd3ray-checkpoint-") as scratch:
+        data = load_checkpoint(resolve_checkpoint(spec, tracking_uri, Path(scratch)), map_location=device)
     model = Denoiser(data.config).to(device)
     model.load_state_dict(data.ema)
     return model.eval().requires_grad_(False), data.config, data.step

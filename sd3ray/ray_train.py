@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ray
 import ray.train
@@ -27,8 +27,11 @@ from torch import nn
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config, from_dict, to_dict
 from sd3ray.data import prepare_dataset
+from sd3ray.shared_storage import check_shared, is_uri, join
 from sd3ray.tracking import NullTracker, check_reachable, make_tracker, resolve_tracking_uri
 from sd3ray.train_loop import train
+
+Placement = Literal["PACK", "SPREAD"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,16 @@ class RayContext:
         self.run_storage = run_storage
         self.debug = debug
         self._restored: tempfile.TemporaryDirectory | None = None
+        self.run_tags = {"sd3ray.worker_nodes": ",".join(self._node_of_each_rank())}
+
+    def _node_of_each_rank(self) -> list[str]:
+        """Rank r's node address at index r: where the workers landed, recorded with the run."""
+        here = ray.util.get_node_ip_address()
+        if self.world_size == 1 or not dist.is_initialized():
+            return [here]
+        nodes: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(nodes, here)
+        return [str(node) for node in nodes]
 
     @property
     def is_main(self) -> bool:
@@ -117,10 +130,12 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def _absolute_paths(cfg: Config) -> Config:
-    """Workers run in other directories: hand them absolute data paths."""
-    data = replace(cfg.data, parquet_dir=str(Path(cfg.data.parquet_dir).resolve()),
-                   raw_root=str(Path(cfg.data.raw_root).resolve()))
-    return replace(cfg, data=data)
+    """Workers run in other directories: hand them absolute data paths (URIs as they are)."""
+    def absolute(location: str) -> str:
+        return location if is_uri(location) else str(Path(location).resolve())
+
+    return replace(cfg, data=replace(cfg.data, parquet_dir=absolute(cfg.data.parquet_dir),
+                                     raw_root=absolute(cfg.data.raw_root)))
 
 
 def default_storage(cfg: Config) -> str:
@@ -140,18 +155,20 @@ def check_resources(workers: int, use_gpu: bool, cpus_per_worker: int = 1) -> No
 
 def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None,
                   max_failures: int = 0, tracking: bool = True, callbacks: list | None = None,
-                  debug: DebugHooks | None = None, cpus_per_worker: int = 1) -> TorchTrainer:
-    """A TorchTrainer for `cfg` whose checkpoints go to storage_path/name."""
+                  debug: DebugHooks | None = None, cpus_per_worker: int = 1,
+                  placement: Placement = "PACK") -> TorchTrainer:
+    """A TorchTrainer for `cfg` whose checkpoints go to storage_path/name. `placement` SPREAD puts workers on as
+    many nodes as it can (one per node where there are enough); PACK, Ray's default, fills a node first."""
     cfg = _absolute_paths(cfg)
     storage = storage_path or default_storage(cfg)
     uri = resolve_tracking_uri(cfg.tracking.uri)
     loop_config = {"cfg": to_dict(cfg), "tracking": tracking, "tracking_uri": uri,
-                   "run_storage": f"{storage.rstrip('/')}/{name}", "debug": asdict(debug or DebugHooks())}
+                   "run_storage": join(storage, name), "debug": asdict(debug or DebugHooks())}
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
         # Ray sizes each worker's thread pool (OMP_NUM_THREADS) to its CPUs
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, placement_strategy=placement,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
             name=name, storage_path=storage, callbacks=callbacks,
@@ -192,23 +209,30 @@ def connect() -> None:
 
 
 def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = None, storage_path: str | None = None,
-            max_failures: int = 0, tracking: bool = True, cpus_per_worker: int = 1) -> ray.train.Result:
-    """Prepare data and run checks on the driver, then fit."""
-    prepare_dataset(cfg)  # once, here: the workers only read it
+            max_failures: int = 0, tracking: bool = True, cpus_per_worker: int = 1,
+            placement: Placement = "PACK") -> ray.train.Result:
+    """Run checks and prepare data on the driver, then fit."""
+    storage = storage_path or default_storage(cfg)
+    connect()
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    shared = {"--storage-path": storage, "data.parquet_dir (--parquet-dir)": cfg.data.parquet_dir}
+    check_shared({**shared, "tracking.uri": resolve_tracking_uri(cfg.tracking.uri)} if tracking else shared, nodes)
     if tracking:
         check_reachable(resolve_tracking_uri(cfg.tracking.uri))
-    connect()
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     check_resources(workers, use_gpu, cpus_per_worker)
-    check_storage(storage_path or default_storage(cfg))
+    check_storage(storage)
+    prepare_dataset(cfg)  # once, here: the workers only read it
     trainer = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking,
-                            cpus_per_worker=cpus_per_worker)
-    print(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s), global batch "
-          f"{cfg.train.batch_size * workers}; checkpoints -> {storage_path or default_storage(cfg)}/{name}; "
+                            cpus_per_worker=cpus_per_worker, placement=placement)
+    print(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s) on {nodes} node(s) "
+          f"({placement.lower()}), global batch {cfg.train.batch_size * workers}; "
+          f"checkpoints -> {join(storage, name)}; "
           f"MLflow -> {resolve_tracking_uri(cfg.tracking.uri) if tracking else 'off'}", flush=True)
     result = trainer.fit()
     metrics = result.metrics or {}
-    print(f"sd3ray: done at step {metrics.get('step')}; val/loss {metrics.get('val/loss')}; checkpoint "
-          f"{result.checkpoint.path if result.checkpoint else None}", flush=True)
+    final = join(join(storage, name), Path(result.checkpoint.path).name) if result.checkpoint else None
+    print(f"sd3ray: done at step {metrics.get('step')}; val/loss {metrics.get('val/loss')}; checkpoint {final}",
+          flush=True)
     return result

@@ -161,7 +161,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     step, run_id, seconds_before = 0, None, 0.0
     if (resume := ctx.resume_from()) is not None:
         step, run_id, seconds_before = restore(resume, cfg, model, ema, optimizer, scheduler, device)
-    run_id = tracker.start(cfg, run_id, tags={"sd3ray.world_size": str(ctx.world_size)})
+    run_id = tracker.start(cfg, run_id, tags={"sd3ray.world_size": str(ctx.world_size), **ctx.run_tags})
     if ctx.is_main:
         mmdit_m, text_m = count_parameters(model.mmdit) / 1e6, count_parameters(model.text_encoder) / 1e6
         print(f"sd3ray: {mmdit_m:.2f}M MM-DiT + {text_m:.2f}M text params | {ctx.world_size} worker(s) × batch "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -100,6 +101,48 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         log.close()
 
 
+def start_in_own_session(command: list[str], env: dict[str, str], log_path: Path):
+    """Start a server as the leader of a new session, so that it and everything it starts stop together."""
+    import subprocess
+
+    log = open(log_path, "w")
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()  # the child holds its own descriptor
+    return proc
+
+
+def wait_until(ready, proc, log_path: Path, what: str, timeout_s: float = 300.0) -> None:
+    """Poll `ready()` until it is true; fail with the server's log if it dies or the time runs out (a loaded
+    2-core machine can take minutes to start a server)."""
+    deadline = time.time() + timeout_s
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            tail = log_path.read_text()[-3000:] if log_path.is_file() else ""
+            raise RuntimeError(f"{what} did not start:\n{tail}")
+        time.sleep(1)
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int:
+    """The HTTP status of a GET, or 0 when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10).status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except OSError:
+        return 0
+
+
+def ray_temp_dir() -> str:
+    """A Ray node's own temp dir: it keeps the node's address file, sessions and runtime environments apart from
+    every other Ray on the machine. Short, because Ray's Unix socket paths under it must stay under 108 bytes."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="sd3ray-ray-")
+
+
 def stop_process_group(proc, grace_s: float = 20.0) -> None:
     """Stop a server the tests started in its own session, and everything it started, by its process group only:
     never `ray stop` or a kill by name, which would end every Ray process on the machine."""
@@ -124,35 +167,24 @@ def stop_process_group(proc, grace_s: float = 20.0) -> None:
 def ray_head(tmp_path_factory: pytest.TempPathFactory):
     """A real Ray head on 127.0.0.1 with the job API, as README starts it, in a process group of its own that is
     stopped by PID afterwards."""
-    import subprocess
     import sys
-    import urllib.error
-    import urllib.request
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
     gcs_port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           # every process of this cluster (Ray's own helpers too) joins this cluster and no other on the machine
+           "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+    temp_dir = ray_temp_dir()
     log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
-    log = open(log_path, "w")
     # --block keeps `ray start` in the foreground as the leader of the new session, so the whole node (GCS,
     # raylet, dashboard, workers) shares its process group
-    head = subprocess.Popen(
+    head = start_in_own_session(
         ["ray", "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--port",
          str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-         "--include-dashboard", "true", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+         "--dashboard-agent-listen-port", str(free_port()), "--include-dashboard", "true", "--temp-dir", temp_dir,
+         "--disable-usage-stats"], env, log_path)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
-    try:
-        deadline = time.time() + 300  # a loaded 2-core machine can take minutes
-        while True:  # the job API answers a little after the node is up
-            try:
-                urllib.request.urlopen(f"{dashboard}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:
-                break  # it answered
-            except OSError as err:
-                if head.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"Ray head did not come up:\n{log_path.read_text()[-3000:]}") from err
-                time.sleep(1)
+    try:  # the job API answers a little after the node is up
+        wait_until(lambda: http_status(f"{dashboard}/api/version") != 0, head, log_path, "the Ray head's job API")
         import ray
 
         ray.init(address=f"127.0.0.1:{gcs_port}")  # this process drives TorchTrainer and Tuner fits directly
@@ -162,4 +194,4 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
 
         ray.shutdown()
         stop_process_group(head)
-        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)

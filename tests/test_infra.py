@@ -9,9 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,7 @@ from infra.validate import (
     pinned_ray_version,
     ray_up_errors,
 )
-from tests.conftest import REPO_ROOT, free_port
+from tests.conftest import REPO_ROOT, free_port, http_status, start_in_own_session, stop_process_group, wait_until
 
 needs_crds = pytest.mark.skipif(
     crd_dir() is None, reason="KubeRay CRDs not found: put KubeRay v1.7.0's ray.io_rayjobs.yaml and "
@@ -216,17 +213,8 @@ def test_the_image_installs_what_the_jobs_need() -> None:
 def _request(url: str, auth: tuple[str, str] | None = None, host: str | None = None) -> int:
     import base64
 
-    request = urllib.request.Request(url)
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
-    if host:
-        request.add_header("Host", host)
-    try:
-        return urllib.request.urlopen(request, timeout=10).status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return 0  # not listening yet
+    headers = {"Authorization": "Basic " + base64.b64encode(":".join(auth).encode()).decode()} if auth else {}
+    return http_status(url, {**headers, **({"Host": host} if host else {})})
 
 
 def test_mlflow_launcher_refuses_to_start_without_its_secrets() -> None:
@@ -238,24 +226,16 @@ def test_mlflow_launcher_refuses_to_start_without_its_secrets() -> None:
 
 @pytest.mark.integration
 def test_mlflow_launcher_serves_with_basic_auth_and_allowed_hosts_only(tmp_path: Path) -> None:
-    from tests.conftest import stop_process_group
-
     port = free_port()
     admin = ("admin", "launcher-test-Passw0rd")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"), "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-key", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(["bash", str(INFRA / "mlflow/serve.sh")], env=env, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
+    server = start_in_own_session(["bash", str(INFRA / "mlflow/serve.sh")], env, tmp_path / "server.log")
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while _request(f"{base}/health") != 200:
-            if server.poll() is not None or time.time() > deadline:
-                pytest.fail(f"serve.sh did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+        wait_until(lambda: _request(f"{base}/health") == 200, server, tmp_path / "server.log", "serve.sh")
         api = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
         assert _request(api) == 401  # no credentials
         assert _request(api, ("admin", "wrong")) == 401
@@ -271,4 +251,3 @@ def test_mlflow_launcher_serves_with_basic_auth_and_allowed_hosts_only(tmp_path:
         assert list((tmp_path / "artifacts").rglob("a.txt"))
     finally:
         stop_process_group(server)
-        log.close()

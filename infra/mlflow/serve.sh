@@ -4,7 +4,7 @@
 # basic auth on, and only the named Host headers accepted. Checked against MLflow 3.17.2.
 #
 # Settings, from the environment (secrets never on the command line, where `ps` shows them):
-#   MLFLOW_BACKEND_STORE_URI      required  e.g. postgresql://mlflow:PASSWORD@db.internal:5432/mlflow
+#   MLFLOW_BACKEND_STORE_URI      required  e.g. postgresql+psycopg2://mlflow:PASSWORD@db.internal:5432/mlflow
 #   MLFLOW_ARTIFACTS_DESTINATION  required  e.g. s3://team-bucket/mlflow (AWS_* / MLFLOW_S3_ENDPOINT_URL for S3)
 #   MLFLOW_AUTH_ADMIN_PASSWORD    required  the admin's password, used when the user store is first created
 #   MLFLOW_FLASK_SERVER_SECRET_KEY required  signs CSRF tokens; the same value on every replica
@@ -23,7 +23,7 @@ require() {
         exit 2
     fi
 }
-require MLFLOW_BACKEND_STORE_URI "the backend store, e.g. postgresql://mlflow:PASSWORD@HOST:5432/mlflow"
+require MLFLOW_BACKEND_STORE_URI "the backend store, e.g. postgresql+psycopg2://mlflow:PASSWORD@HOST:5432/mlflow"
 require MLFLOW_ARTIFACTS_DESTINATION "where artifacts go, e.g. s3://bucket/mlflow"
 require MLFLOW_AUTH_ADMIN_PASSWORD "the admin password for basic auth"
 require MLFLOW_FLASK_SERVER_SECRET_KEY "a long random string, e.g. from: openssl rand -hex 32"
