@@ -27,6 +27,7 @@ from torch import nn
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config, from_dict, to_dict
 from sd3ray.data import prepare_dataset
+from sd3ray.redact import redact
 from sd3ray.shared_storage import check_shared, is_uri, join
 from sd3ray.tracking import NullTracker, check_reachable, make_tracker, resolve_tracking_uri
 from sd3ray.train_loop import train
@@ -226,13 +227,13 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
     prepare_dataset(cfg)  # once, here: the workers only read it
     trainer = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking,
                             cpus_per_worker=cpus_per_worker, placement=placement)
-    print(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s) on {nodes} node(s) "
-          f"({placement.lower()}), global batch {cfg.train.batch_size * workers}; "
-          f"checkpoints -> {join(storage, name)}; "
-          f"MLflow -> {resolve_tracking_uri(cfg.tracking.uri) if tracking else 'off'}", flush=True)
+    print(redact(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s) on {nodes} "
+                 f"node(s) ({placement.lower()}), global batch {cfg.train.batch_size * workers}; "
+                 f"checkpoints -> {join(storage, name)}; "
+                 f"MLflow -> {resolve_tracking_uri(cfg.tracking.uri) if tracking else 'off'}"), flush=True)
     result = trainer.fit()
     metrics = result.metrics or {}
     final = join(join(storage, name), Path(result.checkpoint.path).name) if result.checkpoint else None
-    print(f"sd3ray: done at step {metrics.get('step')}; val/loss {metrics.get('val/loss')}; checkpoint {final}",
-          flush=True)
+    print(redact(f"sd3ray: done at step {metrics.get('step')}; val/loss {metrics.get('val/loss')}; checkpoint "
+                 f"{final}"), flush=True)
     return result

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sd3ray.redact import redact
+
 NETWORK_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "glusterfs", "gpfs", "beegfs", "9p", "afs",
     "virtiofs", "efs",
@@ -72,7 +74,7 @@ def unshared_locations(locations: dict[str, str], num_nodes: int, mounts: str | 
 
 def check_shared(locations: dict[str, str], num_nodes: int) -> None:
     """Stop before training when a location only this machine sees would be used by a multi-node cluster."""
-    problems = unshared_locations(locations, num_nodes)
+    problems = [redact(problem) for problem in unshared_locations(locations, num_nodes)]
     if problems:
         raise SharedStorageError(
             f"the Ray cluster has {num_nodes} nodes, and every node must see the data, the checkpoints and the "

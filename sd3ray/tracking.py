@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from sd3ray.config import Config, config_hash, flatten, to_yaml
+from sd3ray.redact import redact
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PROGRESS_METRIC = "train/loss"  # its last logged step marks how far a resumed run had logged
@@ -83,7 +84,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s)
     except Exception as exc:
-        raise TrackingError(f"MLflow tracking server {uri} is unreachable ({exc}). Start it (mlflow server "
+        raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable ({exc}). Start it (mlflow server "
                             f"--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000) or unset "
                             f"MLFLOW_TRACKING_URI to log to ./mlflow.db") from exc
 
@@ -126,14 +127,15 @@ class MlflowTracker:
             experiment = self.client.get_experiment_by_name(self.experiment)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
         name = run_name if run_name is not None else (self.run_name or cfg.tracking.run_name)
-        run = self.client.create_run(experiment_id, run_name=name or None, tags=all_tags)
+        run = self.client.create_run(experiment_id, run_name=name or None,
+                                     tags={k: redact(str(v)) for k, v in all_tags.items()})
         self.run_id = run.info.run_id
         from mlflow.entities import Param
 
-        params = [Param(k, str(v)) for k, v in flatten(cfg).items()]
+        params = [Param(k, redact(str(v))) for k, v in flatten(cfg).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
-        self.client.log_text(self.run_id, to_yaml(cfg), "config.yaml")
+        self.client.log_text(self.run_id, redact(to_yaml(cfg)), "config.yaml")
         return self.run_id
 
     def _parent_experiment(self, parent_run_id: str) -> str | None:
@@ -166,7 +168,7 @@ class MlflowTracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
+            self.client.set_tag(self.run_id, k, redact(str(v)))
 
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
         import tempfile
