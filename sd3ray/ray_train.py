@@ -198,15 +198,53 @@ def check_storage(storage: str) -> None:
         raise RuntimeError(f"--storage-path {storage} is not a writable folder ({exc})") from exc
 
 
-def connect() -> None:
-    """Join RAY_ADDRESS / the cluster a `ray job submit` runs on, or start a local one."""
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster sd3ray was told (or found) to join does not answer."""
+
+
+def cluster_address() -> tuple[str | None, str]:
+    """The cluster `ray.init()` would join and where that address comes from: $RAY_ADDRESS, else the address file
+    that the last `ray start --head` on this machine wrote; (None, "") when Ray will start a local cluster."""
+    from ray._common.utils import get_ray_address_file
+
+    if address := os.environ.get("RAY_ADDRESS", "").strip():
+        return address, "the RAY_ADDRESS environment variable"
+    address_file = Path(get_ray_address_file(None))
+    if address_file.is_file() and (address := address_file.read_text().strip()):
+        return address, f"{address_file}, written by the last `ray start --head` on this machine"
+    return None, ""
+
+
+def gcs_answers(address: str, timeout_s: float) -> bool:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def connect(timeout_s: float = 10.0) -> None:
+    """Join $RAY_ADDRESS / the cluster a `ray job submit` runs on / the one `ray start` left, or start a local one.
+
+    Ray itself retries a dead address for as long as it takes (minutes, forever for a stale address file); a
+    cluster that does not answer within `timeout_s` ends here instead, with what to do about it.
+    """
     if ray.is_initialized():
         return
+    address, source = cluster_address()
+    if address and ":" in address and not address.startswith(("ray://", "local", "auto")) \
+            and not gcs_answers(address, timeout_s):
+        stale_file = "" if source.startswith("the RAY_ADDRESS") else f" (or delete {source.split(',')[0]})"
+        raise ClusterUnreachable(
+            f"the Ray cluster at {address} (from {source}) does not answer within {timeout_s:g} s. Start it again, "
+            f"point RAY_ADDRESS at a live cluster, or run on a fresh local cluster: unset RAY_ADDRESS{stale_file}.")
     try:
-        ray.init()
+        ray.init(address=address)
     except ConnectionError as exc:
-        raise RuntimeError(f"cannot reach the Ray cluster ({exc}). Check RAY_ADDRESS, or unset it to start a local "
-                           f"cluster") from exc
+        raise ClusterUnreachable(f"cannot join the Ray cluster at {address} (from {source}): {exc}") from exc
 
 
 def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = None, storage_path: str | None = None,

@@ -96,3 +96,36 @@ def test_impossible_requests_fail_fast_with_advice(ray_head, tmp_path: Path) -> 
         check_storage(str(blocker / "sub"))
     with pytest.raises(RuntimeError, match="cannot be opened"):
         check_storage("nosuchscheme://bucket/x")
+
+
+def _connect_in_a_fresh_process(env_overrides: dict[str, str]) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env_overrides
+    code = "from sd3ray.ray_train import connect; connect(timeout_s=3)"
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_dead_ray_address_ends_in_seconds_naming_the_address_and_its_source() -> None:
+    from tests.conftest import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    proc = _connect_in_a_fresh_process({"RAY_ADDRESS": dead})
+    assert proc.returncode != 0
+    assert f"the Ray cluster at {dead} (from the RAY_ADDRESS environment variable) does not answer" in proc.stderr
+    assert "unset RAY_ADDRESS" in proc.stderr
+
+
+def test_a_stale_address_file_left_by_a_dead_cluster_is_named_with_the_way_out(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    address_file = tmp_path / "ray" / "ray_current_cluster"  # where `ray start --head` leaves it (RAY_TMPDIR/ray)
+    address_file.parent.mkdir()
+    address_file.write_text(dead)
+    proc = _connect_in_a_fresh_process({"RAY_TMPDIR": str(tmp_path)})
+    assert proc.returncode != 0
+    assert f"the Ray cluster at {dead} (from {address_file}, written by the last `ray start --head`" in proc.stderr
+    assert f"or delete {address_file}" in proc.stderr
