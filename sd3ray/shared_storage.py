@@ -50,10 +50,21 @@ def filesystem_type(path: str | Path, mounts: str | None = None) -> str:
     return fstype
 
 
+def local_path(location: str) -> str | None:
+    """The path on this machine a location names (a plain path or file://...), or None for a remote URI."""
+    if location.startswith("file://"):
+        return location[len("file://"):].split("?", 1)[0]
+    return None if is_uri(location) else location
+
+
 def is_shared(location: str, mounts: str | None = None) -> bool:
-    if is_uri(location):
-        return not location.startswith(("file://", "sqlite:"))
-    kind = filesystem_type(location, mounts)
+    """Whether every node sees `location`: remote URIs do; a local path only on a network or FUSE filesystem."""
+    if location.startswith("sqlite:"):
+        return False
+    path = local_path(location)
+    if path is None:
+        return True
+    kind = filesystem_type(path, mounts)
     return kind in NETWORK_FILESYSTEMS or kind.startswith("fuse")
 
 
@@ -66,8 +77,9 @@ def unshared_locations(locations: dict[str, str], num_nodes: int, mounts: str | 
         if location.startswith("sqlite:"):
             problems.append(f"{flag} {location} is a SQLite file on this machine; use an MLflow server "
                             f"(http://HOST:PORT, see README: Run on a cluster)")
-        elif not is_uri(location) and not is_shared(location, mounts):
-            problems.append(f"{flag} {location} is on this machine's own disk ({filesystem_type(location, mounts)}); "
+        elif not is_shared(location, mounts):
+            problems.append(f"{flag} {location} is on this machine's own disk "
+                            f"({filesystem_type(local_path(location), mounts)}); "
                             f"use a URI every node reaches (s3://bucket/prefix) or a folder on a shared filesystem")
     return problems
 

@@ -218,15 +218,17 @@ def _weights(s3, key: str) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)["model"]
 
 
-def _mlflow(team_mlflow: str):
+def _mlflow(team_mlflow: str, monkeypatch: pytest.MonkeyPatch):
+    """A client of the team server as its admin; the credentials leave the environment with the test."""
     from mlflow.tracking import MlflowClient
 
-    os.environ.update(MLFLOW_TRACKING_USERNAME=ADMIN[0], MLFLOW_TRACKING_PASSWORD=ADMIN[1])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
     return MlflowClient(team_mlflow)
 
 
 def test_two_nodes_train_from_s3_data_into_s3_checkpoints_and_the_team_mlflow_server(
-        cluster: Cluster, s3, s3_data: str, team_mlflow: str, tmp_path: Path) -> None:
+        cluster: Cluster, s3, s3_data: str, team_mlflow: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     storage = s3["uri"]("runs")
     run = cluster.submit("--config", "configs/mnist_tiny.yaml", "--workers", "2", "--cpu", "--placement", "spread",
                          "--steps", "4", "--name", "spread", "--storage-path", storage, "--parquet-dir", s3_data,
@@ -238,7 +240,7 @@ def test_two_nodes_train_from_s3_data_into_s3_checkpoints_and_the_team_mlflow_se
     for step in ("step_00000002", "step_00000004"):
         assert f"runs/spread/{step}/MANIFEST.json" in keys and f"runs/spread/{step}/model.pt" in keys
 
-    client = _mlflow(team_mlflow)
+    client = _mlflow(team_mlflow, monkeypatch)
     (found,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
     assert found.info.status == "FINISHED"
     assert sorted(found.data.tags["sd3ray.worker_nodes"].split(",")) == [HEAD_IP, WORKER_IP]  # one worker per node
@@ -271,7 +273,7 @@ def test_two_nodes_train_from_s3_data_into_s3_checkpoints_and_the_team_mlflow_se
 
 
 def test_a_lost_node_is_replaced_and_the_run_ends_as_if_nothing_happened(
-        cluster: Cluster, s3, s3_data: str, team_mlflow: str) -> None:
+        cluster: Cluster, s3, s3_data: str, team_mlflow: str, monkeypatch: pytest.MonkeyPatch) -> None:
     storage = s3["uri"]("runs")
     steps, every = 60, 10
 
@@ -311,7 +313,7 @@ def test_a_lost_node_is_replaced_and_the_run_ends_as_if_nothing_happened(
     expected, got = _weights(s3, f"runs/uninterrupted/{final}"), _weights(s3, f"runs/lost-node/{final}")
     for key, value in expected.items():
         assert torch.equal(value, got[key]), key  # bit-identical to the run that never lost a node
-    client = _mlflow(team_mlflow)
+    client = _mlflow(team_mlflow, monkeypatch)
     (run,) = client.search_runs([client.get_experiment_by_name("lost-node").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, steps + 1))
 

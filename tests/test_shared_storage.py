@@ -26,6 +26,9 @@ def test_only_multi_node_runs_need_shared_locations() -> None:
     shared = {"a": "/mnt/shared/runs", "b": "s3://bucket/runs?endpoint_override=h:1", "c": "/mnt/fuse bucket/x",
               "d": "http://mlflow:5000"}
     assert unshared_locations(shared, num_nodes=3, mounts=MOUNTS) == []
+    (file_uri,) = unshared_locations({"--storage-path": "file:///data/runs"}, num_nodes=2, mounts=MOUNTS)
+    assert "file:///data/runs is on this machine's own disk (ext4)" in file_uri
+    assert unshared_locations({"--storage-path": "file:///mnt/shared/runs"}, num_nodes=2, mounts=MOUNTS) == []
     (sqlite,) = unshared_locations({"tracking.uri": "sqlite:////data/mlflow.db"}, num_nodes=2, mounts=MOUNTS)
     assert "SQLite file on this machine" in sqlite
 
