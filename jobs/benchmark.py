@@ -26,13 +26,13 @@ import torch
 from benchmarks.ray_overhead import ray_overhead_config, ray_overhead_rows, ray_setups
 from benchmarks.report import benchmark_metrics, log_benchmark, markdown_report, row_key
 from benchmarks.speed import H100_BF16_DENSE_TFLOPS, data_path_row, full_step_tflop, mfu, model_step_rows, sampling_row
-from sd3ray.cli import add_config_args, config_from_args, positive_int
+from sd3ray.cli import add_config_args, config_from_args, job_parser, positive_int, run_job
 from sd3ray.config import ConfigError, load_config
 from sd3ray.context import default_device
 
 
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     add_config_args(parser)
     parser.add_argument("--batch", type=positive_int, default=64)
     parser.add_argument("--context-len", type=positive_int, default=20, help="text tokens (MNIST prompts: <= 20)")
@@ -109,4 +109,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

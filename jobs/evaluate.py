@@ -10,13 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
 
-import argparse
 import json
 import tempfile
 
 import torch
 
-from sd3ray.cli import non_negative_float, positive_int
+from sd3ray.cli import job_parser, non_negative_float, positive_int, run_job
 from sd3ray.context import default_device
 from sd3ray.data import read_split
 from sd3ray.inference import load_ema_model
@@ -25,7 +24,7 @@ from sd3ray.plots import line_plot
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint directory (a folder or a URI such as s3://...) or MLflow run id")
     parser.add_argument("--guidance", type=non_negative_float, nargs="+", default=[1.0, 2.0, 4.0])
@@ -65,4 +64,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

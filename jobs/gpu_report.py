@@ -26,8 +26,10 @@ from sd3ray.cli import (
     add_data_args,
     config_from_args,
     data_overrides,
+    job_parser,
     non_negative_float,
     positive_int,
+    run_job,
 )
 from sd3ray.context import default_device
 
@@ -35,7 +37,7 @@ PARTS = ("speed", "mfu", "quality")
 
 
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     add_config_args(parser)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--batch", type=positive_int, default=256, help="batch of the speed comparison")
@@ -79,4 +81,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

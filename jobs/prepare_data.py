@@ -10,13 +10,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
 
-import argparse
 
+from sd3ray.cli import job_parser, run_job
 from sd3ray.data import DataError, prepare_mnist, read_metadata
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     parser.add_argument("--data-root", default="data", help="folder holding MNIST/raw/*-ubyte (or to download to)")
     parser.add_argument("--out", default="data/mnist_parquet",
                         help="output folder for Parquet shards, or a URI such as s3://bucket/mnist_parquet")
@@ -35,4 +35,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

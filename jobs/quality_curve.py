@@ -11,13 +11,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
 
-import argparse
 import json
 
 import torch
 
 from sd3ray.checkpoint import list_checkpoints, load_checkpoint
-from sd3ray.cli import positive_int
+from sd3ray.cli import job_parser, positive_int, run_job
 from sd3ray.context import default_device
 from sd3ray.data import read_split
 from sd3ray.judge import Reference, judge_settings, load_judge
@@ -26,7 +25,7 @@ from sd3ray.plots import line_plot
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     parser.add_argument("--run-dir", type=Path, required=True, help="a local run: RUN_DIR/checkpoints/step_*")
     parser.add_argument("--num-samples", type=positive_int, default=500)
     parser.add_argument("--output", type=Path, help="where to write curve.json/curve.png (default: RUN_DIR)")
@@ -67,4 +66,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    run_job(main)

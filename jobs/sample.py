@@ -19,14 +19,14 @@ import argparse
 import numpy as np
 import torch
 
-from sd3ray.cli import non_negative_float, positive_int
+from sd3ray.cli import job_parser, non_negative_float, positive_int, run_job
 from sd3ray.context import default_device
 from sd3ray.images import make_grid, save_png
 from sd3ray.inference import generate, load_ema_model
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint directory (a folder or a URI such as s3://...) or MLflow run id")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -64,4 +64,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

@@ -20,13 +20,15 @@ from sd3ray.cli import (
     add_data_args,
     config_from_args,
     data_overrides,
+    job_parser,
     non_negative_float,
     positive_int,
+    run_job,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     add_config_args(parser)
     parser.add_argument("--local", action="store_true", help="run in this process instead of on Ray workers")
     parser.add_argument("--name", help="run name: checkpoints go to OUTPUT_DIR/NAME (default: config + time)")
@@ -73,4 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

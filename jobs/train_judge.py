@@ -10,14 +10,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
 
-import argparse
 
+from sd3ray.cli import job_parser, run_job
 from sd3ray.data import ensure_parquet, read_split
 from sd3ray.judge import cache_dir, judge_cache_key, judge_outputs, load_judge
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     parser.add_argument("--data-root", default="data", help="folder holding MNIST/raw/*-ubyte")
     parser.add_argument("--parquet-dir", default="data/mnist_parquet")
     args = parser.parse_args()
@@ -32,4 +32,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

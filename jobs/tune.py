@@ -13,14 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import argparse
 
-from sd3ray.cli import add_data_args, data_overrides
+from sd3ray.cli import add_data_args, data_overrides, job_parser, run_job
 from sd3ray.config import ConfigError
 from sd3ray.ray_tune import load_sweep
 from sd3ray.tune_driver import run_sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = job_parser(__doc__)
     parser.add_argument("--config", default="configs/tune_mnist.yaml", help="sweep YAML")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a sweep value, e.g. --set name=my-sweep (repeatable)")
@@ -44,4 +44,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

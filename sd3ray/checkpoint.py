@@ -27,13 +27,14 @@ import torch
 import yaml
 
 from sd3ray.config import Config, config_hash, flatten, from_dict, to_yaml
+from sd3ray.errors import Sd3rayError
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 STEP_PREFIX = "step_"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(Sd3rayError):
     """A checkpoint is missing, partial, corrupt, or belongs to a different model."""
 
 

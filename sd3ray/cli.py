@@ -1,10 +1,46 @@
-"""Argument helpers shared by the jobs: the config/override pair every job takes, and validated number types."""
+"""What every job shares: its parser (with --debug), the clean exit on sd3ray's own errors, the config/override
+pair, the data flags, and validated number types."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from sd3ray.config import Config, ConfigError, load_config
+from sd3ray.errors import explained_error
+from sd3ray.redact import redact
+
+DEBUG_ENV = "SD3RAY_DEBUG"
+
+
+def job_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A job's parser: its docstring as help, and --debug."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of expected errors too (or set {DEBUG_ENV}=1)")
+    return parser
+
+
+def run_job(main: Callable[[], int]) -> NoReturn:
+    """Run a job's main() and exit with its code. sd3ray's own errors (bad config, missing data, unreachable
+    services, bad checkpoints, a diverged loss, ...) end in one line on stderr and exit code 1; with --debug or
+    SD3RAY_DEBUG=1 they raise as usual. Any other exception is a bug and keeps its traceback."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("sd3ray: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        known = explained_error(exc)
+        if known is None or debug:
+            raise
+        print(f"sd3ray: error: {redact(str(known))}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(code)
 
 
 def add_config_args(parser: argparse.ArgumentParser, default: str = "configs/mnist.yaml") -> None:

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from sd3ray.checkpoint import CheckpointData, latest_checkpoint, save_checkpoint
+from sd3ray.checkpoint import CheckpointData, CheckpointError, latest_checkpoint, save_checkpoint
 
 
 class RunContext(Protocol):
@@ -98,4 +98,4 @@ def resolve_resume(spec: str | None, output_dir: Path, name: str | None) -> Path
         found = latest_checkpoint(run / "checkpoints")
         if found is not None:
             return found
-    raise FileNotFoundError(f"--resume latest: no complete checkpoint under {output_dir / (name or '*')}/checkpoints")
+    raise CheckpointError(f"--resume latest: no complete checkpoint under {output_dir / (name or '*')}/checkpoints")

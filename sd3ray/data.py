@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sd3ray.config import Config
+from sd3ray.errors import Sd3rayError
 from sd3ray.flow import sample_timesteps
 from sd3ray.shared_storage import is_uri
 from sd3ray.text import PromptBank, digit_prompts
@@ -47,7 +48,7 @@ def from_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-class DataError(RuntimeError):
+class DataError(Sd3rayError):
     """Data is missing or malformed; the message says where files go or how to make them."""
 
 

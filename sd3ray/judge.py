@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd3ray.config import Config
-from sd3ray.data import ImageSet, from_uint8
+from sd3ray.data import DataError, ImageSet, from_uint8
 from sd3ray.inference import generate
 from sd3ray.model import Denoiser
 from sd3ray.plots import confusion_image
@@ -114,7 +114,7 @@ def train_judge(train: ImageSet, epochs: int = JUDGE_EPOCHS, batch_size: int = 1
 def load_judge(train: ImageSet, device: torch.device | str = "cpu") -> Judge:
     """The cached judge for this training set, trained (a minute or two on CPU) and cached on first use."""
     if train.images.shape[1:] != (1, 32, 32) or train.labels.min() < 0 or train.labels.max() > 9:
-        raise ValueError("the judge reads 1×32×32 digits labelled 0–9; set eval.num_samples=0 for other data")
+        raise DataError("the judge reads 1×32×32 digits labelled 0–9; set eval.num_samples=0 for other data")
     path = cache_dir() / f"judge-{judge_cache_key(train)}.pt"
     judge = Judge()
     if path.is_file():

@@ -27,6 +27,7 @@ from torch import nn
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config, from_dict, to_dict
 from sd3ray.data import prepare_dataset
+from sd3ray.errors import ResourceError, Sd3rayError, StorageError
 from sd3ray.redact import redact
 from sd3ray.shared_storage import check_shared, is_uri, join
 from sd3ray.tracking import NullTracker, check_reachable, make_tracker, resolve_tracking_uri
@@ -149,7 +150,7 @@ def check_resources(workers: int, use_gpu: bool, cpus_per_worker: int = 1) -> No
     key, need = ("GPU", workers) if use_gpu else ("CPU", workers * cpus_per_worker)
     have = total.get(key, 0)
     if have < need:
-        raise RuntimeError(f"--workers {workers} needs {need} {key}(s) but the Ray cluster has {have:g} "
+        raise ResourceError(f"--workers {workers} needs {need} {key}(s) but the Ray cluster has {have:g} "
                            f"({', '.join(f'{k}={v:g}' for k, v in total.items() if k in ('CPU', 'GPU'))}). "
                            f"Lower --workers, use --cpu, or add nodes.")
 
@@ -187,7 +188,7 @@ def check_storage(storage: str) -> None:
         try:
             pyarrow.fs.FileSystem.from_uri(storage)
         except Exception as exc:
-            raise RuntimeError(f"--storage-path {storage} cannot be opened ({exc}); use a local folder, NFS "
+            raise StorageError(f"--storage-path {storage} cannot be opened ({exc}); use a local folder, NFS "
                                f"mount, or a URI such as s3://bucket/path with credentials set") from exc
         return
     try:
@@ -195,10 +196,10 @@ def check_storage(storage: str) -> None:
         with tempfile.NamedTemporaryFile(dir=storage):
             pass
     except OSError as exc:
-        raise RuntimeError(f"--storage-path {storage} is not a writable folder ({exc})") from exc
+        raise StorageError(f"--storage-path {storage} is not a writable folder ({exc})") from exc
 
 
-class ClusterUnreachable(RuntimeError):
+class ClusterUnreachable(Sd3rayError):
     """The Ray cluster sd3ray was told (or found) to join does not answer."""
 
 

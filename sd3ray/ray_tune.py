@@ -13,9 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from sd3ray.config import Config, ConfigError, FlowConfig, TimestepScheme, build_dataclass, load_config
+from sd3ray.config import (
+    Config,
+    ConfigError,
+    FlowConfig,
+    TimestepScheme,
+    apply_overrides,
+    build_dataclass,
+    load_config,
+    read_yaml_file,
+)
+from sd3ray.shared_storage import is_uri
 
 
 @dataclass(frozen=True)
@@ -75,12 +83,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, config_over
     training config (the jobs' data flags)."""
     from dataclasses import replace
 
-    from sd3ray.config import apply_overrides
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {p} does not exist; the shipped ones are configs/tune_*.yaml")
-    spec = build_dataclass(SweepSpec, apply_overrides(yaml.safe_load(p.read_text()) or {}, overrides or []))
+    data = read_yaml_file(path, "sweep file", "configs/tune_*.yaml")
+    spec = build_dataclass(SweepSpec, apply_overrides(data, overrides or []))
     spec = replace(spec, overrides=(*spec.overrides, *config_overrides))
     if not spec.widths or not spec.schemes:
         raise ConfigError("widths and schemes: give at least one value each")
@@ -91,7 +95,23 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, config_over
                           f"({base.train.eval_every}) in a sweep, so every report carries {spec.metric}")
     if spec.metric.startswith("judge/") and base.eval.num_samples == 0:
         raise ConfigError(f"metric {spec.metric} needs the judge: set eval.num_samples > 0 in overrides")
+    check_asha(spec.asha, base.train.steps)
+    if is_uri(spec.storage_path):
+        raise ConfigError(f"storage_path {spec.storage_path}: a sweep keeps its trials in a folder (on a cluster, a "
+                          f"shared volume every node mounts); object-store URIs are for training runs' --storage-path")
     return spec
+
+
+def check_asha(asha: AshaSpec, steps: int) -> None:
+    """Ray Tune asserts these deep inside the first trial; say it when the sweep file loads instead."""
+    if not asha.enabled:
+        return
+    if not 1 <= asha.grace_period <= steps:
+        raise ConfigError(f"asha.grace_period ({asha.grace_period}) must be between 1 and train.steps ({steps}): "
+                          f"every trial runs at least that many steps. Lower asha.grace_period or raise train.steps")
+    if asha.reduction_factor < 2:
+        raise ConfigError(f"asha.reduction_factor ({asha.reduction_factor}) must be at least 2 (ASHA keeps 1 in "
+                          f"reduction_factor trials at each rung)")
 
 
 def trial_overrides(params: dict[str, Any], head_dim: int) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sd3ray.errors import Sd3rayError
 from sd3ray.redact import redact
 
 NETWORK_FILESYSTEMS = frozenset({
@@ -94,5 +95,5 @@ def check_shared(locations: dict[str, str], num_nodes: int) -> None:
             f"\n(If these folders are on a shared filesystem sd3ray does not recognise, set {ASSUME_SHARED_ENV}=1.)")
 
 
-class SharedStorageError(RuntimeError):
+class SharedStorageError(Sd3rayError):
     """A multi-node run was given a location that only one node can see."""

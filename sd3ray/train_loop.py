@@ -23,6 +23,7 @@ from sd3ray.config import Config, TrainConfig
 from sd3ray.context import RunContext
 from sd3ray.data import TrainingBatches, load_splits
 from sd3ray.ema import EMA
+from sd3ray.errors import Sd3rayError
 from sd3ray.flow import flow_loss
 from sd3ray.images import make_grid
 from sd3ray.inference import generate
@@ -32,7 +33,7 @@ from sd3ray.tracking import Tracker
 from sd3ray.validation import GRID_PROMPTS, GRID_SEED, ValidationSet, validation_losses
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(Sd3rayError):
     """The loss became NaN or infinite; no checkpoint was written after it did."""
 
 
