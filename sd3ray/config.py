@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from sd3ray.errors import Sd3rayError
+
 TimestepScheme = Literal["uniform", "logit_normal", "mode", "cosmap"]
 SamplerName = Literal["euler", "heun"]
 LrSchedule = Literal["constant", "cosine"]
@@ -24,7 +26,7 @@ Precision = Literal["auto", "fp32", "bf16"]
 LogCheckpoints = Literal["final", "none"]
 
 
-class ConfigError(ValueError):
+class ConfigError(Sd3rayError, ValueError):
     """A configuration value is unknown, of the wrong type, or impossible together with another."""
 
 
@@ -119,6 +121,8 @@ class TrackingConfig:
     run_name: str = ""
     parent_run_id: str = ""  # set by sweeps: the run is nested under this one in the MLflow UI
     log_checkpoints: LogCheckpoints = "final"
+    # at the end of a run, how long to wait for a tracking server that went away to take the writes kept for it
+    flush_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.eval.num_samples >= 0, "eval.num_samples", f"must be >= 0, got {cfg.eval.num_samples}")
     _require(cfg.eval.batch_size > 0, "eval.batch_size", f"must be > 0, got {cfg.eval.batch_size}")
     _require(cfg.data.num_val_images > 0, "data.num_val_images", "must be > 0")
+    _require(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",
+             f"must be >= 0, got {cfg.tracking.flush_timeout_s}")
 
 
 # ----------------------------------------------------------------------------------- dict <-> dataclass
@@ -306,16 +312,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[parts[-1]] = parse_yaml(raw, f"override {item!r}") if raw.strip() else ""
     return out
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> Python values (safe loader: plain data only), or a ConfigError naming `where` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}. Check indentation, colons and quotes") from None
+
+
+def read_yaml_file(path: str | Path, what: str, shipped: str) -> dict[str, Any]:
+    """A YAML mapping from a file; a missing file, malformed YAML or a non-mapping is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist; the shipped ones are {shipped}")
+    data = parse_yaml(p.read_text(), f"{what} {p}") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping of sections (e.g. `train:`), not a {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the built-in defaults when `path` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; the shipped ones are in configs/")
-        data = yaml.safe_load(p.read_text()) or {}
+    data = read_yaml_file(path, "config file", "in configs/") if path is not None else {}
     return from_dict(apply_overrides(data, overrides or []))

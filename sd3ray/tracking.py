@@ -3,7 +3,9 @@ rank 0 holds one (other ranks get a NullTracker)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -13,13 +15,15 @@ from typing import Protocol
 import numpy as np
 
 from sd3ray.config import Config, config_hash, flatten, to_yaml
+from sd3ray.errors import Sd3rayError
+from sd3ray.outbox import IMAGE_WEIGHT, Outbox, Write, is_permanent
 from sd3ray.redact import redact
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PROGRESS_METRIC = "train/loss"  # its last logged step marks how far a resumed run had logged
 
 
-class TrackingError(RuntimeError):
+class TrackingError(Sd3rayError):
     """The tracking backend cannot be reached or refused a request."""
 
 
@@ -99,21 +103,39 @@ def git_commit() -> str:
 
 
 class MlflowTracker:
-    """One MLflow run per training run; a resumed run continues the same run without duplicating steps."""
+    """One MLflow run per training run; a resumed run continues the same run without duplicating steps.
 
-    def __init__(self, uri: str, experiment: str, run_name: str = "") -> None:
+    Opening the run is synchronous (a server that is down at the start is a clear error). After that every write
+    goes through an `Outbox`: training never waits on the server, and writes made while it is down are delivered,
+    in order, when it is back. `finish` waits up to `tracking.flush_timeout_s` for the last ones; whatever the
+    server never took is saved under `train.output_dir/mlflow-undelivered/RUN_ID/` and named on the console.
+    """
+
+    def __init__(self, uri: str, experiment: str, run_name: str = "", flush_timeout_s: float = 120.0,
+                 max_pending: int = 20_000, retry_s: float = 5.0) -> None:
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
+        self.flush_timeout_s, self.max_pending, self.retry_s = flush_timeout_s, max_pending, retry_s
         self.run_id: str | None = None
         self._logged_through = -1  # metrics at or below this step were logged before a resume
+        self._outbox: Outbox | None = None
+        self._spool: Path | None = None  # undelivered writes and artifact copies wait here
 
     def start(self, cfg: Config, run_id: str | None = None, tags: dict[str, str] | None = None,
               run_name: str | None = None, parent_run_id: str | None = None) -> str | None:
         check_reachable(self.uri)
         from mlflow.tracking import MlflowClient
 
+        limit_client_retries(self.uri)
         self.client = MlflowClient(self.uri)
+        self.run_id = with_retries(lambda: self._open_run(cfg, run_id, tags, run_name, parent_run_id),
+                                   f"opening an MLflow run at {redact(self.uri)}")
+        self._spool = Path(cfg.train.output_dir).resolve() / "mlflow-undelivered" / self.run_id
+        self._outbox = Outbox(f"MLflow at {redact(self.uri)}", self.max_pending, self.retry_s)
+        return self.run_id
+
+    def _open_run(self, cfg: Config, run_id: str | None, tags: dict[str, str] | None, run_name: str | None,
+                  parent_run_id: str | None) -> str:
         if run_id is not None:
-            self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             history = self.client.get_metric_history(run_id, PROGRESS_METRIC)
             self._logged_through = max((m.step for m in history), default=-1)
@@ -129,14 +151,13 @@ class MlflowTracker:
         name = run_name if run_name is not None else (self.run_name or cfg.tracking.run_name)
         run = self.client.create_run(experiment_id, run_name=name or None,
                                      tags={k: redact(str(v)) for k, v in all_tags.items()})
-        self.run_id = run.info.run_id
         from mlflow.entities import Param
 
         params = [Param(k, redact(str(v))) for k, v in flatten(cfg).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(self.run_id, params=params[i : i + 100])
-        self.client.log_text(self.run_id, redact(to_yaml(cfg)), "config.yaml")
-        return self.run_id
+            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        self.client.log_text(run.info.run_id, redact(to_yaml(cfg)), "config.yaml")
+        return run.info.run_id
 
     def _parent_experiment(self, parent_run_id: str) -> str | None:
         """The parent's experiment, where a child run must live for the UI to nest it; None when the parent is not
@@ -148,27 +169,51 @@ class MlflowTracker:
         except MlflowException:
             return None
 
+    def _put(self, write: Write) -> None:
+        if self._outbox is None:
+            raise RuntimeError("MlflowTracker: start() a run before logging to it")
+        self._outbox.put(write)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if step <= self._logged_through:
             return
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        now = int(time.time() * 1000)  # fixed now: a re-sent batch is the same rows, which MLflow keeps once
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        run_id = self.run_id
+        self._put(Write(lambda: self.client.log_batch(run_id, metrics=batch), f"metrics of step {step}",
+                        record={"step": step, "timestamp": now, "metrics": {m.key: m.value for m in batch}}))
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         if step > self._logged_through:
-            self.client.log_image(self.run_id, image, key=key, step=step)
+            image, run_id = np.array(image, copy=True), self.run_id
+            self._put(Write(lambda: self.client.log_image(run_id, image, key=key, step=step),
+                            f"image {key} of step {step}", IMAGE_WEIGHT, record={"image": key, "step": step}))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if Path(path).is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Upload a file or folder; a copy is taken now, since the caller may delete it before it goes out."""
+        copy = spool_copy(Path(path), self._spool / "artifacts" / f"{time.time_ns()}")
+        run_id, client = self.run_id, self.client
+
+        def upload() -> None:
+            if copy.is_dir():
+                client.log_artifacts(run_id, str(copy), artifact_path)
+            else:
+                client.log_artifact(run_id, str(copy), artifact_path)
+            shutil.rmtree(copy.parent, ignore_errors=True)
+
+        self._put(Write(upload, f"artifact {Path(path).name}", record={"artifact": str(copy),
+                                                                       "artifact_path": artifact_path}))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, redact(str(v)))
+        run_id, clean = self.run_id, {k: redact(str(v)) for k, v in tags.items()}
+
+        def apply() -> None:
+            for k, v in clean.items():
+                self.client.set_tag(run_id, k, v)
+
+        self._put(Write(apply, f"tags {', '.join(clean)}", record={"tags": clean}))
 
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
         import tempfile
@@ -191,8 +236,72 @@ class MlflowTracker:
             return np.asarray(Image.open(local).convert("RGB"))
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status)
+        if self._outbox is None:
+            return
+        run_id = self.run_id
+        self._put(Write(lambda: self.client.set_terminated(run_id, status), f"run status {status}",
+                        record={"status": status}))
+        outbox, self._outbox = self._outbox, None
+        undelivered = outbox.close(self.flush_timeout_s)
+        if undelivered:
+            saved = save_undelivered(undelivered, self._spool)
+            print(f"sd3ray: warning: {redact(self.uri)} did not take {len(undelivered)} write(s) of run {run_id} "
+                  f"within tracking.flush_timeout_s={self.flush_timeout_s:g}; they are saved in {saved}", flush=True)
+        elif self._spool is not None and self._spool.is_dir():
+            shutil.rmtree(self._spool, ignore_errors=True)
+
+
+def limit_client_retries(uri: str) -> None:
+    """MLflow's client retries a failed request 7 times with exponential backoff (minutes). The outbox retries on
+    its own, so each request here gives up sooner; a user's own settings win."""
+    if uri.startswith(("http://", "https://")):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def with_retries(action, what: str, attempts: int = 6, first_wait_s: float = 1.0):
+    """Run `action`, retrying transient failures (a busy SQLite file, a server blip) with doubling waits; a
+    rejection or the last failure becomes a TrackingError."""
+    wait = first_wait_s
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as exc:
+            if is_permanent(exc) or attempt == attempts - 1:
+                raise TrackingError(f"{what} failed: {redact(str(exc).splitlines()[0] if str(exc) else repr(exc))}. "
+                                    f"Check the server and its credentials (MLFLOW_TRACKING_USERNAME/PASSWORD), "
+                                    f"or pass --no-tracking") from exc
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
+def spool_copy(source: Path, folder: Path) -> Path:
+    """`source` (file or folder) copied into `folder`: hard links where the filesystem allows (no bytes copied)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=link_or_copy)
+    else:
+        link_or_copy(str(source), str(target))
+    return target
+
+
+def save_undelivered(writes: list[Write], folder: Path) -> Path:
+    """Write what the server never took to folder/undelivered.jsonl (one JSON record per write, in order)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "undelivered.jsonl"
+    with open(path, "a") as f:
+        for write in writes:
+            f.write(json.dumps(write.record or {"what": write.what}) + "\n")
+    return path
 
 
 def make_tracker(cfg: Config, enabled: bool = True, uri: str | None = None) -> Tracker:
@@ -200,4 +309,4 @@ def make_tracker(cfg: Config, enabled: bool = True, uri: str | None = None) -> T
     if not enabled:
         return NullTracker()
     return MlflowTracker(resolve_tracking_uri(uri or cfg.tracking.uri), cfg.tracking.experiment,
-                         cfg.tracking.run_name)
+                         cfg.tracking.run_name, cfg.tracking.flush_timeout_s)

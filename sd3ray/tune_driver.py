@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sd3ray.config import ConfigError
 from sd3ray.ray_tune import SweepSpec, base_config, build_tuner, run_trial, trial_resources
 from sd3ray.sweep_report import to_markdown, write_summary
 from sd3ray.tracking import make_tracker
@@ -24,19 +25,23 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
     connect()
     tracker = make_tracker(base, enabled=tracking)
     if resume and not tune.Tuner.can_restore(str(storage)):
-        raise FileNotFoundError(f"--resume: no sweep to continue at {storage}; run without --resume first")
+        raise ConfigError(f"--resume: no sweep to continue at {storage}; run without --resume first")
     parent = json.loads(meta_path.read_text())["parent_run_id"] if resume and meta_path.is_file() else None
     parent = tracker.start(base, parent, tags={"sd3ray.sweep": spec.name}, run_name=f"sweep-{spec.name}") or ""
     meta_path.parent.mkdir(parents=True, exist_ok=True)
     meta_path.write_text(json.dumps({"parent_run_id": parent}))
-    if resume:
-        # finished trials keep their results; unfinished ones continue; failed ones stay failed
-        tuner = tune.Tuner.restore(str(storage), trainable=tune.with_resources(run_trial, trial_resources()),
-                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
-    else:
-        tuner = build_tuner(spec, storage, parent, tracking)
-    results = tuner.fit()
-    rows = write_summary(tracker, results, spec)
+    try:
+        if resume:
+            # finished trials keep their results; unfinished ones continue; failed ones stay failed
+            tuner = tune.Tuner.restore(str(storage), trainable=tune.with_resources(run_trial, trial_resources()),
+                                       resume_unfinished=True, resume_errored=False, restart_errored=False)
+        else:
+            tuner = build_tuner(spec, storage, parent, tracking)
+        results = tuner.fit()
+        rows = write_summary(tracker, results, spec)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
     tracker.finish("FINISHED")
     print(to_markdown(rows))
     return rows

@@ -69,36 +69,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_mlflow_server(root: Path, port: int):
+    """A real `mlflow server` on 127.0.0.1:port keeping its runs in root/mlflow.db and root/artifacts; returns the
+    process (its session leader) once /health answers. Starting it again on the same root brings the same store
+    back, as a restarted team server would."""
+    import sys
+
+    uri = f"http://127.0.0.1:{port}"
+    log_path = root / f"server-{time.time_ns()}.log"
+    proc = start_in_own_session(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        dict(os.environ), log_path)
+    try:
+        wait_until(lambda: http_status(f"{uri}/health") == 200, proc, log_path, "mlflow server")
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return proc
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts), stopped after the session."""
-    import subprocess
-    import sys
-    import urllib.request
-
-    root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
     try:
-        deadline = time.time() + 300  # a loaded 2-core machine can take minutes
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError as err:
-                if proc.poll() is not None or time.time() > deadline:
-                    tail = (root / "server.log").read_text()[-3000:]
-                    raise RuntimeError(f"mlflow server did not start:\n{tail}") from err
-                time.sleep(0.5)
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(proc)
-        log.close()
 
 
 def start_in_own_session(command: list[str], env: dict[str, str], log_path: Path):

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -61,3 +62,94 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path: Path, monkeypatch: pytes
     assert resolve_tracking_uri("") == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
     assert resolve_tracking_uri("") == "http://example:5000"
+
+
+@pytest.fixture
+def restartable_server(tmp_path: Path):
+    """A real MLflow server the test can stop and start again on the same port and store."""
+    from tests.conftest import free_port, start_mlflow_server, stop_process_group
+
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    server = {"proc": start_mlflow_server(root, port)}
+
+    def stop() -> None:
+        stop_process_group(server["proc"])
+
+    def start() -> None:
+        server["proc"] = start_mlflow_server(root, port)
+
+    try:
+        yield f"http://127.0.0.1:{port}", stop, start
+    finally:
+        stop()
+
+
+def test_writes_made_while_the_server_is_down_arrive_after_it_restarts(restartable_server, micro_config) -> None:
+    import time
+
+    uri, stop, start = restartable_server
+    tracker = MlflowTracker(uri, "outage", "outage", retry_s=0.5)
+    run_id = tracker.start(micro_config())
+    for step in range(1, 6):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    stop()
+    began = time.monotonic()
+    for step in range(6, 16):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    tracker.log_image("samples", np.zeros((8, 8, 3), dtype=np.uint8), 15)
+    tracker.set_tags({"sd3ray.note": "written while the server was down"})
+    assert time.monotonic() - began < 10, "logging waited on a stopped server"
+    start()
+    tracker.finish()
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, 16))  # every step once, none lost
+    assert run.info.status == "FINISHED" and run.data.tags["sd3ray.note"] == "written while the server was down"
+    assert any(path.startswith("images/samples+step+15+") for path in _artifacts(client, run_id, "images"))
+
+
+def test_a_training_run_outlives_a_server_restart(restartable_server, mnist_parquet: Path, tmp_path: Path) -> None:
+    """jobs/train.py keeps training while the server is down; every logged step reaches the server."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import MICRO, REPO_ROOT
+
+    uri, stop, start = restartable_server
+    steps, log_every = 400, 10
+    command = [sys.executable, "jobs/train.py", "--local", "--device", "cpu", "--config", "configs/mnist_tiny.yaml",
+               "--name", "outage", "--steps", str(steps),
+               *[arg for item in [*MICRO, f"data.parquet_dir={mnist_parquet}", f"train.output_dir={tmp_path / 'runs'}",
+                                  f"train.log_every={log_every}", "train.eval_every=200", "train.ckpt_every=200",
+                                  "tracking.experiment=outage", "tracking.flush_timeout_s=300"]
+                 for arg in ("--set", item)]]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        client = MlflowClient(uri)
+        deadline = time.monotonic() + 300
+        while not ((experiment := client.get_experiment_by_name("outage"))
+                   and client.search_runs([experiment.experiment_id], "metrics.`train/loss` > 0")):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        stop()
+        stopped_at = log.read_text().count("\nstep ")
+        time.sleep(8)  # the run goes on without its server
+        start()
+        assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    assert "is unreachable" in output and output.count("\nstep ") > stopped_at, output[-3000:]
+    run = client.search_runs([client.get_experiment_by_name("outage").experiment_id])[0]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(log_every, steps + 1, log_every)), output[-3000:]
+    assert run.info.status == "FINISHED"
