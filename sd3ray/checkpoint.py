@@ -13,6 +13,7 @@ so a crash mid-write can never produce a directory that resume would take for a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -27,7 +28,8 @@ import torch
 import yaml
 
 from sd3ray.config import Config, config_hash, flatten, from_dict, to_yaml
-from sd3ray.errors import Sd3rayError
+from sd3ray.errors import Sd3rayError, StorageError
+from sd3ray.redact import redact
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -58,13 +60,43 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _WriteRecorder:
+    """A file for torch.save that remembers the OSError a write raised: torch reports a failed write (a full disk)
+    as a RuntimeError about zip positions, and the errno is what tells a full disk from a bug."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def save_tensors(obj: Any, path: Path) -> None:
+    """torch.save, raising the OSError itself (e.g. ENOSPC) when the filesystem refuses a write."""
+    with open(path, "wb") as f:
+        recorder = _WriteRecorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+
+
 def write_checkpoint(directory: Path, data: CheckpointData, weights_only: bool = False) -> Path:
     """Write `data` into the (new or empty) `directory`, manifest last. Prefer `save_checkpoint` for atomicity."""
     directory.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": data.model, "ema": data.ema}, directory / "model.pt")
+    save_tensors({"model": data.model, "ema": data.ema}, directory / "model.pt")
     if not weights_only:
-        torch.save({"optimizer": data.optimizer, "scheduler": data.scheduler}, directory / "optimizer.pt")
-        torch.save(data.rng or {}, directory / "rng.pt")
+        save_tensors({"optimizer": data.optimizer, "scheduler": data.scheduler}, directory / "optimizer.pt")
+        save_tensors(data.rng or {}, directory / "rng.pt")
     meta = {**data.meta, "step": data.step, "config_hash": config_hash(data.config), "format": FORMAT_VERSION,
             "weights_only": weights_only}
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -76,8 +108,16 @@ def write_checkpoint(directory: Path, data: CheckpointData, weights_only: bool =
     return directory
 
 
+def out_of_space(exc: OSError, where: Path | str, step: int, kept: str) -> StorageError:
+    """The error for a checkpoint that did not fit: what is intact (`kept`), and what to do."""
+    return StorageError(f"no space left in {redact(str(where))} while writing the step-{step} checkpoint "
+                        f"({exc.strerror}); {kept}. Free space there or set train.output_dir (or --storage-path) "
+                        f"to a larger disk, then resume")
+
+
 def save_checkpoint(root: Path, data: CheckpointData, keep: int | None = None) -> Path:
-    """Atomically create root/step_XXXXXXXX and keep only the newest `keep` checkpoints."""
+    """Atomically create root/step_XXXXXXXX and keep only the newest `keep` checkpoints. A full disk leaves the
+    existing checkpoints as they were and raises StorageError."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{STEP_PREFIX}{data.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
@@ -89,8 +129,12 @@ def save_checkpoint(root: Path, data: CheckpointData, keep: int | None = None) -
         if final.exists():  # a re-run of the same step replaces the old one whole
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            previous = latest_checkpoint(root)
+            kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise out_of_space(exc, root, data.step, f"nothing was half-written and {kept}") from exc
         raise
     if keep is not None:
         for old in list_checkpoints(root)[:-keep]:
@@ -168,3 +212,36 @@ def load_checkpoint(directory: Path, expected: Config | None = None, map_locatio
         data.optimizer, data.scheduler = opt["optimizer"], opt["scheduler"]
         data.rng = load_tensors(directory / "rng.pt")
     return data
+
+
+def upload_checkpoint(local: Path, destination: str, attempts: int = 5, first_wait_s: float = 2.0) -> None:
+    """Copy a checkpoint directory to `destination` (a folder or a URI such as s3://bucket/runs/NAME/step_...),
+    MANIFEST.json last, so that a copy cut short is never taken for a checkpoint. Transient failures (a throttled
+    or briefly unreachable object store, beyond its client's own retries) are retried with doubling waits; a full
+    destination, or the last failure, is a StorageError."""
+    import time
+
+    import pyarrow.fs as pafs
+
+    from sd3ray.data import open_folder
+
+    fs, root = open_folder(destination)
+    names = sorted((p.name for p in local.iterdir() if p.is_file()), key=lambda name: name == MANIFEST)
+    wait = first_wait_s
+    for attempt in range(1, attempts + 1):
+        try:
+            fs.create_dir(root, recursive=True)
+            for name in names:
+                pafs.copy_files(str(local / name), f"{root}/{name}", destination_filesystem=fs)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                step = int(json.loads((local / "meta.json").read_text())["step"])
+                raise out_of_space(exc, destination, step, "earlier checkpoints there are untouched") from exc
+            if attempt == attempts:
+                raise StorageError(f"could not write checkpoint {local.name} to {redact(destination)} after {attempts} "
+                                   f"attempts ({exc}); check the storage's reachability and credentials") from exc
+            print(f"sd3ray: warning: writing checkpoint {local.name} failed ({exc}); retrying in {wait:g} s "
+                  f"({attempt}/{attempts})", flush=True)
+            time.sleep(wait)
+            wait *= 2

@@ -8,6 +8,7 @@ rank reports the same number of times.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -24,9 +25,9 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from sd3ray.checkpoint import CheckpointData, write_checkpoint
+from sd3ray.checkpoint import CheckpointData, out_of_space, upload_checkpoint, write_checkpoint
 from sd3ray.config import Config, from_dict, to_dict
-from sd3ray.data import prepare_dataset
+from sd3ray.data import open_folder, prepare_dataset
 from sd3ray.errors import ResourceError, Sd3rayError, StorageError
 from sd3ray.redact import redact
 from sd3ray.shared_storage import check_shared, is_uri, join
@@ -34,6 +35,7 @@ from sd3ray.tracking import NullTracker, check_reachable, make_tracker, resolve_
 from sd3ray.train_loop import train
 
 Placement = Literal["PACK", "SPREAD"]
+PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
 
 
 @dataclass(frozen=True)
@@ -100,13 +102,27 @@ class RayContext:
         tmp = Path(tempfile.mkdtemp(prefix="sd3ray-ckpt-"))
         try:
             name = f"step_{data.step:08d}"
-            write_checkpoint(tmp / name, data)
-            ray.train.report(scalars, checkpoint=Checkpoint.from_directory(str(tmp / name)), checkpoint_dir_name=name)
+            try:
+                write_checkpoint(tmp / name, data)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise out_of_space(exc, tmp, data.step, "the checkpoints already in storage are intact") from exc
+            ray.train.report(scalars, checkpoint=Checkpoint.from_directory(str(tmp / name)), checkpoint_dir_name=name,
+                             checkpoint_upload_fn=self._upload)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if data.step == self.debug.kill_after_checkpoint and self._restored is None:
             die_like_a_lost_node(data.step)
         return f"{self.run_storage}/{name}"
+
+
+    def _upload(self, checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
+        """Ray's own upload gives up at the first failure; this one retries transient ones (upload_checkpoint)."""
+        destination = join(self.run_storage, dir_name)
+        upload_checkpoint(Path(checkpoint.path), destination)
+        fs, path = open_folder(destination)
+        return Checkpoint(path=path, filesystem=fs)
 
 
 def die_like_a_lost_node(step: int) -> None:
@@ -126,7 +142,11 @@ def train_worker(config: dict[str, Any]) -> None:
     ctx = RayContext(config["run_storage"], debug)
     tracking = config["tracking"] and ctx.is_main
     tracker = make_tracker(cfg, enabled=True, uri=config["tracking_uri"]) if tracking else NullTracker()
-    result = train(cfg, ctx, tracker)
+    try:
+        result = train(cfg, ctx, tracker)
+    except Sd3rayError as exc:
+        # An explained error needs no stack: Ray logs what the worker raised, and the driver prints the message.
+        raise exc.with_traceback(None) from None
     if debug.save_replica_to:
         torch.save(result.model.state_dict(), Path(debug.save_replica_to) / f"rank{ctx.rank}.pt")
 
@@ -163,6 +183,9 @@ def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = Fals
     many nodes as it can (one per node where there are enough); PACK, Ray's default, fills a node first."""
     cfg = _absolute_paths(cfg)
     storage = storage_path or default_storage(cfg)
+    # Train V2 hands each worker's print() to a logger that writes to stderr and, because Ray wraps the worker's
+    # stdout, to stdout as well: every line reached the console twice. Ray propagates this from the driver.
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
     uri = resolve_tracking_uri(cfg.tracking.uri)
     loop_config = {"cfg": to_dict(cfg), "tracking": tracking, "tracking_uri": uri,
                    "run_storage": join(storage, name), "debug": asdict(debug or DebugHooks())}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -194,3 +195,30 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
         ray.shutdown()
         stop_process_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+BUCKET = "sd3ray"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory):
+    """moto's S3 server on 127.0.0.1 with one bucket; `uri(key)` names a key the way pyarrow and Ray open it."""
+    import boto3
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    server = start_in_own_session([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+                                   str(port)], env, log)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_status(f"{endpoint}/moto-api/") == 200, server, log, "moto S3 server")
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                              aws_secret_access_key="testing")
+        client.create_bucket(Bucket=BUCKET)
+        credentials = {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+        yield {"endpoint": endpoint, "client": client, "env": credentials,
+               "uri": lambda key: f"s3://{BUCKET}/{key}?endpoint_override=127.0.0.1:{port}&scheme=http"}
+    finally:
+        stop_process_group(server)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import (
+    BUCKET,
     MICRO,
     REPO_ROOT,
     free_port,
@@ -32,33 +33,8 @@ from tests.conftest import (
 
 pytestmark = pytest.mark.integration
 
-BUCKET = "sd3ray"
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 ADMIN = ("admin", "multinode-Passw0rd")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory):
-    """moto's S3 server on 127.0.0.1 with one bucket; `uri(key)` names a key the way pyarrow and Ray open it."""
-    import boto3
-
-    port = free_port()
-    log = tmp_path_factory.mktemp("s3") / "moto.log"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    server = start_in_own_session([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
-                                   str(port)], env, log)
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_status(f"{endpoint}/moto-api/") == 200, server, log, "moto S3 server")
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                              aws_secret_access_key="testing")
-        client.create_bucket(Bucket=BUCKET)
-        credentials = {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-        yield {"endpoint": endpoint, "client": client, "env": credentials,
-               "uri": lambda key: f"s3://{BUCKET}/{key}?endpoint_override=127.0.0.1:{port}&scheme=http"}
-    finally:
-        stop_process_group(server)
 
 
 def _postgres_bin(name: str) -> str:
