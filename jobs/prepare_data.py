@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 from sd3ray.cli import job_parser, run_job
-from sd3ray.data import DataError, prepare_mnist, read_metadata
+from sd3ray.data import prepare_mnist, read_metadata
 
 
 def main() -> int:
@@ -23,11 +23,7 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=32, help="pad 28×28 digits to this size (default 32)")
     parser.add_argument("--no-download", action="store_true", help="never try the network")
     args = parser.parse_args()
-    try:
-        out = prepare_mnist(args.data_root, args.out, args.image_size, download=not args.no_download)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    out = prepare_mnist(args.data_root, args.out, args.image_size, download=not args.no_download)
     meta = read_metadata(out)
     counts = ", ".join(f"{k}: {v['count']}" for k, v in meta["splits"].items())
     print(f"wrote {out} ({meta['channels']}×{meta['image_size']}×{meta['image_size']}; {counts})")

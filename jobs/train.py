@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import argparse
 import time
+from dataclasses import replace
 
 from sd3ray.cli import (
     add_config_args,
@@ -59,6 +60,8 @@ def main() -> int:
     extra += [f"train.max_minutes={args.max_minutes}"] if args.max_minutes is not None else []
     cfg = config_from_args(parser, args, extra)
     name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not cfg.tracking.run_name:  # the MLflow run carries the run's name, not a random one
+        cfg = replace(cfg, tracking=replace(cfg.tracking, run_name=name))
     if args.local:
         from sd3ray.local import run_local
 

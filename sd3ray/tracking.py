@@ -146,8 +146,7 @@ class MlflowTracker:
         if experiment_id is not None:
             all_tags["mlflow.parentRunId"] = parent
         else:
-            experiment = self.client.get_experiment_by_name(self.experiment)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(self.experiment)
+            experiment_id = self._experiment_id()
         name = run_name if run_name is not None else (self.run_name or cfg.tracking.run_name)
         run = self.client.create_run(experiment_id, run_name=name or None,
                                      tags={k: redact(str(v)) for k, v in all_tags.items()})
@@ -158,6 +157,20 @@ class MlflowTracker:
             self.client.log_batch(run.info.run_id, params=params[i : i + 100])
         self.client.log_text(run.info.run_id, redact(to_yaml(cfg)), "config.yaml")
         return run.info.run_id
+
+    def _experiment_id(self) -> str:
+        """The configured experiment's id, created if new. Concurrent runs (a sweep's trials, parallel jobs) may
+        race to create it: the loser takes the winner's."""
+        from mlflow.exceptions import MlflowException
+
+        if experiment := self.client.get_experiment_by_name(self.experiment):
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment)
+        except MlflowException:
+            if experiment := self.client.get_experiment_by_name(self.experiment):
+                return experiment.experiment_id
+            raise
 
     def _parent_experiment(self, parent_run_id: str) -> str | None:
         """The parent's experiment, where a child run must live for the UI to nest it; None when the parent is not
