@@ -17,7 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODES = ("mlflow-client", "sd3ray-tracker")
+# mlflow-client: the writers race to create their (new) experiment, as parallel runs into a new experiment do;
+# mlflow-client-existing: the experiment exists, so only the metric writes contend
+MODES = ("mlflow-client", "mlflow-client-existing", "sd3ray-tracker")
 
 
 def plain_client_writer(store: str, experiment: str, batches: int, start: mp.Event, out: mp.Queue) -> None:
@@ -71,8 +73,10 @@ def tracker_writer(store: str, experiment: str, batches: int, start: mp.Event, o
 def run(mode: str, store: str, writers: int, batches: int) -> dict[str, float | str]:
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(store).search_experiments()  # the store exists first, as a sweep's driver makes it
-    target = plain_client_writer if mode == "mlflow-client" else tracker_writer
+    client = MlflowClient(store)  # the store exists first, as a sweep's driver makes it
+    if mode == "mlflow-client-existing":
+        client.create_experiment(f"load-{mode}")
+    target = tracker_writer if mode == "sd3ray-tracker" else plain_client_writer
     start, out = mp.Event(), mp.Queue()
     procs = [mp.Process(target=target, args=(store, f"load-{mode}", batches, start, out)) for _ in range(writers)]
     for proc in procs:

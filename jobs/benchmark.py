@@ -26,7 +26,7 @@ import torch
 from benchmarks.ray_overhead import ray_overhead_config, ray_overhead_rows, ray_setups
 from benchmarks.report import benchmark_metrics, log_benchmark, markdown_report, row_key
 from benchmarks.speed import H100_BF16_DENSE_TFLOPS, data_path_row, full_step_tflop, mfu, model_step_rows, sampling_row
-from sd3ray.cli import add_config_args, config_from_args, job_parser, positive_int, run_job
+from sd3ray.cli import add_config_args, add_tracking_args, config_from_args, job_parser, positive_int, run_job
 from sd3ray.config import ConfigError, load_config
 from sd3ray.context import default_device
 
@@ -47,8 +47,7 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--ray-overhead", metavar="CONFIG", type=Path,
                         help="also train CONFIG locally and on Ray workers (1×all CPUs, 1×1, 2×1; needs ray)")
     parser.add_argument("--ray-overhead-steps", type=positive_int, default=400)
-    parser.add_argument("--tracking-uri", default="", help="MLflow server (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
-    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    add_tracking_args(parser)
     parser.add_argument("--output", type=Path, default=Path("benchmark.json"), help="JSON; the table goes beside it")
     return parser, parser.parse_args()
 

@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from sd3ray.cli import job_parser, non_negative_float, positive_int, run_job
+from sd3ray.cli import add_tracking_args, job_parser, non_negative_float, positive_int, run_job
 from sd3ray.context import default_device
 from sd3ray.data import read_split
 from sd3ray.inference import load_ema_model
@@ -33,8 +33,7 @@ def main() -> int:
     parser.add_argument("--sampler", choices=["euler", "heun"])
     parser.add_argument("--parquet-dir", help="real digits for the judge (default: the run's data.parquet_dir)")
     parser.add_argument("--device", choices=["cuda", "cpu"])
-    parser.add_argument("--tracking-uri", default="", help="MLflow server (default: $MLFLOW_TRACKING_URI, ./mlflow.db)")
-    parser.add_argument("--no-tracking", action="store_true")
+    add_tracking_args(parser)
     parser.add_argument("--output", type=Path, help="also write results.md/results.json here")
     args = parser.parse_args()
 

@@ -19,7 +19,7 @@ import argparse
 import numpy as np
 import torch
 
-from sd3ray.cli import job_parser, non_negative_float, positive_int, run_job
+from sd3ray.cli import add_tracking_args, job_parser, non_negative_float, positive_int, run_job
 from sd3ray.context import default_device
 from sd3ray.images import make_grid, save_png
 from sd3ray.inference import generate, load_ema_model
@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("samples"))
     parser.add_argument("--device", choices=["cuda", "cpu"])
-    parser.add_argument("--tracking-uri", default="", help="MLflow server for run ids (default: $MLFLOW_TRACKING_URI)")
+    add_tracking_args(parser, writes=False)  # to find a checkpoint by MLflow run id
     args = parser.parse_args()
     if args.prompts_file:
         if not args.prompts_file.is_file():

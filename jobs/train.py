@@ -19,6 +19,7 @@ from dataclasses import replace
 from sd3ray.cli import (
     add_config_args,
     add_data_args,
+    add_tracking_args,
     config_from_args,
     data_overrides,
     job_parser,
@@ -27,10 +28,12 @@ from sd3ray.cli import (
     run_job,
 )
 
+GPU_CONFIG, CPU_CONFIG = "configs/mnist.yaml", "configs/mnist_tiny.yaml"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = job_parser(__doc__)
-    add_config_args(parser)
+    add_config_args(parser, default=None, default_help=f"{GPU_CONFIG} where there is a GPU, else {CPU_CONFIG}")
     parser.add_argument("--local", action="store_true", help="run in this process instead of on Ray workers")
     parser.add_argument("--name", help="run name: checkpoints go to OUTPUT_DIR/NAME (default: config + time)")
     parser.add_argument("--resume", metavar="latest|PATH", help="continue from a checkpoint (local mode)")
@@ -38,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=positive_int, help="training steps (sets train.steps)")
     parser.add_argument("--max-minutes", type=non_negative_float, help="wall-clock budget (sets train.max_minutes)")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="local mode: force a device")
-    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    add_tracking_args(parser)
     ray = parser.add_argument_group("Ray Train (default mode)")
     ray.add_argument("--workers", type=positive_int, default=1, help="number of training workers")
     accel = ray.add_mutually_exclusive_group()
@@ -46,15 +49,34 @@ def build_parser() -> argparse.ArgumentParser:
     accel.add_argument("--cpu", action="store_true", help="CPU workers with gloo, even on a GPU cluster")
     ray.add_argument("--storage-path", help="where Ray stores checkpoints: a folder or a URI such as s3://bucket/x")
     ray.add_argument("--max-failures", type=int, default=0, help="restarts from the last checkpoint on failure")
-    ray.add_argument("--cpus-per-worker", type=positive_int, default=1, help="CPUs (and torch threads) per worker")
+    ray.add_argument("--cpus-per-worker", type=positive_int,
+                     help="CPUs (and torch threads) per worker (default: CPU workers share the cluster's CPUs, "
+                          "GPU workers take 1)")
     ray.add_argument("--placement", choices=["pack", "spread"], default="pack",
                      help="pack workers onto as few nodes as fit (default), or spread them one per node")
     return parser
 
 
+def default_config(args: argparse.Namespace) -> str:
+    """The 66M model where it trains at a useful speed (a GPU), the small one elsewhere; said in one line."""
+    if args.local:
+        import torch
+
+        gpu = args.device != "cpu" and torch.cuda.is_available()
+    else:
+        from sd3ray.ray_train import cluster_gpus
+
+        gpu = not args.cpu and cluster_gpus() >= 1
+    if not gpu:
+        print(f"sd3ray: no GPU {'here' if args.local else 'in the Ray cluster'}: training {CPU_CONFIG}, the CPU "
+              f"config; --config {GPU_CONFIG} trains the 66M model", flush=True)
+    return GPU_CONFIG if gpu else CPU_CONFIG
+
+
 def main() -> int:
     parser = build_parser()
     args = parser.parse_args()
+    args.config = args.config or default_config(args)
     extra = data_overrides(args)
     extra += [f"train.steps={args.steps}"] if args.steps else []
     extra += [f"train.max_minutes={args.max_minutes}"] if args.max_minutes is not None else []

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import argparse
 
-from sd3ray.cli import add_data_args, data_overrides, job_parser, run_job
+from sd3ray.cli import add_data_args, add_tracking_args, data_overrides, job_parser, run_job
 from sd3ray.config import ConfigError
 from sd3ray.ray_tune import load_sweep
 from sd3ray.tune_driver import run_sweep
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a sweep value, e.g. --set name=my-sweep (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep of the same name; finished "
                                                               "trials are not rerun")
-    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    add_tracking_args(parser)
     add_data_args(parser)
     return parser
 

@@ -43,8 +43,9 @@ def run_job(main: Callable[[], int]) -> NoReturn:
     sys.exit(code)
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: str = "configs/mnist.yaml") -> None:
-    parser.add_argument("--config", default=default, help=f"YAML config (default {default})")
+def add_config_args(parser: argparse.ArgumentParser, default: str | None = "configs/mnist.yaml",
+                    default_help: str = "") -> None:
+    parser.add_argument("--config", default=default, help=f"YAML config (default {default_help or default})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.width=512 (repeatable)")
 
@@ -63,10 +64,19 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parquet-dir", help="prepared Parquet shards, made on first use (data.parquet_dir)")
 
 
+def add_tracking_args(parser: argparse.ArgumentParser, writes: bool = True) -> None:
+    """The tracking flags every job takes: where MLflow is, and (for jobs that log) a way to log nothing."""
+    parser.add_argument("--tracking-uri", default="",
+                        help="MLflow server or store (sets tracking.uri; default $MLFLOW_TRACKING_URI, ./mlflow.db)")
+    if writes:
+        parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+
 def data_overrides(args: argparse.Namespace) -> list[str]:
-    """`--set` overrides for the data flags that were given."""
+    """`--set` overrides for the data and tracking flags that were given."""
     out = [f"data.raw_root={args.data_root}"] if args.data_root else []
-    return out + ([f"data.parquet_dir={args.parquet_dir}"] if args.parquet_dir else [])
+    out += [f"data.parquet_dir={args.parquet_dir}"] if args.parquet_dir else []
+    return out + ([f"tracking.uri={args.tracking_uri}"] if getattr(args, "tracking_uri", "") else [])
 
 
 def positive_int(text: str) -> int:

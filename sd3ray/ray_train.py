@@ -271,8 +271,23 @@ def connect(timeout_s: float = 10.0) -> None:
         raise ClusterUnreachable(f"cannot join the Ray cluster at {address} (from {source}): {exc}") from exc
 
 
+def cluster_gpus() -> float:
+    """GPUs in the cluster sd3ray joins (connecting first)."""
+    connect()
+    return ray.cluster_resources().get("GPU", 0)
+
+
+def default_cpus_per_worker(workers: int, use_gpu: bool) -> int:
+    """CPU workers share the cluster's CPUs (one worker on a 2-core machine gets both, and torch as many threads),
+    no more than the largest node has; a GPU worker needs one to feed its GPU."""
+    if use_gpu:
+        return 1
+    per_node = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    return max(1, int(min(ray.cluster_resources().get("CPU", 1) // workers, max(per_node, default=1))))
+
+
 def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = None, storage_path: str | None = None,
-            max_failures: int = 0, tracking: bool = True, cpus_per_worker: int = 1,
+            max_failures: int = 0, tracking: bool = True, cpus_per_worker: int | None = None,
             placement: Placement = "PACK") -> ray.train.Result:
     """Run checks and prepare data on the driver, then fit."""
     storage = storage_path or default_storage(cfg)
@@ -284,12 +299,14 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
         check_reachable(resolve_tracking_uri(cfg.tracking.uri))
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers, use_gpu)
     check_resources(workers, use_gpu, cpus_per_worker)
     check_storage(storage)
     prepare_dataset(cfg)  # once, here: the workers only read it
     trainer = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking,
                             cpus_per_worker=cpus_per_worker, placement=placement)
-    print(redact(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s) on {nodes} "
+    print(redact(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s) × "
+                 f"{cpus_per_worker} CPU on {nodes} "
                  f"node(s) ({placement.lower()}), global batch {cfg.train.batch_size * workers}; "
                  f"checkpoints -> {join(storage, name)}; "
                  f"MLflow -> {resolve_tracking_uri(cfg.tracking.uri) if tracking else 'off'}"), flush=True)

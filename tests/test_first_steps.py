@@ -49,10 +49,13 @@ def test_readme_commands_work_in_the_order_a_new_user_types_them(mnist_parquet: 
     sets = [a for s in [*MICRO, f"train.output_dir={tmp_path / 'runs'}", "train.eval_every=4", "train.ckpt_every=4"]
             for a in ("--set", s)]
 
-    # 1. The first command: jobs/train.py on the local Ray cluster it starts itself.
-    first = _run([sys.executable, "jobs/train.py", "--config", "configs/mnist_tiny.yaml", "--cpu", "--steps", "4",
-                  "--parquet-dir", str(mnist_parquet), *sets], env)
+    # 1. The first command: jobs/train.py on the local Ray cluster it starts itself. With no GPU and no --config it
+    # trains the CPU config, on one worker that has every CPU of the machine's local cluster.
+    first = _run([sys.executable, "jobs/train.py", "--steps", "4", "--parquet-dir", str(mnist_parquet), *sets], env)
     assert "done at step 4" in first.stdout, first.stdout[-2000:]
+    assert "no GPU in the Ray cluster: training configs/mnist_tiny.yaml, the CPU config" in first.stdout
+    cpus = os.cpu_count()
+    assert f"1 CPU worker(s) × {cpus} CPU on 1 node(s)" in first.stdout and f"({cpus} threads)" in first.stdout
     assert (home / ".ray/auth_token").is_file()  # what makes the next section need RAY_AUTH_MODE=token
     params = next(line for line in first.stdout.splitlines() if "MM-DiT" in line)
     worker_line = params[params.index("sd3ray: "):]
@@ -60,6 +63,9 @@ def test_readme_commands_work_in_the_order_a_new_user_types_them(mnist_parquet: 
 
     # 2. The distributed section, as README has it (ports and temp dir are the test's own).
     cluster = {**env, "RAY_AUTH_MODE": "token"}
+    token = (home / ".ray/auth_token").read_text()
+    _run(["ray", "get-auth-token", "--generate"], cluster)
+    assert (home / ".ray/auth_token").read_text() == token  # kept, not replaced
     gcs_port, dashboard_port = free_port(), free_port()
     temp_dir, log = ray_temp_dir(), tmp_path / "head.log"
     head = start_in_own_session(
@@ -74,7 +80,7 @@ def test_readme_commands_work_in_the_order_a_new_user_types_them(mnist_parquet: 
                        "python", "jobs/train.py", "--config", "configs/mnist_tiny.yaml", "--workers", "2", "--cpu",
                        "--name", "ddp", "--steps", "4", "--storage-path", str(tmp_path / "ray"),
                        "--parquet-dir", str(mnist_parquet), *sets, "--set", f"tracking.uri={uri}"], cluster)
-        assert "2 CPU worker(s) on 1 node(s)" in submit.stdout, submit.stdout[-3000:]
+        assert "2 CPU worker(s) × 1 CPU on 1 node(s)" in submit.stdout, submit.stdout[-3000:]
         assert "SUCCEEDED" in _run(["ray", "job", "list", "--address", dashboard], cluster).stdout
 
         # 3. A sweep on the same cluster (README: `python jobs/tune.py` joins the cluster `ray start` left; this

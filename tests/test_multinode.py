@@ -211,7 +211,7 @@ def test_two_nodes_train_from_s3_data_into_s3_checkpoints_and_the_team_mlflow_se
                          *_micro_args("train.log_every=1", "train.ckpt_every=2", "train.eval_every=2",
                                       f"tracking.uri={team_mlflow}", "tracking.experiment=multinode"))
     assert run.returncode == 0, _logs(run)[-5000:]
-    assert "2 CPU worker(s) on 2 node(s) (spread)" in run.stdout
+    assert "2 CPU worker(s) × 1 CPU on 2 node(s) (spread)" in run.stdout
     keys = _keys(s3, "runs/spread/")
     for step in ("step_00000002", "step_00000004"):
         assert f"runs/spread/{step}/MANIFEST.json" in keys and f"runs/spread/{step}/model.pt" in keys

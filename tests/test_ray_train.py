@@ -31,7 +31,7 @@ def test_ray_job_submit_end_to_end(ray_head, mnist_parquet: Path, tmp_path: Path
     status = subprocess.run(["ray", "job", "status", "--address", ray_head["dashboard"], "sd3ray-test-job"],
                             env=ray_head["env"], capture_output=True, text=True, timeout=60)
     assert "succeeded" in status.stdout.lower(), f"{submit.stdout[-4000:]}\n{submit.stderr[-2000:]}\n{status.stdout}"
-    assert "2 CPU worker(s) on 1 node(s) (pack), global batch 32" in submit.stdout
+    assert "2 CPU worker(s) × 1 CPU on 1 node(s) (pack), global batch 32" in submit.stdout
 
     checkpoints = sorted(p.name for p in (tmp_path / "storage/jobtest").glob("step_*"))
     assert checkpoints[-1] == "step_00000004" and (tmp_path / "storage/jobtest/step_00000004/MANIFEST.json").is_file()
