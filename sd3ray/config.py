@@ -123,6 +123,7 @@ class TrackingConfig:
     log_checkpoints: LogCheckpoints = "final"
     # at the end of a run, how long to wait for a tracking server that went away to take the writes kept for it
     flush_timeout_s: float = 120.0
+    system_metrics_every_s: float = 10.0  # CPU/GPU use and memory as system/* metrics (rank 0); 0 = off
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,8 @@ def validate(cfg: Config) -> None:
     _require(cfg.eval.num_samples >= 0, "eval.num_samples", f"must be >= 0, got {cfg.eval.num_samples}")
     _require(cfg.eval.batch_size > 0, "eval.batch_size", f"must be > 0, got {cfg.eval.batch_size}")
     _require(cfg.data.num_val_images > 0, "data.num_val_images", "must be > 0")
+    _require(cfg.tracking.system_metrics_every_s >= 0, "tracking.system_metrics_every_s",
+             f"must be >= 0 (0 = off), got {cfg.tracking.system_metrics_every_s}")
     _require(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",
              f"must be >= 0, got {cfg.tracking.flush_timeout_s}")
 

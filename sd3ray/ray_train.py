@@ -31,7 +31,7 @@ from sd3ray.data import open_folder, prepare_dataset
 from sd3ray.errors import ResourceError, Sd3rayError, StorageError
 from sd3ray.redact import redact
 from sd3ray.shared_storage import check_shared, is_uri, join
-from sd3ray.tracking import NullTracker, check_reachable, make_tracker, resolve_tracking_uri
+from sd3ray.tracking import NullTracker, check_reachable, make_tracker, resolve_tracking_uri, source_tags
 from sd3ray.train_loop import train
 
 Placement = Literal["PACK", "SPREAD"]
@@ -140,6 +140,7 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(config["cfg"])
     debug = DebugHooks(**config.get("debug", {}))
     ctx = RayContext(config["run_storage"], debug)
+    ctx.run_tags.update(config.get("source_tags", {}))
     tracking = config["tracking"] and ctx.is_main
     tracker = make_tracker(cfg, enabled=True, uri=config["tracking_uri"]) if tracking else NullTracker()
     try:
@@ -188,7 +189,8 @@ def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = Fals
     os.environ.setdefault(PRINT_PATCH_ENV, "0")
     uri = resolve_tracking_uri(cfg.tracking.uri)
     loop_config = {"cfg": to_dict(cfg), "tracking": tracking, "tracking_uri": uri,
-                   "run_storage": join(storage, name), "debug": asdict(debug or DebugHooks())}
+                   "run_storage": join(storage, name), "debug": asdict(debug or DebugHooks()),
+                   "source_tags": source_tags()}  # the driver's job, not the worker's Ray entry point
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,

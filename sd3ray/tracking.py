@@ -18,9 +18,13 @@ from sd3ray.config import Config, config_hash, flatten, to_yaml
 from sd3ray.errors import Sd3rayError
 from sd3ray.outbox import IMAGE_WEIGHT, Outbox, Write, is_permanent
 from sd3ray.redact import redact
+from sd3ray.system_metrics import SystemSampler
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PROGRESS_METRIC = "train/loss"  # its last logged step marks how far a resumed run had logged
+# MLflow 3's UI opens an experiment by its kind; untagged ones it may take for GenAI (traces, prompts)
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+SYSTEM_PROGRESS_METRIC = "system/cpu_utilization_percentage"
 
 
 class TrackingError(Sd3rayError):
@@ -119,6 +123,8 @@ class MlflowTracker:
         self._logged_through = -1  # metrics at or below this step were logged before a resume
         self._outbox: Outbox | None = None
         self._spool: Path | None = None  # undelivered writes and artifact copies wait here
+        self._sampler: SystemSampler | None = None
+        self._system_step = 0  # the next system-metrics step (a resumed run continues its series)
 
     def start(self, cfg: Config, run_id: str | None = None, tags: dict[str, str] | None = None,
               run_name: str | None = None, parent_run_id: str | None = None) -> str | None:
@@ -131,7 +137,19 @@ class MlflowTracker:
                                    f"opening an MLflow run at {redact(self.uri)}")
         self._spool = Path(cfg.train.output_dir).resolve() / "mlflow-undelivered" / self.run_id
         self._outbox = Outbox(f"MLflow at {redact(self.uri)}", self.max_pending, self.retry_s)
+        if cfg.tracking.system_metrics_every_s > 0:
+            self._sampler = SystemSampler(self._log_system, cfg.tracking.system_metrics_every_s,
+                                          self._system_step).start()
         return self.run_id
+
+    def _log_system(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now, run_id = int(time.time() * 1000), self.run_id
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if self._outbox is not None:
+            self._outbox.put(Write(lambda: self.client.log_batch(run_id, metrics=batch), "system metrics",
+                                   record={"system_step": step, "timestamp": now, "metrics": metrics}))
 
     def _open_run(self, cfg: Config, run_id: str | None, tags: dict[str, str] | None, run_name: str | None,
                   parent_run_id: str | None) -> str:
@@ -139,8 +157,11 @@ class MlflowTracker:
             self.client.update_run(run_id, status="RUNNING")
             history = self.client.get_metric_history(run_id, PROGRESS_METRIC)
             self._logged_through = max((m.step for m in history), default=-1)
+            system = self.client.get_metric_history(run_id, SYSTEM_PROGRESS_METRIC)
+            self._system_step = max((m.step for m in system), default=-1) + 1
             return run_id
-        all_tags = {"sd3ray.config_hash": config_hash(cfg), "mlflow.source.git.commit": git_commit(), **(tags or {})}
+        all_tags = {"sd3ray.config_hash": config_hash(cfg), "mlflow.source.git.commit": git_commit(),
+                    **source_tags(), **(tags or {})}
         parent = parent_run_id if parent_run_id is not None else cfg.tracking.parent_run_id
         experiment_id = self._parent_experiment(parent) if parent else None
         if experiment_id is not None:
@@ -164,9 +185,11 @@ class MlflowTracker:
         from mlflow.exceptions import MlflowException
 
         if experiment := self.client.get_experiment_by_name(self.experiment):
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before sd3ray tagged its experiments
+                self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             return experiment.experiment_id
         try:
-            return self.client.create_experiment(self.experiment)
+            return self.client.create_experiment(self.experiment, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except MlflowException:
             if experiment := self.client.get_experiment_by_name(self.experiment):
                 return experiment.experiment_id
@@ -249,6 +272,9 @@ class MlflowTracker:
             return np.asarray(Image.open(local).convert("RGB"))
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler = None
         if self._outbox is None:
             return
         run_id = self.run_id
@@ -262,6 +288,23 @@ class MlflowTracker:
                   f"within tracking.flush_timeout_s={self.flush_timeout_s:g}; they are saved in {saved}", flush=True)
         elif self._spool is not None and self._spool.is_dir():
             shutil.rmtree(self._spool, ignore_errors=True)
+
+
+def source_tags(argv0: str | None = None) -> dict[str, str]:
+    """MLflow's Source and User columns: the job that made the run (a script under jobs/, or the program),
+    whether a Ray job submitted it, and who ran it."""
+    import getpass
+    import sys
+
+    script = Path(argv0 if argv0 is not None else sys.argv[0])
+    name = f"{script.parent.name}/{script.name}" if script.parent.name == "jobs" else script.name
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return {"mlflow.source.name": name or "python", "mlflow.user": user,
+            # Ray's job supervisor sets this variable for the driver of a submitted job
+            "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL"}
 
 
 def limit_client_retries(uri: str) -> None:

@@ -82,6 +82,12 @@ def test_readme_commands_work_in_the_order_a_new_user_types_them(mnist_parquet: 
                        "--parquet-dir", str(mnist_parquet), *sets, "--set", f"tracking.uri={uri}"], cluster)
         assert "2 CPU worker(s) × 1 CPU on 1 node(s)" in submit.stdout, submit.stdout[-3000:]
         assert "SUCCEEDED" in _run(["ray", "job", "list", "--address", dashboard], cluster).stdout
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                    "attributes.run_name = 'ddp'")
+        assert run.data.tags["mlflow.source.name"] == "jobs/train.py" and run.data.tags["mlflow.source.type"] == "JOB"
 
         # 3. A sweep on the same cluster (README: `python jobs/tune.py` joins the cluster `ray start` left; this
         # head's address file is in its own temp dir, so the test names the cluster in RAY_ADDRESS).

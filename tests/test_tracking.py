@@ -24,7 +24,8 @@ def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> list[str]:
 
 def test_training_run_round_trips_through_a_real_server(mlflow_server: str, micro_config, tmp_path: Path) -> None:
     common = ["train.steps=4", "train.log_every=2", "train.eval_every=2", "train.ckpt_every=2",
-              f"tracking.uri={mlflow_server}", "tracking.experiment=test-roundtrip", "tracking.run_name=micro"]
+              f"tracking.uri={mlflow_server}", "tracking.experiment=test-roundtrip", "tracking.run_name=micro",
+              "tracking.system_metrics_every_s=0.2"]
     cfg = micro_config(*common)
     tracker = MlflowTracker(mlflow_server, "test-roundtrip", "micro")
     result = train(cfg, LocalContext(tmp_path / "run", torch.device("cpu")), tracker)
@@ -35,6 +36,13 @@ def test_training_run_round_trips_through_a_real_server(mlflow_server: str, micr
     assert run.data.params["model.width"] == "32" and run.data.params["flow.scheme"] == "logit_normal"
     assert len(run.data.tags["sd3ray.config_hash"]) == 12 and "sd3ray.checkpoint_uri" in run.data.tags
     assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [2, 4]
+    # what the MLflow UI shows: a model-training experiment, the source and user, system metrics
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.user"]
+    assert run.data.tags["mlflow.source.name"]
+    cpu = [m.step for m in client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")]
+    assert cpu and cpu == list(range(len(cpu))), cpu
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
     assert {"val/loss", "val/loss_t0.062", "train/lr", "train/grad_norm", "train/images_per_s"} <= set(run.data.metrics)
     files = _artifacts(client, result.run_id)
     assert "config.yaml" in files and "checkpoint/model.pt" in files and "checkpoint/MANIFEST.json" in files
@@ -48,6 +56,8 @@ def test_training_run_round_trips_through_a_real_server(mlflow_server: str, micr
                     MlflowTracker(mlflow_server, "test-roundtrip"))
     assert resumed.run_id == result.run_id
     assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [2, 4, 6]
+    resumed_cpu = [m.step for m in client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")]
+    assert resumed_cpu[:len(cpu)] == cpu and resumed_cpu == sorted(set(resumed_cpu))  # the series goes on
     assert latest_checkpoint(tmp_path / "run/checkpoints").name == "step_00000006"
 
 
