@@ -121,6 +121,8 @@ class TrackingConfig:
     run_name: str = ""
     parent_run_id: str = ""  # set by sweeps: the run is nested under this one in the MLflow UI
     log_checkpoints: LogCheckpoints = "final"
+    log_model: bool = True  # the final EMA weights as an MLflow pyfunc model (load, register, serve)
+    registered_model: str = ""  # register that model under this name (a new version per run)
     # at the end of a run, how long to wait for a tracking server that went away to take the writes kept for it
     flush_timeout_s: float = 120.0
     system_metrics_every_s: float = 10.0  # CPU/GPU use and memory as system/* metrics (rank 0); 0 = off

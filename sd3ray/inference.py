@@ -17,6 +17,7 @@ from sd3ray.checkpoint import CheckpointError, load_checkpoint
 from sd3ray.config import Config
 from sd3ray.data import to_uint8
 from sd3ray.model import Denoiser
+from sd3ray.redact import redact
 from sd3ray.sampling import sample
 from sd3ray.shared_storage import is_uri
 
@@ -57,8 +58,11 @@ def download_folder(uri: str, destination: Path) -> Path:
 
 
 def resolve_checkpoint(spec: str, tracking_uri: str = "", scratch: Path | None = None) -> Path:
-    """A checkpoint directory as given, one at a URI (copied into `scratch`), or the final checkpoint logged to
-    an MLflow run."""
+    """A checkpoint directory as given, one at a URI (copied into `scratch`), the weights of an MLflow model
+    (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `models:/MODEL_ID`), or the final checkpoint logged to an MLflow
+    run."""
+    if spec.startswith("models:/"):
+        return model_checkpoint(spec, tracking_uri, scratch)
     if is_uri(spec):
         if scratch is None:
             raise CheckpointError(f"--checkpoint {spec}: a URI needs a scratch folder to copy it to")
@@ -78,6 +82,26 @@ def resolve_checkpoint(spec: str, tracking_uri: str = "", scratch: Path | None =
             raise CheckpointError(f"MLflow run {spec} at {uri} has no 'checkpoint' artifact ({exc}); pass a "
                                   f"checkpoint directory instead (see the run's sd3ray.checkpoint_uri tag)") from exc
     raise CheckpointError(f"--checkpoint {spec!r} is neither an existing directory, a URI, nor an MLflow run id")
+
+
+def model_checkpoint(model_uri: str, tracking_uri: str = "", scratch: Path | None = None) -> Path:
+    """The checkpoint inside an MLflow model sd3ray logged (see sd3ray.mlflow_model)."""
+    import mlflow
+
+    from sd3ray.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, tracking_uri=uri,
+                                                    dst_path=str(scratch) if scratch else None)
+    except Exception as exc:
+        raise CheckpointError(f"--checkpoint {model_uri}: no such model at {redact(uri)} ({str(exc).splitlines()[0]})."
+                              f" List them with MlflowClient().search_registered_models(), or pass a run id or a "
+                              f"checkpoint directory") from exc
+    checkpoint = Path(local) / "artifacts" / "checkpoint"
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"--checkpoint {model_uri} is not a model sd3ray logged (no artifacts/checkpoint)")
+    return checkpoint
 
 
 def load_ema_model(spec: str, device: torch.device, tracking_uri: str = "") -> tuple[Denoiser, Config, int]:

@@ -47,6 +47,9 @@ class Tracker(Protocol):
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
+    def log_model(self, cfg: Config, step: int, ema: dict, registered_model: str = "") -> None:
+        """The EMA weights as the run's MLflow pyfunc model, registered under `registered_model` when given."""
+
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
         """The newest image `key` of this run's child run named so, if any (a sweep shows its best trials')."""
 
@@ -68,6 +71,7 @@ class NullTracker:
     def log_image(self, key: str, image: np.ndarray, step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_model(self, cfg: Config, step: int, ema: dict, registered_model: str = "") -> None: ...
 
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
         return None
@@ -250,6 +254,22 @@ class MlflowTracker:
                 self.client.set_tag(run_id, k, v)
 
         self._put(Write(apply, f"tags {', '.join(clean)}", record={"tags": clean}))
+
+    def log_model(self, cfg: Config, step: int, ema: dict, registered_model: str = "") -> None:
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in ema.items()}
+        run_id, uri = self.run_id, self.uri
+
+        def apply() -> None:
+            from sd3ray.mlflow_model import log_pyfunc_model
+
+            info = log_pyfunc_model(uri, run_id, cfg, step, weights, registered_model)
+            tags = {"sd3ray.model_uri": info.model_uri}
+            if info.registered_model_version is not None:
+                tags["sd3ray.registered_model"] = f"models:/{registered_model}/{info.registered_model_version}"
+            for key, value in tags.items():
+                self.client.set_tag(run_id, key, value)
+
+        self._put(Write(apply, "the pyfunc model", IMAGE_WEIGHT, record={"model_of_step": step}))
 
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
         import tempfile

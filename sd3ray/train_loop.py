@@ -252,6 +252,8 @@ def finish_run(cfg: Config, tracker: Tracker, model: Denoiser, ema: EMA, step: i
     """Record where the full checkpoint lives and, per tracking.log_checkpoints, upload the final weights."""
     if checkpoint:
         tracker.set_tags({"sd3ray.checkpoint_uri": checkpoint})
+    if cfg.tracking.log_model:
+        tracker.log_model(cfg, step, ema.model.state_dict(), cfg.tracking.registered_model)
     if cfg.tracking.log_checkpoints == "none":
         return
     with tempfile.TemporaryDirectory() as tmp:
