@@ -76,6 +76,7 @@ class SweepSpec:
     use_gpu: bool = False
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
     asha: AshaSpec = field(default_factory=AshaSpec)
+    registered_model: str = ""  # register the best trial's model under this name when the sweep ends
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None, config_overrides: list[str] = ()) -> SweepSpec:

@@ -109,4 +109,9 @@ def write_summary(tracker: Tracker, results: Any, spec: SweepSpec) -> list[dict[
     tracker.log_image("best_grid_per_scheme", best_grids(tracker, rows), 0)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped early", "failed")}
     tracker.log_metrics({f"sweep/{k.replace(' ', '_')}": v for k, v in counts.items()}, 0)
+    if spec.registered_model and rows and rows[0][spec.metric] is not None:
+        version = tracker.register_child_model(rows[0]["trial"], spec.registered_model)
+        if version:
+            tracker.set_tags({"sd3ray.registered_model": version, "sd3ray.best_trial": rows[0]["trial"]})
+            print(f"sd3ray: best trial {rows[0]['trial']} registered as {version}", flush=True)
     return rows

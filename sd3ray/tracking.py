@@ -53,6 +53,10 @@ class Tracker(Protocol):
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
         """The newest image `key` of this run's child run named so, if any (a sweep shows its best trials')."""
 
+    def register_child_model(self, child_run_name: str, registered_model: str) -> str | None:
+        """Register the model that this run's child run named so logged (a sweep's best trial); its
+        `models:/NAME/VERSION`, or None when it logged none."""
+
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -74,6 +78,9 @@ class NullTracker:
     def log_model(self, cfg: Config, step: int, ema: dict, registered_model: str = "") -> None: ...
 
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
+        return None
+
+    def register_child_model(self, child_run_name: str, registered_model: str) -> str | None:
         return None
 
     def finish(self, status: str = "FINISHED") -> None: ...
@@ -271,14 +278,28 @@ class MlflowTracker:
 
         self._put(Write(apply, "the pyfunc model", IMAGE_WEIGHT, record={"model_of_step": step}))
 
+    def _child_runs(self, child_run_name: str) -> list:
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return self.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{self.run_id}' and "
+                                                     f"attributes.run_name = '{child_run_name}'")
+
+    def register_child_model(self, child_run_name: str, registered_model: str) -> str | None:
+        import mlflow
+
+        runs = self._child_runs(child_run_name)
+        model_uri = runs[0].data.tags.get("sd3ray.model_uri") if runs else None
+        if not model_uri:
+            return None
+        mlflow.set_tracking_uri(self.uri)
+        version = mlflow.register_model(model_uri, registered_model)
+        return f"models:/{registered_model}/{version.version}"
+
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
         import tempfile
 
         from PIL import Image
 
-        experiment = self.client.get_run(self.run_id).info.experiment_id
-        runs = self.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{self.run_id}' and "
-                                                     f"attributes.run_name = '{child_run_name}'")
+        runs = self._child_runs(child_run_name)
         if not runs:
             return None
         prefix = f"images/{key}+step+"  # MlflowClient.log_image's file names: KEY+step+STEP+timestamp+uuid.png

@@ -61,7 +61,7 @@ def test_asha_sweep_releases_resources_and_logs_parent_and_children(ray_head, mn
 def test_a_failing_trial_is_recorded_and_resume_reruns_nothing(ray_head, mnist_parquet, tmp_path) -> None:
     # width 40 is not a multiple of head_dim 16: those trials fail; the others still run
     path = _sweep_file(tmp_path, mnist_parquet, "failing", [32, 40], asha={"enabled": False},
-                       schemes=[{"scheme": "cosmap"}])
+                       schemes=[{"scheme": "cosmap"}], registered_model="failing-best")
     rows = run_sweep(load_sweep(path))
     by_trial = {r["trial"]: r for r in rows}
     assert by_trial["w32-cosmap"]["status"] == "finished"
@@ -70,6 +70,12 @@ def test_a_failing_trial_is_recorded_and_resume_reruns_nothing(ray_head, mnist_p
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("failing").experiment_id
+    # the best trial's model is registered, and the parent run says which trial and version it was
+    (best,) = client.search_runs([experiment], "attributes.run_name = 'w32-cosmap'")
+    (parent,) = client.search_runs([experiment], "attributes.run_name = 'sweep-failing'")
+    assert parent.data.tags["sd3ray.best_trial"] == "w32-cosmap"
+    assert parent.data.tags["sd3ray.registered_model"] == "models:/failing-best/1"
+    assert client.get_model_version("failing-best", "1").run_id == best.info.run_id
     before = len(client.search_runs([experiment]))
     again = run_sweep(load_sweep(path), resume=True)
     assert {r["trial"]: r["status"] for r in again} == {r["trial"]: r["status"] for r in rows}
