@@ -17,8 +17,10 @@ class StorageError(Sd3rayError):
 
 
 def explained_error(exc: BaseException) -> Sd3rayError | None:
-    """The Sd3rayError behind `exc`, if any: the exception itself, its cause chain, or what a Ray worker or Tune trial
-    raised (Ray wraps worker errors in its own types, keeping the original as a cause or in `worker_failures`)."""
+    """The Sd3rayError behind `exc`, if any: the exception itself, its explicit causes (`raise ... from`), or what a
+    Ray worker or Tune trial raised (Ray wraps worker errors in its own types, keeping the original in `cause`,
+    `worker_failures` or Train's `_base_exc`). An exception raised *while handling* an Sd3rayError (`__context__`
+    only) is a bug in the handler and is not explained away."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
     while pending:
@@ -28,7 +30,7 @@ def explained_error(exc: BaseException) -> Sd3rayError | None:
         seen.add(id(current))
         if isinstance(current, Sd3rayError):
             return current
-        pending += [current.__cause__, current.__context__, getattr(current, "cause", None),
+        pending += [current.__cause__, getattr(current, "cause", None), getattr(current, "_base_exc", None),
                     getattr(current, "controller_failure", None)]
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):

@@ -159,3 +159,15 @@ def test_math_and_loop_import_neither_ray_nor_mlflow() -> None:
             "sd3ray.judge, sd3ray.tracking; "
             "bad = [m for m in ('ray', 'mlflow') if m in sys.modules]; assert not bad, bad")
     _run("-c", code)
+
+
+def test_a_worker_error_under_ray_ends_in_the_same_one_line(mnist_parquet: Path, tmp_path: Path) -> None:
+    """The loss diverges on a Ray Train worker: the driver unwraps Ray's error and prints sd3ray's message once.
+    (Ray's own log lines around it show the worker's error as one frame.)"""
+    proc = _run("jobs/train.py", "--cpu", "--steps", "20", "--storage-path", str(tmp_path / "ray"),
+                *_micro(mnist_parquet, "train.lr=1e30", "train.warmup_steps=0", "train.log_every=1",
+                        f"train.output_dir={tmp_path}"), check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("sd3ray: error: ") == 1
+    message = proc.stderr[proc.stderr.index("sd3ray: error: "):].splitlines()[0]
+    assert message.startswith("sd3ray: error: loss is ") and "stopped before saving" in message, message
