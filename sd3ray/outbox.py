@@ -47,7 +47,6 @@ class Outbox:
         self._queue: deque[Write] = deque()
         self._weight = 0
         self._cond = threading.Condition()
-        self._busy = False  # the thread holds a write it has not finished delivering
         self._closed = False
         self.outage_started: float | None = None
         self.delivered = self.dropped = self.rejected = 0
@@ -82,10 +81,8 @@ class Outbox:
                 if not self._queue:
                     return
                 write = self._queue[0]
-                self._busy = True
             ok = self._deliver(write)
             with self._cond:
-                self._busy = False
                 if ok and self._queue and self._queue[0] is write:
                     self._queue.popleft()
                     self._weight -= write.weight
