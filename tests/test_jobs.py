@@ -50,7 +50,8 @@ def test_sample_job_writes_files_and_is_deterministic(trained: Path, tmp_path: P
     ("args", "message"),
     [
         (["jobs/train.py", "--local", "--steps", "-3"], "--steps: must be a positive integer"),
-        (["jobs/train.py", "--local", "--set", "model.width=100"], "model.width: 100 is not divisible"),
+        (["jobs/train.py", "--local", "--config", "configs/mnist_tiny.yaml", "--set", "model.width=102"],
+         "model.width: 102 is not divisible"),
         (["jobs/sample.py", "--checkpoint", "x", "--prompt", "1", "--sampler", "ddim"],
          "invalid choice: 'ddim'"),
         (["jobs/sample.py", "--checkpoint", "x", "--prompt", "1", "--guidance", "-2"], "--guidance: must be >= 0"),
