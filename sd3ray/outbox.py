@@ -113,6 +113,15 @@ class Outbox:
                      f"that waited")
         return True
 
+    def flush(self, timeout_s: float) -> bool:
+        """Wait (up to `timeout_s`) until every write so far is delivered, unless the store is down: then return at
+        once, since waiting would stall training for the length of the outage. True when nothing is waiting."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queue and self.outage_started is None and (left := deadline - time.monotonic()) > 0:
+                self._cond.wait(timeout=min(left, 1.0))
+            return not self._queue
+
     def close(self, timeout_s: float) -> list[Write]:
         """Stop taking writes, wait up to `timeout_s` for the queue to drain, and return what was not delivered."""
         deadline = time.monotonic() + timeout_s

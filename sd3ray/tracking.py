@@ -50,6 +50,10 @@ class Tracker(Protocol):
     def log_model(self, cfg: Config, step: int, ema: dict, registered_model: str = "") -> None:
         """The EMA weights as the run's MLflow pyfunc model, registered under `registered_model` when given."""
 
+    def flush(self) -> None:
+        """Deliver what was logged so far before a checkpoint is reported, so that a run resumed from it (after
+        its process died) misses no step; returns at once while the store is down."""
+
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
         """The newest image `key` of this run's child run named so, if any (a sweep shows its best trials')."""
 
@@ -76,6 +80,7 @@ class NullTracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_model(self, cfg: Config, step: int, ema: dict, registered_model: str = "") -> None: ...
+    def flush(self) -> None: ...
 
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
         return None
@@ -261,6 +266,10 @@ class MlflowTracker:
                 self.client.set_tag(run_id, k, v)
 
         self._put(Write(apply, f"tags {', '.join(clean)}", record={"tags": clean}))
+
+    def flush(self) -> None:
+        if self._outbox is not None:
+            self._outbox.flush(timeout_s=60.0)
 
     def log_model(self, cfg: Config, step: int, ema: dict, registered_model: str = "") -> None:
         weights = {k: v.detach().to("cpu", copy=True) for k, v in ema.items()}

@@ -213,6 +213,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
             if plan.report:
                 data = None
                 if plan.checkpoint and ctx.is_main:
+                    tracker.flush()  # a run resumed from this checkpoint must find every step up to it logged
                     data = CheckpointData(step, cfg, model.state_dict(), ema.model.state_dict(),
                                           optimizer.state_dict(), scheduler.state_dict(), rng_state(),
                                           {"mlflow_run_id": run_id,

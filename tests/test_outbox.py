@@ -95,3 +95,18 @@ def test_only_client_errors_are_permanent() -> None:
     assert is_permanent(Rejected(400)) and is_permanent(Rejected(403))
     assert not is_permanent(Rejected(429)) and not is_permanent(Rejected(503))
     assert not is_permanent(ConnectionError("refused"))
+
+
+def test_flush_waits_for_delivery_but_not_for_an_outage() -> None:
+    store = FlakyStore()
+    outbox = Outbox("store", retry_s=0.05, say=lambda _: None)
+    for value in range(50):
+        outbox.put(store.write(value))
+    assert outbox.flush(timeout_s=30) and store.received == list(range(50))
+    store.down.set()
+    outbox.put(store.write(50))
+    wait_for(lambda: outbox.outage_started is not None)
+    began = time.monotonic()
+    assert not outbox.flush(timeout_s=30) and time.monotonic() - began < 5
+    store.down.clear()
+    assert outbox.close(timeout_s=30) == [] and store.received == list(range(51))
