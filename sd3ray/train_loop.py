@@ -21,7 +21,7 @@ import torch
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config, TrainConfig
 from sd3ray.context import RunContext
-from sd3ray.data import TrainingBatches, load_splits
+from sd3ray.data import TrainingBatches, load_splits, read_split
 from sd3ray.ema import EMA
 from sd3ray.errors import Sd3rayError
 from sd3ray.flow import flow_loss
@@ -29,8 +29,9 @@ from sd3ray.images import make_grid
 from sd3ray.inference import generate
 from sd3ray.judge import SampleJudge, is_digit_data
 from sd3ray.model import Denoiser, count_parameters
+from sd3ray.streaming import StreamedBatches, describe_choice, streams
 from sd3ray.tracking import Tracker
-from sd3ray.validation import GRID_PROMPTS, GRID_SEED, ValidationSet, validation_losses
+from sd3ray.validation import GRID_SEED, ValidationSet, validation_losses
 
 
 class NonFiniteLossError(Sd3rayError):
@@ -77,14 +78,50 @@ def plan_step(step: int, cfg: TrainConfig, budget_spent: bool = False) -> StepPl
                     checkpoint=checkpoint_due or stop, stop=stop)
 
 
-def learning_rate_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then constant or cosine decay to zero at `steps`."""
+def learning_rate_factor(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
+    """Linear warmup, then constant or cosine decay to zero at `horizon` (default `train.steps`)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return 1.0
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    end = cfg.steps if horizon is None else horizon
+    progress = (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class DecayHorizon:
+    """The step at which the learning rate reaches zero: `train.steps`, or, with a time budget
+    (`train.max_minutes`), the step the run is projected to stop at, if that comes first.
+
+    A cosine laid over `train.steps` and cut off by the clock half-way stops at a high learning rate and loses
+    the quality that the decay buys, so the horizon follows the budget instead. The run stops at the last log step
+    that fits in the budget (`last_log_step`), and the projection aims there. It is re-projected at log steps only,
+    from the elapsed time reduced over all ranks, so every rank keeps the same learning rate.
+    """
+
+    def __init__(self, cfg: TrainConfig, start_step: int, horizon: int | None = None) -> None:
+        self.cfg, self.start_step = cfg, start_step
+        self.steps = horizon or cfg.steps
+        self.last_log_s = 0.0
+
+    def project(self, step: int, elapsed_s: float) -> None:
+        """`elapsed_s` seconds of this session trained steps start_step..step."""
+        if self.cfg.max_minutes <= 0 or elapsed_s <= 0 or step <= self.start_step:
+            return
+        per_step = elapsed_s / (step - self.start_step)
+        projected = self.start_step + int(60 * self.cfg.max_minutes / per_step)
+        last_log = projected // self.cfg.log_every * self.cfg.log_every
+        self.steps = max(step + 1, min(self.cfg.steps, last_log))
+
+    def last_log_step(self, elapsed_s: float) -> bool:
+        """At a log step: whether the next one would end past the budget (the time since the previous log step
+        is the estimate), so this one is the run's last."""
+        interval, self.last_log_s = elapsed_s - self.last_log_s, elapsed_s
+        return self.cfg.max_minutes > 0 and elapsed_s + interval > 60 * self.cfg.max_minutes
+
+    def resume(self, step: int, saved: int | None) -> None:
+        """Continue a run resumed at `step` from the checkpoint's horizon; this session's clock re-projects it."""
+        self.start_step, self.steps = step, saved or self.cfg.steps
 
 
 def adamw(model: torch.nn.Module, device: torch.device, **kwargs: float) -> torch.optim.AdamW:
@@ -93,9 +130,9 @@ def adamw(model: torch.nn.Module, device: torch.device, **kwargs: float) -> torc
     return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, horizon: DecayHorizon):
     optimizer = adamw(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, cfg, horizon.steps))
     return optimizer, scheduler
 
 
@@ -114,20 +151,21 @@ def rng_state() -> dict[str, Any]:
 class Progress:
     """The console line: step, loss, images/s, ETA."""
 
-    def __init__(self, total_steps: int, start_step: int, global_batch: int) -> None:
-        self.total, self.global_batch = total_steps, global_batch
+    def __init__(self, start_step: int, global_batch: int) -> None:
+        self.global_batch = global_batch
         self.last_step, self.last_time = start_step, time.perf_counter()
 
     def restart(self, step: int) -> None:
         """Exclude evaluation and checkpoint time from the training rate."""
         self.last_step, self.last_time = step, time.perf_counter()
 
-    def tick(self, step: int, loss: float, lr: float) -> dict[str, float]:
+    def tick(self, step: int, total: int, loss: float, lr: float) -> dict[str, float]:
+        """`total`: the step the run will end at (with a time budget, the projected one)."""
         now = time.perf_counter()
         step_time = (now - self.last_time) / max(1, step - self.last_step)
         self.last_step, self.last_time = step, now
-        eta = step_time * (self.total - step)
-        print(f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {self.global_batch / step_time:.0f} img/s"
+        eta = step_time * (total - step)
+        print(f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {self.global_batch / step_time:.0f} img/s"
               f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
         return {"train/images_per_s": self.global_batch / step_time, "train/step_time_s": step_time}
 
@@ -136,7 +174,7 @@ def validate_and_judge(ema_model: Denoiser, val: ValidationSet, cfg: Config, dev
                   step: int, judge: SampleJudge | None) -> dict[str, float]:
     """Rank 0: fixed-t validation loss, the sample grid, and judge metrics with a confusion matrix."""
     metrics = validation_losses(ema_model, val)
-    grid = generate(ema_model, list(GRID_PROMPTS), cfg, GRID_SEED, device)
+    grid = generate(ema_model, val.grid_prompts, cfg, GRID_SEED, device)
     tracker.log_image("samples", make_grid(grid), step)
     if judge is not None:
         report = judge(ema_model, step)
@@ -154,28 +192,36 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     """
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     device, tc = ctx.device, cfg.train
-    train_set, test_set = load_splits(cfg)
-    batches = TrainingBatches(train_set, cfg, ctx.rank, ctx.world_size, device)
+    streaming = streams(cfg)
+    if ctx.is_main:
+        print(describe_choice(cfg), flush=True)
+    train_set, test_set = (None, read_split(cfg.data.parquet_dir, "test")) if streaming else load_splits(cfg)
+    batches = StreamedBatches(ctx.train_stream(cfg), cfg, ctx.rank, ctx.world_size, device) if streaming \
+        else TrainingBatches(train_set, cfg, ctx.rank, ctx.world_size, device)
     model = Denoiser(cfg).to(device)
     ema = EMA(model, tc.ema_decay)
-    optimizer, scheduler = build_optimizer(model, tc, device)
-    step, run_id, seconds_before = 0, None, 0.0
+    horizon = DecayHorizon(tc, start_step=0)
+    optimizer, scheduler = build_optimizer(model, tc, device, horizon)
+    step, meta = 0, {}
     if (resume := ctx.resume_from()) is not None:
-        step, run_id, seconds_before = restore(resume, cfg, model, ema, optimizer, scheduler, device)
+        step, meta = restore(resume, cfg, model, ema, optimizer, scheduler, device)
+        horizon.resume(step, meta.get("lr_horizon"))
+    run_id, seconds_before = meta.get("mlflow_run_id"), float(meta.get("train_seconds", 0.0))
     run_id = tracker.start(cfg, run_id, tags={"sd3ray.world_size": str(ctx.world_size), **ctx.run_tags})
     if ctx.is_main:
         mmdit_m, text_m = count_parameters(model.mmdit) / 1e6, count_parameters(model.text_encoder) / 1e6
         print(f"sd3ray: {mmdit_m:.2f}M MM-DiT + {text_m:.2f}M text params | {ctx.world_size} worker(s) × batch "
               f"{tc.batch_size} on {device} ({torch.get_num_threads()} threads) | from step {step}", flush=True)
-    tracker.log_metrics({"train/global_batch": batches.sampler.global_batch}, step)
+    tracker.log_metrics({"train/global_batch": batches.global_batch}, step)
     net = ctx.prepare_model(model)
     if tc.compile:
         for block in model.mmdit.blocks:  # regional compile: one graph per block, cached across blocks
             block.compile()
     val = ValidationSet.build(test_set, cfg, device) if ctx.is_main else None
-    judged = ctx.is_main and cfg.eval.num_samples > 0 and is_digit_data(train_set)
-    judge = SampleJudge(cfg, train_set, test_set, device) if judged else None
-    progress, started = Progress(tc.steps, step, batches.sampler.global_batch), time.monotonic()
+    judged = ctx.is_main and cfg.eval.num_samples > 0 and is_digit_data(test_set)
+    judge = SampleJudge(cfg, train_set or read_split(cfg.data.parquet_dir, "train"), test_set, device) \
+        if judged else None
+    progress, started = Progress(step, batches.global_batch), time.monotonic()
     loss_sum, grad_sum, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     metrics: dict[str, float] = {}  # the latest log step's training metrics
     evaluated: dict[str, float] = {}  # the latest evaluation: every report carries it, so Tune always sees it
@@ -202,11 +248,12 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                         f"{checkpoint or 'none (no checkpoint yet)'}. Lower train.lr or raise train.warmup_steps.")
                 lr = scheduler.get_last_lr()[0]
                 metrics = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": (grad_sum / count).item()}
-                metrics.update(progress.tick(step, mean_loss, lr) if ctx.is_main else {})
+                elapsed = ctx.all_reduce_max(torch.tensor(time.monotonic() - started, device=device)).item()
+                horizon.project(step, elapsed)
+                metrics.update(progress.tick(step, horizon.steps, mean_loss, lr) if ctx.is_main else {})
                 tracker.log_metrics(metrics, step)
                 loss_sum, grad_sum, count = loss_sum * 0, grad_sum * 0, 0
-                over_budget = tc.max_minutes > 0 and time.monotonic() - started > 60 * tc.max_minutes
-                budget_spent = ctx.all_reduce_max(torch.tensor(float(over_budget), device=device)).item() > 0
+                budget_spent = horizon.last_log_step(elapsed)
             plan = plan_step(step, tc, budget_spent)
             if plan.evaluate and ctx.is_main:
                 evaluated = validate_and_judge(ema.model, val, cfg, device, tracker, step, judge)
@@ -217,12 +264,14 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                     data = CheckpointData(step, cfg, model.state_dict(), ema.model.state_dict(),
                                           optimizer.state_dict(), scheduler.state_dict(), rng_state(),
                                           {"mlflow_run_id": run_id,
-                                           "samples_seen": step * batches.sampler.global_batch,
-                                           "train_seconds": seconds_before + time.monotonic() - started})
+                                           "samples_seen": step * batches.global_batch,
+                                           "train_seconds": seconds_before + time.monotonic() - started,
+                                           "lr_horizon": horizon.steps})
                 checkpoint = ctx.save_and_report(data, {**metrics, **evaluated, "step": step}) or checkpoint
                 progress.restart(step)
             if plan.stop:
-                print(f"sd3ray: train.max_minutes={tc.max_minutes} reached at step {step}; stopped cleanly", flush=True)
+                print(f"sd3ray: train.max_minutes={tc.max_minutes} ends the run at step {step} (the next log step "
+                      f"would pass it); stopped cleanly", flush=True)
                 break
         if ctx.is_main:
             finish_run(cfg, tracker, model, ema, step, checkpoint)
@@ -234,7 +283,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
 
 
 def restore(path: Path, cfg: Config, model: Denoiser, ema: EMA, optimizer, scheduler,
-            device: torch.device) -> tuple[int, str | None, float]:
+            device: torch.device) -> tuple[int, dict[str, Any]]:
     from sd3ray.checkpoint import load_checkpoint
 
     data = load_checkpoint(path, expected=cfg, map_location=device, weights_only_ok=False)
@@ -246,7 +295,7 @@ def restore(path: Path, cfg: Config, model: Denoiser, ema: EMA, optimizer, sched
     if "cuda" in data.rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(data.rng["cuda"])
     print(f"sd3ray: resumed from {path} at step {data.step}", flush=True)
-    return data.step, data.meta.get("mlflow_run_id"), float(data.meta.get("train_seconds", 0.0))
+    return data.step, data.meta
 
 
 def finish_run(cfg: Config, tracker: Tracker, model: Denoiser, ema: EMA, step: int, checkpoint: str | None) -> None:

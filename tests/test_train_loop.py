@@ -9,7 +9,7 @@ from sd3ray.config import load_config
 from sd3ray.context import LocalContext
 from sd3ray.ema import EMA
 from sd3ray.tracking import NullTracker
-from sd3ray.train_loop import NonFiniteLossError, learning_rate_factor, plan_step, train
+from sd3ray.train_loop import DecayHorizon, NonFiniteLossError, learning_rate_factor, plan_step, train
 
 
 class StepRecorder(NullTracker):
@@ -34,6 +34,16 @@ class CrashAfterCheckpoint(LocalContext):
         if data is not None and data.step == self.crash_step:
             raise RuntimeError(f"crashed after the step-{data.step} checkpoint")
         return where
+
+
+class LrRecorder(NullTracker):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lrs: list[float] = []
+
+    def log_metrics(self, metrics, step):
+        if "train/lr" in metrics:
+            self.lrs.append(metrics["train/lr"])
 
 
 def _train(cfg, run_dir: Path, resume: Path | None = None, tracker: NullTracker | None = None):
@@ -96,6 +106,43 @@ def test_learning_rate_schedule() -> None:
     assert learning_rate_factor(9, cfg) == pytest.approx(1.0)
     assert learning_rate_factor(60, cfg) == pytest.approx(0.5)
     assert learning_rate_factor(110, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_decay_horizon_follows_the_time_budget() -> None:
+    """With max_minutes, the cosine ends where the clock will: 100 steps in 6 s of a 60 s budget -> step 1,000."""
+    cfg = load_config(None, ["train.warmup_steps=10", "train.steps=100000", "train.lr_schedule=cosine",
+                             "train.max_minutes=1"]).train
+    horizon = DecayHorizon(cfg, start_step=0)
+    assert horizon.steps == 100000
+    horizon.project(100, elapsed_s=6.0)
+    assert horizon.steps == 1000
+    assert learning_rate_factor(505, cfg, horizon.steps) == pytest.approx(0.5)
+    horizon.project(1200, elapsed_s=61.0)  # past the budget: decay ends at the next step
+    assert horizon.steps == 1201
+    horizon.resume(1200, 1201)  # a resumed session continues from the saved horizon and its own clock
+    horizon.project(1300, elapsed_s=30.0)
+    assert horizon.steps == 1400
+    clock = DecayHorizon(cfg, start_step=0)  # the run stops at the last log step that fits in the budget
+    assert not clock.last_log_step(20.0) and not clock.last_log_step(40.0)
+    assert clock.last_log_step(51.0)  # 11 s per log interval: the next one would end at 62 s > 60 s
+    no_budget = DecayHorizon(load_config(None, ["train.steps=500"]).train, start_step=0)
+    no_budget.project(100, elapsed_s=6.0)
+    assert no_budget.steps == 500  # without a budget the schedule is the step count's alone
+    short = DecayHorizon(load_config(None, ["train.steps=500", "train.max_minutes=60"]).train, start_step=0)
+    short.project(100, elapsed_s=6.0)
+    assert short.steps == 500  # train.steps comes first when the budget would allow more
+
+
+def test_time_budget_decays_the_learning_rate_to_zero_by_its_end(micro_config, tmp_path: Path) -> None:
+    cfg = micro_config("train.steps=1000000", "train.max_minutes=0.1", "train.log_every=2", "train.ckpt_every=10000",
+                       "train.eval_every=10000", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.lr=0.001")
+    recorder = LrRecorder()
+    result = _train(cfg, tmp_path, tracker=recorder)
+    peak = max(recorder.lrs)
+    assert result.step < 1000000 and peak == pytest.approx(0.001, rel=0.05)
+    # over the step count, the lr at a 6 s stop would still be ~0.001; following the clock it ends near zero
+    assert recorder.lrs[-1] < 0.1 * peak, recorder.lrs
+    assert load_checkpoint(Path(result.checkpoint)).meta["lr_horizon"] <= result.step + 1
 
 
 def test_ema_follows_its_formula() -> None:
