@@ -160,3 +160,39 @@ def test_gpu_report_measures_every_part_with_tiny_settings(mnist_parquet: Path, 
     markdown = (tmp_path / "r.md").read_text()
     assert markdown.startswith("# sd3ray GPU report: CPU") and "## Time to quality" in markdown
     assert f"| {final['step']} |" in markdown
+
+
+def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_config, mnist_parquet: Path,
+                                                                         tmp_path: Path) -> None:
+    """Two budgets of a micro model through the job: each is a fresh train.py process, stopped by its clock (not
+    its step count) with the learning rate decayed to zero at the end, judged, tabled and logged."""
+    from tests.conftest import MICRO
+
+    micro = ["micro", *MICRO, f"data.parquet_dir={mnist_parquet}", "train.steps=100000", "train.log_every=5",
+             "eval.num_samples=50", "eval.batch_size=50"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run(
+        [sys.executable, "jobs/time_to_quality.py", "--minutes", "0.25", "0.4", "--reserve-s", "6", "--num-samples",
+         "40", "--output-dir", str(tmp_path / "ttq"), "--tracking-uri", uri, "--setup", *micro],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "ttq" / "time_to_quality.json").read_text())
+    assert [(r["label"], r["budget_minutes"]) for r in rows] == [("micro", 0.25), ("micro", 0.4)]
+    short, long = rows
+    assert 5 <= short["step"] < long["step"] < 100000  # the clock ended both runs, the longer one later
+    for row in rows:
+        meta = json.loads((Path(row["checkpoint"]) / "meta.json").read_text())
+        assert meta["lr_horizon"] <= row["step"] + 1  # the cosine ended with the budget, not at train.steps
+        assert row["train_seconds"] < 60 * row["budget_minutes"] < 60 * row["wall_minutes"] + 60
+        assert row["judge/fid_ratio"] == pytest.approx(row["judge/fid"] / row["judge/fid_floor"])
+    table = (tmp_path / "ttq" / "time_to_quality.md").read_text()
+    assert f"| micro | 0.4 | {long['wall_minutes']:.2f} | {long['step']} |" in table
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "attributes.run_name = 'time-to-quality'")
+    assert run.data.metrics["ttq/micro/0.4min/prompt_accuracy"] == pytest.approx(long["judge/prompt_accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "time_to_quality")}
+    assert artifacts == {"time_to_quality/time_to_quality.md", "time_to_quality/time_to_quality.json"}

@@ -1,0 +1,89 @@
+"""Time to quality: how good a config's samples are after N minutes of wall clock, measured as a user meets it.
+
+Each budget runs the command a user types (`jobs/train.py --local --max-minutes ...`) in a fresh process, and the
+clock runs from launching it to the final checkpoint's last file: start-up, data loading, training, the final
+evaluation and the checkpoint all count. The final EMA weights are then judged at the config's own sampler settings.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sd3ray.checkpoint import latest_checkpoint, load_checkpoint
+from sd3ray.images import make_grid
+from sd3ray.inference import generate
+from sd3ray.judge import Reference, judge_settings
+from sd3ray.model import Denoiser
+from sd3ray.validation import GRID_PROMPTS, GRID_SEED
+
+TRAIN_JOB = Path(__file__).resolve().parents[1] / "jobs" / "train.py"
+
+
+def train_command(config: str, name: str, train_minutes: float, output_dir: Path, overrides: list[str]) -> list[str]:
+    """The user's command, with judging during training off (it would spend the budget) and no tracking."""
+    sets = [f"train.output_dir={output_dir}", "eval.num_samples=0", *overrides]
+    return [sys.executable, str(TRAIN_JOB), "--local", "--config", config, "--name", name,
+            "--max-minutes", f"{train_minutes:g}", "--no-tracking", *(arg for s in sets for arg in ("--set", s))]
+
+
+def train_for(config: str, minutes: float, reserve_s: float, output_dir: Path, overrides: list[str],
+              label: str) -> tuple[Path, float]:
+    """Run one budget; return the final checkpoint and the wall seconds from launch to its last file.
+
+    The training clock gets `minutes` less `reserve_s`: the start-up before the loop's clock starts and the final
+    evaluation and checkpoint after it stops are outside it, and the budget covers the whole command.
+    """
+    name = f"ttq-{label}-{minutes:g}min"
+    command = train_command(config, name, minutes - reserve_s / 60, output_dir, overrides)
+    print("$ " + " ".join(command), flush=True)
+    launched = time.time()
+    subprocess.run(command, check=True)
+    checkpoint = latest_checkpoint(output_dir / name / "checkpoints")
+    if checkpoint is None:
+        raise RuntimeError(f"{name} finished without a checkpoint")
+    last_write = max(path.stat().st_mtime for path in checkpoint.iterdir())
+    return checkpoint, last_write - launched
+
+
+def judge_checkpoint(checkpoint: Path, reference: Reference, num_samples: int,
+                     device: torch.device) -> tuple[dict[str, Any], np.ndarray]:
+    """Prompt accuracy and classifier-FID of the checkpoint's EMA weights at its config's sampler settings, and the
+    sample grid the training run logs (the same prompts and seed)."""
+    data = load_checkpoint(checkpoint, map_location=device)
+    model = Denoiser(data.config).to(device)
+    model.load_state_dict(data.ema)
+    model.eval().requires_grad_(False)
+    cfg = data.config
+    (row,) = judge_settings(model, cfg, reference, [cfg.sample.guidance], [cfg.sample.steps], num_samples)
+    grid = make_grid(generate(model, list(GRID_PROMPTS), cfg, GRID_SEED, device))
+    return {"step": data.step, "train_seconds": data.meta.get("train_seconds", float("nan")),
+            "images_seen": data.meta.get("samples_seen", 0), **row}, grid
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| setup | budget (min) | command to checkpoint (min) | steps | images/s | prompt acc | cFID | floor | "
+             "cFID/floor | diversity (real) |", "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['budget_minutes']:g} | {r['wall_minutes']:.2f} | {r['step']} | "
+                     f"{r['images_seen'] / r['train_seconds']:.0f} | {r['judge/prompt_accuracy']:.3f} | "
+                     f"{r['judge/fid']:.2f} | {r['judge/fid_floor']:.2f} | {r['judge/fid_ratio']:.2f} | "
+                     f"{r['judge/diversity']:.2f} ({r['judge/diversity_real']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def ttq_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The figures as flat MLflow metric names, one prefix per setup and budget."""
+    metrics = {}
+    for r in rows:
+        prefix = f"ttq/{r['label']}/{r['budget_minutes']:g}min"
+        metrics.update({f"{prefix}/wall_minutes": r["wall_minutes"], f"{prefix}/steps": float(r["step"])})
+        metrics.update({f"{prefix}/{key.split('/')[-1]}": r[key] for key in
+                        ("judge/prompt_accuracy", "judge/fid", "judge/fid_floor", "judge/fid_ratio")})
+    return metrics
