@@ -1,6 +1,12 @@
-"""Convert MNIST (torchvision's IDX layout, downloaded when online) to sd3ray's Parquet shards.
+"""Convert images to sd3ray's Parquet image set (train and test shards plus metadata.json).
 
-    python jobs/prepare_data.py --data-root ../shared/data --out data/mnist_parquet
+    python jobs/prepare_data.py --data-root ../shared/data --out data/mnist_parquet          # MNIST (default)
+    python jobs/prepare_data.py --source folder --images DIR --captions DIR/captions.csv \\
+        --image-size 64 --channels 3 --out data/my_set                                     # your captioned images
+    python jobs/prepare_data.py --source cifar10 --data-root ~/data --out data/cifar10_parquet
+    python jobs/prepare_data.py --source shapes --num-images 20000 --out data/shapes_parquet   # synthetic colour set
+
+--out may be a URI such as s3://bucket/my_set: the set is built locally, then uploaded.
 """
 
 from __future__ import annotations
@@ -11,22 +17,48 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
 
 
-from sd3ray.cli import job_parser, run_job
-from sd3ray.data import prepare_mnist, read_metadata
+from sd3ray.cli import job_parser, positive_int, run_job
 
 
 def main() -> int:
     parser = job_parser(__doc__)
-    parser.add_argument("--data-root", default="data", help="folder holding MNIST/raw/*-ubyte (or to download to)")
+    parser.add_argument("--source", choices=["mnist", "folder", "cifar10", "shapes"], default="mnist")
+    parser.add_argument("--data-root", default="data",
+                        help="mnist: folder holding MNIST/raw/*-ubyte (or to download to); cifar10: folder holding "
+                             "cifar-10-batches-py/ or cifar-10-batches-bin/")
     parser.add_argument("--out", default="data/mnist_parquet",
                         help="output folder for Parquet shards, or a URI such as s3://bucket/mnist_parquet")
-    parser.add_argument("--image-size", type=int, default=32, help="pad 28×28 digits to this size (default 32)")
-    parser.add_argument("--no-download", action="store_true", help="never try the network")
+    parser.add_argument("--image-size", type=positive_int, default=32,
+                        help="mnist: pad the 28×28 digits to this; folder/shapes: the side of the square images")
+    parser.add_argument("--no-download", action="store_true", help="mnist: never try the network")
+    folder = parser.add_argument_group("--source folder")
+    folder.add_argument("--images", type=Path, help="the folder the captions file's paths are relative to")
+    folder.add_argument("--captions", type=Path, help="CSV with columns file,caption, or JSON lines with both keys")
+    folder.add_argument("--channels", type=int, choices=[1, 3], default=3, help="1 = greyscale, 3 = RGB")
+    folder.add_argument("--test-fraction", type=float, default=0.05, help="held out by a hash of the file name")
+    parser.add_argument("--num-images", type=positive_int, default=20000, help="shapes: training images")
+    parser.add_argument("--shard-size", type=positive_int, default=20000, help="images per Parquet shard")
     args = parser.parse_args()
-    out = prepare_mnist(args.data_root, args.out, args.image_size, download=not args.no_download)
-    meta = read_metadata(out)
-    counts = ", ".join(f"{k}: {v['count']}" for k, v in meta["splits"].items())
-    print(f"wrote {out} ({meta['channels']}×{meta['image_size']}×{meta['image_size']}; {counts})")
+
+    from sd3ray import image_sets
+    from sd3ray.data import prepare_mnist
+
+    match args.source:
+        case "mnist":
+            out = prepare_mnist(args.data_root, args.out, args.image_size, download=not args.no_download)
+        case "folder":
+            if args.images is None or args.captions is None:
+                parser.error("--source folder needs --images DIR and --captions FILE")
+            if not 0 < args.test_fraction < 1:
+                parser.error(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
+            out = image_sets.import_captioned_folder(args.images, args.captions, args.out, args.image_size,
+                                                     args.channels, args.test_fraction, args.shard_size)
+        case "cifar10":
+            out = image_sets.import_cifar10(Path(args.data_root), args.out, args.shard_size)
+        case "shapes":
+            out = image_sets.write_coloured_shapes(args.out, args.num_images, args.image_size,
+                                                   shard_size=args.shard_size)
+    print(f"wrote {image_sets.describe(out)}")
     return 0
 
 
