@@ -24,6 +24,8 @@ SamplerName = Literal["euler", "heun"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]
 LogCheckpoints = Literal["final", "none"]
+Loading = Literal["auto", "memory", "stream"]
+DataSource = Literal["mnist", "shapes", "prepared"]
 
 
 class ConfigError(Sd3rayError, ValueError):
@@ -74,9 +76,18 @@ class DataConfig:
     """Where the Parquet shards live and where raw MNIST is read from (or downloaded to)."""
 
     parquet_dir: str = "data/mnist_parquet"
+    # what builds parquet_dir on first use when it is missing: MNIST from raw_root, the synthetic colour shapes,
+    # or nothing (a set made beforehand with jobs/prepare_data.py)
+    source: DataSource = "mnist"
     raw_root: str = "data"
     download: bool = True
     num_val_images: int = 512
+    # the training split is held in memory, or streamed from its shards (Ray Data on Ray, pyarrow in local mode);
+    # auto streams a set whose decoded train split is above stream_above_mb
+    loading: Loading = "auto"
+    stream_above_mb: float = 2048.0
+    shuffle_buffer: int = 4096  # streaming: rows each worker shuffles through before batching
+    prefetch_batches: int = 4  # streaming on Ray: batches each worker keeps ready ahead of the step
 
 
 @dataclass(frozen=True)
@@ -190,6 +201,9 @@ def validate(cfg: Config) -> None:
     _require(cfg.eval.num_samples >= 0, "eval.num_samples", f"must be >= 0, got {cfg.eval.num_samples}")
     _require(cfg.eval.batch_size > 0, "eval.batch_size", f"must be > 0, got {cfg.eval.batch_size}")
     _require(cfg.data.num_val_images > 0, "data.num_val_images", "must be > 0")
+    _require(cfg.data.stream_above_mb >= 0, "data.stream_above_mb", "must be >= 0")
+    _require(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 = no row shuffle)")
+    _require(cfg.data.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
     _require(cfg.tracking.system_metrics_every_s >= 0, "tracking.system_metrics_every_s",
              f"must be >= 0 (0 = off), got {cfg.tracking.system_metrics_every_s}")
     _require(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",

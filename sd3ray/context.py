@@ -6,13 +6,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from sd3ray.checkpoint import CheckpointData, CheckpointError, latest_checkpoint, save_checkpoint
+from sd3ray.config import Config
+
+if TYPE_CHECKING:
+    from sd3ray.streaming import Batch
 
 
 class RunContext(Protocol):
@@ -33,6 +38,10 @@ class RunContext(Protocol):
 
     def resume_from(self) -> Path | None:
         """The checkpoint directory to resume from, if any."""
+
+    def train_stream(self, cfg: Config) -> Callable[[], Iterable[Batch]]:
+        """Streaming runs: each call starts a fresh pass over this rank's share of the training split, in exact
+        batches of `train.batch_size` (see `sd3ray.streaming`)."""
 
     def save_and_report(self, data: CheckpointData | None, metrics: dict[str, Any]) -> str | None:
         """Persist a checkpoint (rank 0 passes it, others None) and report metrics; every rank calls this the same
@@ -76,6 +85,12 @@ class LocalContext:
 
     def resume_from(self) -> Path | None:
         return self._resume
+
+    def train_stream(self, cfg: Config) -> Callable[[], Iterable[Batch]]:
+        from sd3ray.streaming import LocalParquetStream
+
+        return LocalParquetStream(cfg.data.parquet_dir, cfg.train.batch_size, cfg.train.seed,
+                                  cfg.data.shuffle_buffer).__iter__
 
     def save_and_report(self, data: CheckpointData | None, metrics: dict[str, Any]) -> str | None:
         if data is None:

@@ -112,6 +112,75 @@ def pad_to(images: np.ndarray, size: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------- Parquet
 
 
+class ShardWriter:
+    """Writes one split as Parquet shards, `shard_size` images at a time, so a set larger than memory can be
+    written from a stream of chunks; `metadata.json` is updated only by `close()`.
+
+    Shards go to a temporary folder and move in only when the split is complete, so a crash never leaves a split
+    that looks whole.
+    """
+
+    def __init__(self, out_dir: str | Path, split: str, channels: int, image_size: int, labelled: bool,
+                 captioned: bool, shard_size: int = 20000) -> None:
+        if channels not in (1, 3):
+            raise DataError(f"images must have 1 or 3 channels, got {channels}")
+        self.out, self.split, self.shard_size = Path(out_dir), split, shard_size
+        self.shape, self.labelled, self.captioned = (channels, image_size, image_size), labelled, captioned
+        self.out.mkdir(parents=True, exist_ok=True)
+        meta = read_metadata(self.out) if (self.out / "metadata.json").exists() else \
+            {"channels": channels, "image_size": image_size, "splits": {}}
+        if (meta["channels"], meta["image_size"]) != (channels, image_size):
+            raise DataError(f"{self.out} holds {meta['channels']}×{meta['image_size']}² images; cannot add "
+                            f"{channels}×{image_size}²")
+        self.meta, self.count, self.shards = meta, 0, []
+        self._tmp = tempfile.TemporaryDirectory(dir=self.out)
+        self._pending: list[tuple[np.ndarray, np.ndarray, list[str | None]]] = []
+        self._pending_rows = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray | None = None, captions: list[str] | None = None) -> None:
+        """Append (n, C, S, S) uint8 images with their labels and/or captions."""
+        if images.dtype != np.uint8 or images.shape[1:] != self.shape:
+            raise DataError(f"images must be uint8 (N, {', '.join(map(str, self.shape))}); got {images.dtype} "
+                            f"{images.shape}")
+        n = images.shape[0]
+        label_arr = np.full(n, -1, np.int16) if labels is None else np.asarray(labels).astype(np.int16)
+        self._pending.append((np.ascontiguousarray(images).reshape(n, -1), label_arr, list(captions or [None] * n)))
+        self._pending_rows += n
+        while self._pending_rows >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, rows: int) -> None:
+        flat, labels, captions = (np.concatenate([p[0] for p in self._pending]),
+                                  np.concatenate([p[1] for p in self._pending]),
+                                  [c for p in self._pending for c in p[2]])
+        c, s, _ = self.shape
+        image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(c * s * s), rows,
+                                                         [None, pa.py_buffer(flat[:rows].tobytes())])
+        table = pa.table({"image": image_col, "label": pa.array(labels[:rows]),
+                          "caption": pa.array(captions[:rows], pa.string())})
+        name = f"{self.split}-{len(self.shards):05d}.parquet"
+        pq.write_table(table, Path(self._tmp.name) / name)
+        self.shards.append(name)
+        self.count += rows
+        self._pending = [(flat[rows:], labels[rows:], captions[rows:])] if rows < len(flat) else []
+        self._pending_rows = len(flat) - rows
+
+    def close(self) -> None:
+        """Write the last shard, move the split in (replacing an older one) and record it in metadata.json."""
+        if self._pending_rows:
+            self._flush(self._pending_rows)
+        for old in self.out.glob(f"{self.split}-*.parquet"):
+            old.unlink()
+        for name in self.shards:
+            os.replace(Path(self._tmp.name) / name, self.out / name)
+        self._tmp.cleanup()
+        # re-read: another writer (the other split) may have recorded its split since this one opened
+        meta = read_metadata(self.out) if (self.out / "metadata.json").exists() else self.meta
+        meta["splits"][self.split] = {"count": self.count, "shards": self.shards, "labelled": self.labelled,
+                                      "captioned": self.captioned}
+        _write_json_atomic(self.out / "metadata.json", meta)
+
+
 def write_split(
     out_dir: str | Path,
     split: str,
@@ -120,42 +189,14 @@ def write_split(
     captions: list[str] | None = None,
     shard_size: int = 20000,
 ) -> None:
-    """Write (N, C, H, W) uint8 images (+ labels/captions) as Parquet shards and update metadata.json.
-
-    Shards are written into a temporary folder and moved in only when complete, so a crash never leaves a
-    split that looks whole.
-    """
+    """Write (N, C, H, W) uint8 images (+ labels/captions) in memory as one split (see ShardWriter)."""
     square = images.ndim == 4 and images.shape[2] == images.shape[3]
     if images.dtype != np.uint8 or not square or images.shape[1] not in (1, 3):
         raise DataError(f"images must be uint8 (N, C, S, S) with C in (1, 3); got {images.dtype} {images.shape}")
-    n, c, s, _ = images.shape
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = read_metadata(out) if (out / "metadata.json").exists() else {"channels": c, "image_size": s, "splits": {}}
-    if (meta["channels"], meta["image_size"]) != (c, s):
-        raise DataError(f"{out} holds {meta['channels']}×{meta['image_size']}² images; cannot add {c}×{s}²")
-    label_arr = np.full(n, -1, np.int16) if labels is None else labels.astype(np.int16)
-    flat = np.ascontiguousarray(images).reshape(n, -1)
-    shards = []
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        for k, start in enumerate(range(0, n, shard_size)):
-            stop = min(start + shard_size, n)
-            image_col = pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(c * s * s), stop - start, [None, pa.py_buffer(flat[start:stop].tobytes())])
-            table = pa.table({
-                "image": image_col,
-                "label": pa.array(label_arr[start:stop]),
-                "caption": pa.array(captions[start:stop] if captions else [None] * (stop - start), pa.string()),
-            })
-            name = f"{split}-{k:05d}.parquet"
-            pq.write_table(table, Path(tmp) / name)
-            shards.append(name)
-        for old in out.glob(f"{split}-*.parquet"):
-            old.unlink()
-        for name in shards:
-            os.replace(Path(tmp) / name, out / name)
-    meta["splits"][split] = {"count": n, "shards": shards, "labelled": labels is not None, "captioned": bool(captions)}
-    _write_json_atomic(out / "metadata.json", meta)
+    writer = ShardWriter(out_dir, split, images.shape[1], images.shape[2], labels is not None, bool(captions),
+                         shard_size)
+    writer.add(images, labels, captions)
+    writer.close()
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -268,8 +309,26 @@ def ensure_parquet(parquet_dir: str | Path, raw_root: str | Path, image_size: in
 
 
 def prepare_dataset(cfg: Config) -> str | Path:
-    """The driver's step: make sure `data.parquet_dir` holds the image set, converting MNIST on first use."""
-    return ensure_parquet(cfg.data.parquet_dir, cfg.data.raw_root, cfg.model.image_size, cfg.data.download)
+    """The driver's step: make sure `data.parquet_dir` holds the image set, building it on first use from
+    `data.source` (MNIST or the synthetic shapes); a `prepared` set must exist already."""
+    fs, root = open_folder(cfg.data.parquet_dir)
+    if cfg.data.source == "mnist" or _is_file(fs, f"{root}/metadata.json"):
+        return ensure_parquet(cfg.data.parquet_dir, cfg.data.raw_root, cfg.model.image_size, cfg.data.download)
+    if cfg.data.source == "prepared":
+        raise DataError(f"no image set at {cfg.data.parquet_dir}; make it first with jobs/prepare_data.py "
+                        f"(--source folder, cifar10 or shapes) --out {cfg.data.parquet_dir}")
+    from sd3ray.image_sets import write_coloured_shapes
+
+    if is_uri(cfg.data.parquet_dir):
+        return write_coloured_shapes(cfg.data.parquet_dir, SHAPES_FIRST_USE, cfg.model.image_size)
+    staging = Path(str(cfg.data.parquet_dir) + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_coloured_shapes(staging, SHAPES_FIRST_USE, cfg.model.image_size)
+    os.replace(staging, cfg.data.parquet_dir)
+    return Path(cfg.data.parquet_dir)
+
+
+SHAPES_FIRST_USE = 20000  # training images of the synthetic colour set a run builds for itself
 
 
 def load_splits(cfg: Config) -> tuple[ImageSet, ImageSet]:
@@ -337,6 +396,7 @@ class TrainingBatches:
         self.candidates = torch.tensor([row_of[p] for p in prompts])[candidates].to(device)  # (N, K) bank rows
         self.images = images.images.to(device)  # uint8, resident: MNIST is 60 MB
         self.sampler = ShardedBatches(len(images), cfg.train.batch_size, rank, world_size, cfg.train.seed)
+        self.global_batch = self.sampler.global_batch
         self.cfg, self.device = cfg, device
         b = cfg.train.batch_size
         self.rank_slice = slice(rank * b, (rank + 1) * b)

@@ -13,7 +13,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +33,7 @@ from sd3ray.data import open_folder, prepare_dataset
 from sd3ray.errors import ResourceError, Sd3rayError, StorageError
 from sd3ray.redact import redact
 from sd3ray.shared_storage import check_shared, is_uri, join
+from sd3ray.streaming import Batch, describe_choice, streams
 from sd3ray.tracking import NullTracker, check_reachable, make_tracker, resolve_tracking_uri, source_tags
 from sd3ray.train_loop import train
 
@@ -45,6 +48,7 @@ class DebugHooks:
     # rank 0 dies without cleanup, as on a lost node, right after reporting this step's checkpoint (first run only)
     kill_after_checkpoint: int = -1
     save_replica_to: str = ""  # each rank's final weights, to prove replicas stay identical
+    record_samples_to: str = ""  # streaming: each rank appends the labels of every batch it trains on
 
 
 class RayContext:
@@ -71,6 +75,17 @@ class RayContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def train_stream(self, cfg: Config) -> Callable[[], Iterable[Batch]]:
+        from sd3ray.ray_data import shard_passes
+
+        passes = shard_passes(cfg, self.rank)
+        if not self.debug.record_samples_to:
+            return passes
+        log = Path(self.debug.record_samples_to) / f"rank{self.rank}.txt"
+        with log.open("a") as f:
+            f.write("start\n")  # a worker (re)started: what follows is one attempt's passes
+        return partial(record_samples, passes, log)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world_size > 1
@@ -152,6 +167,16 @@ def train_worker(config: dict[str, Any]) -> None:
         torch.save(result.model.state_dict(), Path(debug.save_replica_to) / f"rank{ctx.rank}.pt")
 
 
+def record_samples(passes: Callable[[], Iterable[Batch]], log: Path) -> Iterator[Batch]:
+    """One pass, logged to `log`: a `pass` line, then the labels of each batch on a line of their own."""
+    with log.open("a") as f:
+        f.write("pass\n")
+    for batch in passes():
+        with log.open("a") as f:
+            f.write(" ".join(map(str, batch["label"].tolist())) + "\n")
+        yield batch
+
+
 def _absolute_paths(cfg: Config) -> Config:
     """Workers run in other directories: hand them absolute data paths (URIs as they are)."""
     def absolute(location: str) -> str:
@@ -165,20 +190,25 @@ def default_storage(cfg: Config) -> str:
     return str(Path(cfg.train.output_dir).resolve() / "ray")
 
 
-def check_resources(workers: int, use_gpu: bool, cpus_per_worker: int = 1) -> None:
+STREAM_CPUS = 1  # CPUs a streaming run keeps for Ray Data's read and decode tasks
+
+
+def check_resources(workers: int, use_gpu: bool, cpus_per_worker: int = 1, reserve: int = 0) -> None:
     """Fail fast instead of waiting forever for resources a fixed-size cluster will never have."""
     total = ray.cluster_resources()
-    key, need = ("GPU", workers) if use_gpu else ("CPU", workers * cpus_per_worker)
-    have = total.get(key, 0)
-    if have < need:
-        raise ResourceError(f"--workers {workers} needs {need} {key}(s) but the Ray cluster has {have:g} "
-                           f"({', '.join(f'{k}={v:g}' for k, v in total.items() if k in ('CPU', 'GPU'))}). "
-                           f"Lower --workers, use --cpu, or add nodes.")
+    for key, need in (("GPU", workers if use_gpu else 0), ("CPU", (0 if use_gpu else workers * cpus_per_worker)
+                                                                  + reserve)):
+        have = total.get(key, 0)
+        if have < need:
+            extra = f" (with {reserve} kept for streaming the data)" if reserve and key == "CPU" else ""
+            held = ", ".join(f"{k}={v:g}" for k, v in total.items() if k in ("CPU", "GPU"))
+            raise ResourceError(f"--workers {workers} needs {need} {key}(s){extra} but the Ray cluster has "
+                                f"{have:g} ({held}). Lower --workers or --cpus-per-worker, use --cpu, or add nodes.")
 
 
 def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None,
                   max_failures: int = 0, tracking: bool = True, callbacks: list | None = None,
-                  debug: DebugHooks | None = None, cpus_per_worker: int = 1,
+                  debug: DebugHooks | None = None, cpus_per_worker: float = 1,
                   placement: Placement = "PACK") -> TorchTrainer:
     """A TorchTrainer for `cfg` whose checkpoints go to storage_path/name. `placement` SPREAD puts workers on as
     many nodes as it can (one per node where there are enough); PACK, Ray's default, fills a node first."""
@@ -191,9 +221,15 @@ def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = Fals
     loop_config = {"cfg": to_dict(cfg), "tracking": tracking, "tracking_uri": uri,
                    "run_storage": join(storage, name), "debug": asdict(debug or DebugHooks()),
                    "source_tags": source_tags()}  # the driver's job, not the worker's Ray entry point
+    datasets = None
+    if streams(cfg):  # Ray Data reads and decodes; Ray Train splits the stream over the workers
+        from sd3ray.ray_data import TRAIN_DATASET, train_dataset
+
+        datasets = {TRAIN_DATASET: train_dataset(cfg)}
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
+        datasets=datasets,
         # Ray sizes each worker's thread pool (OMP_NUM_THREADS) to its CPUs
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, placement_strategy=placement,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
@@ -252,6 +288,18 @@ def gcs_answers(address: str, timeout_s: float) -> bool:
         return False
 
 
+DASHBOARD_ENV = "SD3RAY_RAY_DASHBOARD"
+
+
+def local_cluster_options() -> dict[str, Any]:
+    """How sd3ray starts the one-machine cluster a run without a cluster gets: no dashboard and no metrics export,
+    unless SD3RAY_RAY_DASHBOARD=1. On a small machine those daemons take CPU from the training step (README,
+    Performance: Ray Train against local mode); a run on one machine has the console and MLflow to watch instead."""
+    if os.environ.get(DASHBOARD_ENV, "") not in ("", "0"):
+        return {"include_dashboard": True}
+    return {"include_dashboard": False, "_system_config": {"enable_metrics_collection": False}}
+
+
 def connect(timeout_s: float = 10.0) -> None:
     """Join $RAY_ADDRESS / the cluster a `ray job submit` runs on / the one `ray start` left, or start a local one.
 
@@ -268,7 +316,7 @@ def connect(timeout_s: float = 10.0) -> None:
             f"the Ray cluster at {address} (from {source}) does not answer within {timeout_s:g} s. Start it again, "
             f"point RAY_ADDRESS at a live cluster, or run on a fresh local cluster: unset RAY_ADDRESS{stale_file}.")
     try:
-        ray.init(address=address)
+        ray.init(address=address, **({} if address else local_cluster_options()))
     except ConnectionError as exc:
         raise ClusterUnreachable(f"cannot join the Ray cluster at {address} (from {source}): {exc}") from exc
 
@@ -279,13 +327,15 @@ def cluster_gpus() -> float:
     return ray.cluster_resources().get("GPU", 0)
 
 
-def default_cpus_per_worker(workers: int, use_gpu: bool) -> int:
+def default_cpus_per_worker(workers: int, use_gpu: bool, reserve: int = 0) -> int:
     """CPU workers share the cluster's CPUs (one worker on a 2-core machine gets both, and torch as many threads),
-    no more than the largest node has; a GPU worker needs one to feed its GPU."""
+    less `reserve` kept for Ray Data's reading tasks, no more than the largest node has; a GPU worker needs one to
+    feed its GPU."""
     if use_gpu:
         return 1
     per_node = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
-    return max(1, int(min(ray.cluster_resources().get("CPU", 1) // workers, max(per_node, default=1))))
+    free = ray.cluster_resources().get("CPU", 1) - reserve
+    return max(1, int(min(free // workers, max(per_node, default=1))))
 
 
 def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = None, storage_path: str | None = None,
@@ -301,10 +351,13 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
         check_reachable(resolve_tracking_uri(cfg.tracking.uri))
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers, use_gpu)
-    check_resources(workers, use_gpu, cpus_per_worker)
     check_storage(storage)
     prepare_dataset(cfg)  # once, here: the workers only read it
+    print(describe_choice(cfg), flush=True)
+    # a streaming run's reading tasks need a CPU the training workers leave free, or the stream never starts
+    reserve = STREAM_CPUS if streams(cfg) else 0
+    cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers, use_gpu, reserve)
+    check_resources(workers, use_gpu, cpus_per_worker, reserve)
     trainer = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking,
                             cpus_per_worker=cpus_per_worker, placement=placement)
     print(redact(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s) × "

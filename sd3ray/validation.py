@@ -37,6 +37,7 @@ class ValidationSet:
     eps: torch.Tensor  # (N, C, H, W)
     prompts: list[str]
     levels: torch.Tensor  # (K,)
+    grid_prompts: list[str]  # the sample grid's prompts, row by row
 
     @classmethod
     def build(cls, images: ImageSet, cfg: Config, device: torch.device) -> ValidationSet:
@@ -47,7 +48,16 @@ class ValidationSet:
             prompts = [c or "" for c in images.captions[:n]]
         else:
             prompts = [str(int(label)) for label in images.labels[:n]]
-        return cls(x0, eps, prompts, validation_levels(cfg.flow.num_val_levels))
+        return cls(x0, eps, prompts, validation_levels(cfg.flow.num_val_levels), grid_prompts(images))
+
+
+def grid_prompts(images: ImageSet) -> list[str]:
+    """Digits: the fixed grid above. A captioned set: the held-out split's first 64 captions, so the grid asks for
+    what the data describes."""
+    if images.captions is None:
+        return list(GRID_PROMPTS)
+    captions = [c or "" for c in images.captions[:len(GRID_PROMPTS)]]
+    return (captions * (len(GRID_PROMPTS) // max(1, len(captions)) + 1))[:len(GRID_PROMPTS)]
 
 
 @torch.no_grad()

@@ -129,3 +129,38 @@ def test_a_stale_address_file_left_by_a_dead_cluster_is_named_with_the_way_out(t
     assert proc.returncode != 0
     assert f"the Ray cluster at {dead} (from {address_file}, written by the last `ray start --head`" in proc.stderr
     assert f"or delete {address_file}" in proc.stderr
+
+
+def test_streaming_workers_share_each_pass_and_a_restart_replays_the_interrupted_one(ray_head, tmp_path: Path) -> None:
+    """Two workers stream 96 numbered images (6 steps of global batch 16 per pass); rank 0 dies after the step-4
+    checkpoint. Before the failure the workers' batches are disjoint; after the restart (from step 4) the interrupted
+    pass starts over, and steps 5..10 are one whole pass: every image exactly once across the two workers."""
+    from sd3ray.config import load_config
+    from tests.test_streaming import numbered_set
+
+    root = numbered_set(tmp_path / "set", 96, shard_size=24)
+    micro = [o for o in MICRO if not o.startswith("data.")]
+    cfg = load_config(REPO_ROOT / "configs/shapes_tiny.yaml", [
+        *micro, f"data.parquet_dir={root}", "model.image_size=8", "model.patch_size=2", "train.batch_size=8",
+        "data.num_val_images=16", "data.shuffle_buffer=32", "train.steps=10", "train.log_every=1",
+        "train.ckpt_every=4", "train.eval_every=100", f"train.output_dir={tmp_path}"])
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    # 0.5 CPU per worker leaves one of the head's two CPUs to Ray Data's read and decode tasks
+    trainer = build_trainer(cfg, "streamed", workers=2, storage_path=str(tmp_path / "storage"), tracking=False,
+                            cpus_per_worker=0.5, max_failures=1,
+                            debug=DebugHooks(kill_after_checkpoint=4, record_samples_to=str(samples)))
+    assert set(trainer.datasets) == {"train"}  # the run streams: the trainer holds a Ray Dataset
+    result = trainer.fit()
+    assert result.metrics["step"] == 10
+    # rank -> attempts -> passes -> batches of labels
+    attempts = {rank: [[[[int(x) for x in line.split()] for line in one_pass.strip().splitlines()]
+                        for one_pass in attempt.split("pass\n")[1:]]
+                       for attempt in (samples / f"rank{rank}.txt").read_text().split("start\n")[1:]]
+                for rank in (0, 1)}
+    assert [[len(p) for p in attempt] for attempt in attempts[0]] == [[4], [6]]  # steps 1-4, then 5-10
+    first_attempt = [x for rank in (0, 1) for batch in attempts[rank][0][0][:4] for x in batch]
+    assert len(first_attempt) == 64 and len(set(first_attempt)) == 64  # the workers never shared an image
+    assert len(attempts[1][1]) == 1 and len(attempts[1][1][0]) == 6
+    replayed = sorted(x for rank in (0, 1) for batch in attempts[rank][1][0] for x in batch)
+    assert replayed == list(range(96))  # the resumed pass: all 96 images, each once, over the two workers
