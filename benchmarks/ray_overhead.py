@@ -11,13 +11,17 @@ import torch
 
 from sd3ray.config import Config, apply_overrides, from_dict, to_dict
 
-# (label, workers, CPUs per worker); "{threads}" is the number of threads local mode uses
-RAY_SETUPS = (("ray 1 worker × {threads} CPU", 1, 0), ("ray 1 worker × 1 CPU", 1, 1), ("ray 2 workers × 1 CPU", 2, 1))
+# (label, workers, CPUs per worker, data.loading); "{threads}" is the number of threads local mode uses
+RAY_SETUPS = (("ray 1 worker × {threads} CPU", 1, 0, "memory"), ("ray 1 worker × 1 CPU", 1, 1, "memory"),
+              ("ray 2 workers × 1 CPU", 2, 1, "memory"),
+              ("ray 1 worker × 1 CPU, streamed by Ray Data (1 CPU)", 1, 1, "stream"))
+Setup = tuple[str, int, int, str]
 
 
-def ray_setups(threads: int) -> list[tuple[str, int, int]]:
+def ray_setups(threads: int) -> list[Setup]:
     """The setups the benchmark compares with local mode; 0 CPUs per worker means `threads`."""
-    return [(label.format(threads=threads), workers, cpus or threads) for label, workers, cpus in RAY_SETUPS]
+    return [(label.format(threads=threads), workers, cpus or threads, loading)
+            for label, workers, cpus, loading in RAY_SETUPS]
 
 
 def ray_overhead_config(cfg: Config, steps: int, output_dir: str) -> Config:
@@ -28,9 +32,10 @@ def ray_overhead_config(cfg: Config, steps: int, output_dir: str) -> Config:
                                  f"train.output_dir={output_dir}"]))
 
 
-def ray_overhead_rows(cfg: Config, setups: list[tuple[str, int, int]],
+def ray_overhead_rows(cfg: Config, setups: list[Setup],
                       local_beside_cluster: bool = False) -> list[dict[str, Any]]:
-    """Steady-state images/s of local mode, then of Ray Train for each (name, workers, cpus per worker) setup.
+    """Steady-state images/s of local mode, then of Ray Train for each (name, workers, cpus per worker, loading)
+    setup: the training split in memory, or streamed by Ray Data (which takes one more CPU).
 
     images/s is the rate over the second half of the run; "fixed_s" is wall time minus the steps at
     that rate: start-up, data loading, final evaluation and teardown. The first row is local mode. With
@@ -42,11 +47,12 @@ def ray_overhead_rows(cfg: Config, setups: list[tuple[str, int, int]],
 
     rows = []
 
-    def record(name: str, on_ray: bool, workers: int, cpus: int, wall: float, metrics: dict[str, Any]) -> None:
+    def record(name: str, on_ray: bool, workers: int, cpus: int, wall: float, metrics: dict[str, Any],
+               loading: str = "memory") -> None:
         rate = metrics["train/images_per_s"]
         fixed = wall - cfg.train.steps * cfg.train.batch_size * workers / rate
-        rows.append({"setup": name, "ray": on_ray, "workers": workers, "cpus_per_worker": cpus, "images_per_s": rate,
-                     "wall_s": wall, "fixed_s": fixed,
+        rows.append({"setup": name, "ray": on_ray, "workers": workers, "cpus_per_worker": cpus, "loading": loading,
+                     "images_per_s": rate, "wall_s": wall, "fixed_s": fixed,
                      "vs_local": rate / rows[0]["images_per_s"] if rows else 1.0})
         print(f"{name}: {rate:.0f} img/s, wall {wall:.1f}s, fixed {fixed:.1f}s", flush=True)
 
@@ -60,9 +66,39 @@ def ray_overhead_rows(cfg: Config, setups: list[tuple[str, int, int]],
         local = run_local(cfg, "local-beside-ray", "local-beside-ray", device="cpu", tracking=False)
         record(f"local ({threads} threads), Ray cluster up", False, 1, threads, time.perf_counter() - started,
                local.metrics)
-    for name, workers, cpus in setups:
+    for name, workers, cpus, loading in setups:
         started = time.perf_counter()
-        result = build_trainer(cfg, f"bench-{workers}x{cpus}", workers=workers, tracking=False,
+        setup_cfg = from_dict(apply_overrides(to_dict(cfg), [f"data.loading={loading}"]))
+        result = build_trainer(setup_cfg, f"bench-{workers}x{cpus}-{loading}", workers=workers, tracking=False,
                                storage_path=str(Path(cfg.train.output_dir) / "ray"), cpus_per_worker=cpus).fit()
-        record(name, True, workers, cpus, time.perf_counter() - started, result.metrics)
+        record(name, True, workers, cpus, time.perf_counter() - started, result.metrics, loading)
     return rows
+
+
+def stream_read_rows(cfg: Config, data_cpus: list[int]) -> list[dict[str, Any]]:
+    """The streaming path alone, without training: rows/s of one pass over the training split through Ray Data
+    (read, decode, batch) with its tasks limited to each number of CPUs."""
+    import ray.data
+    from ray.data import ExecutionResources
+
+    from sd3ray.ray_data import train_dataset
+    from sd3ray.ray_train import connect
+
+    connect()
+    rows = []
+    context = ray.data.DataContext.get_current()
+    for cpus in data_cpus:
+        context.execution_options.resource_limits = ExecutionResources.for_limits(cpu=cpus)
+        started, count = time.perf_counter(), 0
+        for batch in train_dataset(cfg).iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
+            count += len(batch["label"])
+        rate = count / (time.perf_counter() - started)
+        rows.append({"data_cpus": cpus, "rows": count, "rows_per_s": rate})
+        print(f"Ray Data with {cpus} CPU(s): {rate:,.0f} images/s over {count} images", flush=True)
+    context.execution_options.resource_limits = ExecutionResources.for_limits()
+    return rows
+
+
+def stream_read_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["", "| Ray Data CPUs | images/s read, decoded and batched |", "|---|---|"]
+    return "\n".join(lines + [f"| {r['data_cpus']} | {r['rows_per_s']:,.0f} |" for r in rows]) + "\n"

@@ -60,7 +60,8 @@ def benchmark_metrics(rows: list[dict[str, Any]], extras: list[dict[str, Any]],
     for e in extras:
         metrics[f"bench/{e['key']}/images_per_s"] = e["images_per_s"]
     for r in (r for r in ray_rows if r["ray"]):
-        metrics[f"bench/ray_{r['workers']}x{r['cpus_per_worker']}cpu/vs_local"] = r["vs_local"]
+        streamed = "_streamed" if r.get("loading") == "stream" else ""
+        metrics[f"bench/ray_{r['workers']}x{r['cpus_per_worker']}cpu{streamed}/vs_local"] = r["vs_local"]
     return metrics
 
 

@@ -23,7 +23,13 @@ import tempfile
 
 import torch
 
-from benchmarks.ray_overhead import ray_overhead_config, ray_overhead_rows, ray_setups
+from benchmarks.ray_overhead import (
+    ray_overhead_config,
+    ray_overhead_rows,
+    ray_setups,
+    stream_read_markdown,
+    stream_read_rows,
+)
 from benchmarks.report import benchmark_metrics, log_benchmark, markdown_report, row_key
 from benchmarks.speed import H100_BF16_DENSE_TFLOPS, data_path_row, full_step_tflop, mfu, model_step_rows, sampling_row
 from sd3ray.cli import add_config_args, add_tracking_args, config_from_args, job_parser, positive_int, run_job
@@ -45,7 +51,8 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--skip-models", action="store_true", help="skip model, sampling and data timing")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS, help="for MFU (GPU only)")
     parser.add_argument("--ray-overhead", metavar="CONFIG", type=Path,
-                        help="also train CONFIG locally and on Ray workers (1×all CPUs, 1×1, 2×1; needs ray)")
+                        help="also train CONFIG locally and on Ray workers (1×all CPUs, 1×1, 2×1, 1×1 streamed by "
+                             "Ray Data), and time Ray Data's read path alone on 1..all CPUs (needs ray)")
     parser.add_argument("--ray-overhead-steps", type=positive_int, default=400)
     add_tracking_args(parser)
     parser.add_argument("--output", type=Path, default=Path("benchmark.json"), help="JSON; the table goes beside it")
@@ -68,7 +75,7 @@ def main() -> int:
         ray_cfg = ray_overhead_config(ray_base, args.ray_overhead_steps, tempfile.mkdtemp(prefix="sd3ray-bench-"))
     device = torch.device(args.device) if args.device else default_device()
     bf16 = device.type == "cuda"
-    rows, extras, ray_rows = [], [], []
+    rows, extras, ray_rows, stream_rows = [], [], [], []
     if not args.skip_models:
         with_diffusers = importlib.util.find_spec("diffusers") is not None
         if not with_diffusers:
@@ -83,13 +90,15 @@ def main() -> int:
             extras.append(data_path_row(cfg, device))
     if ray_cfg is not None:
         ray_rows = ray_overhead_rows(ray_cfg, ray_setups(torch.get_num_threads()), local_beside_cluster=True)
+        stream_rows = stream_read_rows(ray_cfg, list(range(1, torch.get_num_threads() + 1)))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if bf16 else "fp32"
     report = markdown_report(f"{name}, {precision}, batch {args.batch}, config {args.config}", rows, extras, ray_rows)
+    report += stream_read_markdown(stream_rows) if stream_rows else ""
     print(f"\n{report}full sd3ray step (MM-DiT + text encoder): "
           f"{full_step_tflop(cfg, args.batch, args.context_len):.3f} TFLOP")
     summary = {"device": name, "precision": precision, "batch": args.batch, "config": str(args.config),
-               "rows": rows, "extra": extras, "ray_overhead": ray_rows}
+               "rows": rows, "extra": extras, "ray_overhead": ray_rows, "stream_read": stream_rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=2))
     args.output.with_suffix(".md").write_text(report)
@@ -101,7 +110,9 @@ def main() -> int:
         chart = bar_plot(bars, "training images/s", f"{name}, {precision}, batch {args.batch}")
         tags = {"sd3ray.device": name, "sd3ray.precision": precision, "sd3ray.torch_version": torch.__version__}
         run_id = log_benchmark(make_tracker(cfg, uri=args.tracking_uri or None), cfg, f"benchmark-b{args.batch}", tags,
-                               benchmark_metrics(rows, extras, ray_rows), chart,
+                               {**benchmark_metrics(rows, extras, ray_rows),
+                                **{f"bench/stream_read_{r['data_cpus']}cpu/images_per_s": r["rows_per_s"]
+                                   for r in stream_rows}}, chart,
                                [args.output, args.output.with_suffix(".md")])
         print(f"logged to MLflow run {run_id}")
     return 0

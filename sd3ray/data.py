@@ -241,6 +241,19 @@ def upload_image_set(local_dir: Path, location: str) -> None:
             out.write(path.read_bytes())
 
 
+def image_array(table: pa.Table, channels: int, size: int, where: str) -> np.ndarray:
+    """A table's `image` column as (N, C, S, S) uint8 (a copy, so torch can own it)."""
+    column = table.column("image").combine_chunks()
+    per_image = channels * size * size
+    if pa.types.is_fixed_size_binary(column.type):
+        raw = np.frombuffer(column.buffers()[1], np.uint8)[column.offset * per_image :][: len(column) * per_image]
+    else:  # plain binary written by another tool
+        raw = np.frombuffer(b"".join(column.to_pylist()), np.uint8)
+    if raw.size != len(table) * per_image:
+        raise DataError(f"{where}: image bytes do not match {channels}×{size}×{size} per row")
+    return raw.reshape(len(table), channels, size, size).copy()
+
+
 @dataclass
 class ImageSet:
     images: torch.Tensor  # (N, C, H, W) uint8
@@ -263,14 +276,7 @@ def read_split(parquet_dir: str | Path, split: str) -> ImageSet:
     if missing:
         raise DataError(f"{parquet_dir} is incomplete: shards {missing} are missing; re-run jobs/prepare_data.py")
     table = pa.concat_tables(pq.read_table(f"{root}/{name}", filesystem=fs) for name in entry["shards"])
-    column = table.column("image").combine_chunks()
-    if pa.types.is_fixed_size_binary(column.type):
-        raw = np.frombuffer(column.buffers()[1], np.uint8)[column.offset * c * s * s :][: len(column) * c * s * s]
-    else:  # plain binary written by another tool
-        raw = np.frombuffer(b"".join(column.to_pylist()), np.uint8)
-    if raw.size != len(table) * c * s * s:
-        raise DataError(f"{parquet_dir}/{split}: image bytes do not match {c}×{s}×{s} per row")
-    images = torch.from_numpy(raw.reshape(len(table), c, s, s).copy())
+    images = torch.from_numpy(image_array(table, c, s, f"{parquet_dir}/{split}"))
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     captions = table.column("caption").to_pylist() if entry.get("captioned") else None
     return ImageSet(images, labels, captions)

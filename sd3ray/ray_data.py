@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from functools import partial
 
-import pyarrow as pa
 import ray
 import ray.data
 import ray.train
@@ -20,10 +19,6 @@ from sd3ray.streaming import Batch, decode, shard_paths
 TRAIN_DATASET = "train"
 
 
-def _decode_block(table: pa.Table, channels: int, image_size: int) -> Batch:
-    return decode(table, channels, image_size)
-
-
 def train_dataset(cfg: Config) -> ray.data.Dataset:
     """The training split as a Ray Dataset of decoded batches: shards read in a new seeded order each pass
     (`FileShuffleConfig` reseeds after every execution), decoded 1,024 rows at a time on 1-CPU tasks."""
@@ -31,8 +26,9 @@ def train_dataset(cfg: Config) -> ray.data.Dataset:
     fs, paths = shard_paths(cfg.data.parquet_dir)
     dataset = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "label", "caption"],
                                     shuffle=ray.data.FileShuffleConfig(seed=cfg.train.seed))
-    return dataset.map_batches(partial(_decode_block, channels=meta["channels"], image_size=meta["image_size"]),
-                               batch_format="pyarrow", batch_size=1024, num_cpus=1)
+    decoder = partial(decode, channels=meta["channels"], image_size=meta["image_size"],
+                      captioned=bool(meta["splits"]["train"].get("captioned")))
+    return dataset.map_batches(decoder, batch_format="pyarrow", batch_size=1024, num_cpus=1)
 
 
 def shard_passes(cfg: Config, rank: int) -> Callable[[], Iterable[Batch]]:

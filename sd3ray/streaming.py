@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sd3ray.config import Config
-from sd3ray.data import DataError, from_uint8, open_folder, read_metadata
+from sd3ray.data import DataError, from_uint8, image_array, open_folder, read_metadata
 from sd3ray.flow import sample_timesteps
 from sd3ray.text import digit_prompts, tokenize
 
@@ -58,21 +58,13 @@ def shard_paths(parquet_dir: str | Path, split: str = "train") -> tuple[object, 
     return fs, [f"{root}/{name}" for name in meta["splits"][split]["shards"]]
 
 
-def decode(table: pa.Table, channels: int, image_size: int) -> Batch:
-    """A Parquet record batch -> numpy columns: images as (n, C, S, S) uint8, labels, captions ("" for none)."""
-    column = table.column("image").combine_chunks()
-    per_image = channels * image_size * image_size
-    if pa.types.is_fixed_size_binary(column.type):
-        raw = np.frombuffer(column.buffers()[1], np.uint8)[column.offset * per_image:][: len(column) * per_image]
-    else:
-        raw = np.frombuffer(b"".join(column.to_pylist()), np.uint8)
-    if raw.size != len(table) * per_image:
-        raise DataError(f"image bytes do not match {channels}×{image_size}×{image_size} per row")
-    out: Batch = {"image": raw.reshape(len(table), channels, image_size, image_size).copy(),
+def decode(table: pa.Table, channels: int, image_size: int, captioned: bool) -> Batch:
+    """A Parquet record batch -> numpy columns: images as (n, C, S, S) uint8, labels, and for a captioned set
+    its captions ("" where missing)."""
+    out: Batch = {"image": image_array(table, channels, image_size, "a streamed batch"),
                   "label": table.column("label").to_numpy().astype(np.int64)}
-    captions = table.column("caption").to_pylist()
-    if any(c is not None for c in captions):
-        out["caption"] = np.array([c or "" for c in captions], dtype=object)
+    if captioned:
+        out["caption"] = np.array([c or "" for c in table.column("caption").to_pylist()], dtype=object)
     return out
 
 
@@ -83,6 +75,7 @@ class LocalParquetStream:
     def __init__(self, parquet_dir: str | Path, batch_size: int, seed: int, buffer_size: int = 4096) -> None:
         meta = read_metadata(parquet_dir)
         self.channels, self.image_size = meta["channels"], meta["image_size"]
+        self.captioned = bool(meta["splits"]["train"].get("captioned"))
         self.fs, self.paths = shard_paths(parquet_dir)
         self.batch_size, self.seed, self.buffer_size = batch_size, seed, max(buffer_size, batch_size)
         self.passes = 0
@@ -95,7 +88,8 @@ class LocalParquetStream:
         for index in rng.permutation(len(self.paths)):
             with self.fs.open_input_file(self.paths[index]) as f:
                 for record_batch in pq.ParquetFile(f).iter_batches(batch_size=1024):
-                    buffer.append(decode(pa.Table.from_batches([record_batch]), self.channels, self.image_size))
+                    table = pa.Table.from_batches([record_batch])
+                    buffer.append(decode(table, self.channels, self.image_size, self.captioned))
                     held += record_batch.num_rows
                     if held >= self.buffer_size:
                         yield from self._drain(buffer, rng, keep=self.buffer_size // 2)

@@ -118,19 +118,23 @@ def test_benchmark_job_rejects_a_bad_ray_overhead_config_before_timing(tmp_path:
 
 @pytest.mark.integration
 def test_ray_overhead_rows_compare_ray_with_local_mode(ray_head, micro_config, tmp_path: Path) -> None:
-    from benchmarks.ray_overhead import ray_overhead_config, ray_overhead_rows
+    from benchmarks.ray_overhead import ray_overhead_config, ray_overhead_rows, stream_read_rows
 
     cfg = ray_overhead_config(micro_config(), steps=8, output_dir=str(tmp_path / "bench"))
     assert (cfg.train.steps, cfg.train.log_every, cfg.eval.num_samples) == (8, 4, 0)
-    local, beside, ray_row = ray_overhead_rows(cfg, [("ray 1 worker × 1 CPU", 1, 1)], local_beside_cluster=True)
+    local, beside, ray_row, streamed = ray_overhead_rows(
+        cfg, [("ray 1 worker × 1 CPU", 1, 1, "memory"), ("streamed", 1, 1, "stream")], local_beside_cluster=True)
     assert local["vs_local"] == 1.0 and not local["ray"]
     assert beside["setup"].endswith("Ray cluster up") and not beside["ray"]
-    assert ray_row["setup"] == "ray 1 worker × 1 CPU" and ray_row["ray"]
+    assert ray_row["setup"] == "ray 1 worker × 1 CPU" and ray_row["ray"] and ray_row["loading"] == "memory"
+    assert streamed["loading"] == "stream" and streamed["ray"]
     assert ray_row["vs_local"] == pytest.approx(ray_row["images_per_s"] / local["images_per_s"])
-    for row in (local, beside, ray_row):  # fixed cost: wall time less the 8 steps at the steady rate
+    for row in (local, beside, ray_row, streamed):  # fixed cost: wall time less the 8 steps at the steady rate
         assert row["fixed_s"] == pytest.approx(row["wall_s"] - 8 * 16 / row["images_per_s"])
         assert 0 < row["fixed_s"] < row["wall_s"]
-    assert (tmp_path / "bench" / "ray" / "bench-1x1").is_dir()  # the Ray run wrote where the config says
+    (read,) = stream_read_rows(cfg, [1])
+    assert read["rows"] == 60000  # one whole pass over MNIST's train split
+    assert (tmp_path / "bench" / "ray" / "bench-1x1-memory").is_dir()  # the Ray run wrote where the config says
 
 
 

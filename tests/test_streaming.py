@@ -10,7 +10,6 @@ from sd3ray.context import LocalContext
 from sd3ray.data import TrainingBatches, read_split, write_split
 from sd3ray.image_sets import write_coloured_shapes
 from sd3ray.streaming import LocalParquetStream, StreamedBatches, describe_choice, streams
-from sd3ray.tracking import NullTracker
 from sd3ray.train_loop import train
 from tests.conftest import MICRO, REPO_ROOT
 
@@ -65,20 +64,6 @@ def test_auto_streams_by_the_train_splits_size(tmp_path: Path) -> None:
         describe_choice(cfg("data.stream_above_mb=0.125"))
 
 
-class GridRecorder(NullTracker):
-    def __init__(self) -> None:
-        super().__init__()
-        self.losses: list[float] = []
-        self.images: dict[str, list[np.ndarray]] = {}
-
-    def log_metrics(self, metrics, step):
-        if "train/loss" in metrics:
-            self.losses.append(metrics["train/loss"])
-
-    def log_image(self, key, image, step):
-        self.images.setdefault(key, []).append(image)
-
-
 def shapes_config(root: Path, tmp_path: Path, *extra: str):
     micro = [o for o in MICRO if not o.startswith("data.")]
     return load_config(REPO_ROOT / "configs/shapes_tiny.yaml", [
@@ -86,14 +71,27 @@ def shapes_config(root: Path, tmp_path: Path, *extra: str):
         "text.max_length=40", *extra])
 
 
-def test_colour_set_trains_locally_through_the_stream(tmp_path: Path) -> None:
+def test_colour_set_trains_locally_through_the_stream_and_logs_colour_grids(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from sd3ray.tracking import make_tracker
+
     root = write_coloured_shapes(tmp_path / "shapes", num_images=2000, num_test=64)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = shapes_config(root, tmp_path, "train.steps=200", "train.log_every=20", "train.eval_every=100",
-                        "train.ckpt_every=200", "train.lr=0.003", "train.warmup_steps=10", "data.shuffle_buffer=512")
-    recorder = GridRecorder()
-    result = train(cfg, LocalContext(tmp_path / "run", torch.device("cpu")), recorder)
+                        "train.ckpt_every=200", "train.lr=0.003", "train.warmup_steps=10", "data.shuffle_buffer=512",
+                        f"tracking.uri={uri}", "tracking.log_model=false", "tracking.log_checkpoints=none",
+                        "tracking.system_metrics_every_s=0")
+    result = train(cfg, LocalContext(tmp_path / "run", torch.device("cpu")), make_tracker(cfg))
     assert result.step == 200
-    first, last = np.mean(recorder.losses[:2]), np.mean(recorder.losses[-2:])
-    assert last < 0.7 * first, recorder.losses
-    grids = recorder.images["samples"]
-    assert len(grids) == 2 and grids[-1].ndim == 3 and grids[-1].shape[-1] == 3  # colour grids, at 100 and 200
+    client = MlflowClient(uri)
+    losses = [m.value for m in sorted(client.get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)]
+    assert len(losses) == 10 and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
+    grids = sorted(a.path for a in client.list_artifacts(result.run_id, "images")
+                   if a.path.startswith("images/samples") and a.path.endswith(".png"))
+    assert len(grids) == 2, grids  # at steps 100 and 200
+    local = client.download_artifacts(result.run_id, grids[-1], str(tmp_path / "grid"))
+    from PIL import Image
+
+    grid = np.asarray(Image.open(local))
+    assert grid.ndim == 3 and grid.shape[-1] == 3 and grid.std(axis=-1).mean() > 1  # colour, not grey
