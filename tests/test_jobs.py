@@ -157,7 +157,7 @@ def test_debug_shows_the_traceback_and_real_bugs_keep_theirs(broken: dict[str, P
 def test_math_and_loop_import_neither_ray_nor_mlflow() -> None:
     code = ("import sys, sd3ray.config, sd3ray.text, sd3ray.model, sd3ray.flow, sd3ray.sampling, sd3ray.data, "
             "sd3ray.checkpoint, sd3ray.train_loop, sd3ray.local, sd3ray.validation, sd3ray.inference, "
-            "sd3ray.judge, sd3ray.tracking; "
+            "sd3ray.judge, sd3ray.tracking, sd3ray.streaming, sd3ray.image_sets; "
             "bad = [m for m in ('ray', 'mlflow') if m in sys.modules]; assert not bad, bad")
     _run("-c", code)
 
