@@ -105,6 +105,9 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
     max_minutes: float = 0.0  # 0 = no wall-clock budget
+    # with a budget, end the cosine where the clock will stop the run instead of at `steps` (measured: it costs
+    # accuracy when the budget is far too short to converge, README: Time to quality)
+    lr_decay_to_budget: bool = False
     seed: int = 0
     precision: Precision = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     compile: bool = False

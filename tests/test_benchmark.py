@@ -173,7 +173,7 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
     from tests.conftest import MICRO
 
     micro = ["micro", *MICRO, f"data.parquet_dir={mnist_parquet}", "train.steps=100000", "train.log_every=5",
-             "eval.num_samples=50", "eval.batch_size=50"]
+             "eval.num_samples=50", "eval.batch_size=50", "train.lr_decay_to_budget=true"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.run(
         [sys.executable, "jobs/time_to_quality.py", "--minutes", "0.25", "0.4", "--reserve-s", "6", "--num-samples",

@@ -111,7 +111,7 @@ def test_learning_rate_schedule() -> None:
 def test_decay_horizon_follows_the_time_budget() -> None:
     """With max_minutes, the cosine ends where the clock will: 100 steps in 6 s of a 60 s budget -> step 1,000."""
     cfg = load_config(None, ["train.warmup_steps=10", "train.steps=100000", "train.lr_schedule=cosine",
-                             "train.max_minutes=1"]).train
+                             "train.max_minutes=1", "train.lr_decay_to_budget=true"]).train
     horizon = DecayHorizon(cfg, start_step=0)
     assert horizon.steps == 100000
     horizon.project(100, elapsed_s=6.0)
@@ -128,14 +128,19 @@ def test_decay_horizon_follows_the_time_budget() -> None:
     no_budget = DecayHorizon(load_config(None, ["train.steps=500"]).train, start_step=0)
     no_budget.project(100, elapsed_s=6.0)
     assert no_budget.steps == 500  # without a budget the schedule is the step count's alone
-    short = DecayHorizon(load_config(None, ["train.steps=500", "train.max_minutes=60"]).train, start_step=0)
+    off = DecayHorizon(load_config(None, ["train.steps=500", "train.max_minutes=1"]).train, start_step=0)
+    off.project(100, elapsed_s=6.0)
+    assert off.steps == 500  # following the budget is opt-in
+    short = DecayHorizon(load_config(None, ["train.steps=500", "train.max_minutes=60",
+                                            "train.lr_decay_to_budget=true"]).train, start_step=0)
     short.project(100, elapsed_s=6.0)
     assert short.steps == 500  # train.steps comes first when the budget would allow more
 
 
 def test_time_budget_decays_the_learning_rate_to_zero_by_its_end(micro_config, tmp_path: Path) -> None:
     cfg = micro_config("train.steps=1000000", "train.max_minutes=0.1", "train.log_every=2", "train.ckpt_every=10000",
-                       "train.eval_every=10000", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.lr=0.001")
+                       "train.eval_every=10000", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.lr=0.001",
+                       "train.lr_decay_to_budget=true")
     recorder = LrRecorder()
     result = _train(cfg, tmp_path, tracker=recorder)
     peak = max(recorder.lrs)
