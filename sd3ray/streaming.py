@@ -98,6 +98,8 @@ class LocalParquetStream:
 
     def _drain(self, buffer: list[Batch], rng: np.random.Generator, keep: int) -> Iterator[Batch]:
         """Shuffle what the buffer holds and yield whole batches until at most `keep` rows are left in it."""
+        if not buffer:  # an empty split: StreamedBatches says so
+            return
         merged = {key: np.concatenate([b[key] for b in buffer]) for key in buffer[0]}
         order = rng.permutation(len(merged["label"]))
         merged = {key: value[order] for key, value in merged.items()}
