@@ -125,7 +125,9 @@ class DecayHorizon:
 
     def resume(self, step: int, saved: int | None) -> None:
         """Continue a run resumed at `step` from the checkpoint's horizon; this session's clock re-projects it."""
-        self.start_step, self.steps = step, saved or self.cfg.steps
+        follows_budget = self.cfg.lr_decay_to_budget and self.cfg.max_minutes > 0
+        # without the decay to the budget the horizon is this config's train.steps, which a resume may raise
+        self.start_step, self.steps = step, min(saved, self.cfg.steps) if saved and follows_budget else self.cfg.steps
 
 
 def adamw(model: torch.nn.Module, device: torch.device, **kwargs: float) -> torch.optim.AdamW:

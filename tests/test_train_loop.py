@@ -131,6 +131,8 @@ def test_decay_horizon_follows_the_time_budget() -> None:
     off = DecayHorizon(load_config(None, ["train.steps=500", "train.max_minutes=1"]).train, start_step=0)
     off.project(100, elapsed_s=6.0)
     assert off.steps == 500  # following the budget is opt-in
+    off.resume(2, saved=2)  # a run resumed with more steps than its checkpoint's run had decays over them
+    assert off.steps == 500
     short = DecayHorizon(load_config(None, ["train.steps=500", "train.max_minutes=60",
                                             "train.lr_decay_to_budget=true"]).train, start_step=0)
     short.project(100, elapsed_s=6.0)
