@@ -152,7 +152,6 @@ class StreamedBatches:
         dropped = (torch.rand(n, generator=g, device=self.device) < self.cfg.text.prompt_dropout)[sl].tolist()
         prompts = self.prompts(batch, choice)
         ids, mask = tokenize(["" if d else p for p, d in zip(prompts, dropped)], self.cfg.text.max_length)
-        self.last_labels = batch["label"]  # which samples this step trained on (tests, debugging)
         return from_uint8(images), ids.to(self.device), mask.to(self.device), t, eps
 
     @staticmethod
