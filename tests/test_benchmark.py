@@ -186,7 +186,8 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
     assert 5 <= short["step"] < long["step"] < 100000  # the clock ended both runs, the longer one later
     for row in rows:
         meta = json.loads((Path(row["checkpoint"]) / "meta.json").read_text())
-        assert meta["lr_horizon"] <= row["step"] + 1  # the cosine ended with the budget, not at train.steps
+        # the cosine ended with the budget, not at train.steps (projected a log step ahead: one interval of slack)
+        assert meta["lr_horizon"] <= row["step"] + 5
         assert row["train_seconds"] < 60 * row["budget_minutes"] < 60 * row["wall_minutes"] + 60
         assert row["judge/fid_ratio"] == pytest.approx(row["judge/fid"] / row["judge/fid_floor"])
     table = (tmp_path / "ttq" / "time_to_quality.md").read_text()

@@ -149,7 +149,7 @@ def test_time_budget_decays_the_learning_rate_to_zero_by_its_end(micro_config, t
     assert result.step < 1000000 and peak == pytest.approx(0.001, rel=0.05)
     # over the step count, the lr at a 6 s stop would still be ~0.001; following the clock it ends near zero
     assert recorder.lrs[-1] < 0.1 * peak, recorder.lrs
-    assert load_checkpoint(Path(result.checkpoint)).meta["lr_horizon"] <= result.step + 1
+    assert load_checkpoint(Path(result.checkpoint)).meta["lr_horizon"] <= result.step + 2  # within a log interval
 
 
 def test_ema_follows_its_formula() -> None:
