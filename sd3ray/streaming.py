@@ -35,20 +35,25 @@ def train_split_bytes(parquet_dir: str | Path) -> int:
     return meta["splits"]["train"]["count"] * meta["channels"] * meta["image_size"] ** 2
 
 
-def streams(cfg: Config) -> bool:
-    """Whether this run streams its training data: `data.loading` memory/stream, or `auto` by the train split's size
-    against `data.stream_above_mb`."""
+def loading_choice(cfg: Config) -> tuple[bool, int]:
+    """(whether this run streams its training data, the train split's decoded bytes): `data.loading` memory/stream,
+    or `auto` by that size against `data.stream_above_mb`. Reads metadata.json once."""
+    size = train_split_bytes(cfg.data.parquet_dir)
     if cfg.data.loading != "auto":
-        return cfg.data.loading == "stream"
-    return train_split_bytes(cfg.data.parquet_dir) > cfg.data.stream_above_mb * 2**20
+        return cfg.data.loading == "stream", size
+    return size > cfg.data.stream_above_mb * 2**20, size
+
+
+def streams(cfg: Config) -> bool:
+    return loading_choice(cfg)[0]
 
 
 def describe_choice(cfg: Config) -> str:
-    size_mb = train_split_bytes(cfg.data.parquet_dir) / 2**20
-    how = "streamed from its shards" if streams(cfg) else "held in memory"
+    streamed, size = loading_choice(cfg)
+    how = "streamed from its shards" if streamed else "held in memory"
     why = f"data.loading={cfg.data.loading}" if cfg.data.loading != "auto" else \
-        f"{'above' if streams(cfg) else 'within'} data.stream_above_mb={cfg.data.stream_above_mb:g}"
-    return f"sd3ray: the train split ({size_mb:,.0f} MB decoded) is {how} ({why})"
+        f"{'above' if streamed else 'within'} data.stream_above_mb={cfg.data.stream_above_mb:g}"
+    return f"sd3ray: the train split ({size / 2**20:,.0f} MB decoded) is {how} ({why})"
 
 
 def shard_paths(parquet_dir: str | Path, split: str = "train") -> tuple[object, list[str]]:
