@@ -1,10 +1,15 @@
 """The GPU report: what one GPU does with sd3ray, in one command and one file.
 
-Three sections, each written to the report as soon as it is measured (a run cut short keeps what it finished):
+Four sections, each written to the report as soon as it is measured (a run cut short keeps what it finished):
 1. speed: the bf16 training step of sd3ray against diffusers' SD3Transformer2DModel, eager and compiled;
 2. mfu: the largest batch that fits, found by doubling, with images/s, MFU and peak memory at each batch;
 3. quality: the default model trained for a wall-clock budget, judged as it trains (prompt accuracy and
-   classifier-FID against its floor), with the minutes at which each judgement was made.
+   classifier-FID against its floor), with the minutes at which each judgement was made, and the final model
+   judged at several guidance scales;
+4. levers: a config trained for a fixed number of steps under each of several sets of overrides (a levers file),
+   judged along the way and at several guidance scales. Quality per optimizer step does not depend on the
+   device, so a GPU compares in minutes the levers that a CPU's time budget (a known number of steps) would take
+   hours to compare.
 
 It needs torch and sd3ray's own dependencies only (no ray, no mlflow), so it runs on a bare GPU machine.
 """
@@ -14,17 +19,21 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from benchmarks.speed import H100_BF16_DENSE_TFLOPS, mfu, model_step_rows
-from sd3ray.config import Config, apply_overrides, from_dict, to_dict
+from sd3ray.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from sd3ray.context import LocalContext
-from sd3ray.data import prepare_dataset
+from sd3ray.data import prepare_dataset, read_split
+from sd3ray.inference import load_ema_model
+from sd3ray.judge import Reference, judge_settings, load_judge
 from sd3ray.tracking import NullTracker
 from sd3ray.train_loop import train
 
@@ -116,9 +125,28 @@ def quality_config(cfg: Config, minutes: float, output_dir: str) -> Config:
                                                     f"train.ckpt_every={steps}", "train.keep_checkpoints=1"]))
 
 
-def quality_section(cfg: Config, minutes: float, device: torch.device) -> dict[str, Any]:
+def reference_for(cfg: Config, device: torch.device) -> Reference:
+    """The judge and the real features that `cfg`'s samples are compared with."""
+    parquet = cfg.data.parquet_dir
+    return Reference(load_judge(read_split(parquet, "train"), device), read_split(parquet, "train"),
+                     read_split(parquet, "test"))
+
+
+def judge_final(checkpoint: str | None, device: torch.device, guidances: list[float],
+                reference: Reference) -> list[dict[str, float]]:
+    """The run's final EMA weights judged at each guidance (the config's sampler and steps, same prompts and
+    noise), so the guidance to ship is chosen on the same weights."""
+    if not guidances or checkpoint is None:
+        return []
+    model, cfg, _ = load_ema_model(checkpoint, device)
+    return judge_settings(model, cfg, reference, guidances, [cfg.sample.steps], cfg.eval.num_samples)
+
+
+def quality_section(cfg: Config, minutes: float, device: torch.device,
+                    guidances: list[float] = ()) -> dict[str, Any]:
     """Train `cfg` for `minutes` of wall clock (start-up, compilation and evaluations included) and return the
-    judge's verdicts over time, the final one at `eval.num_samples` samples."""
+    judge's verdicts over time, the final one at `eval.num_samples` samples, then the final weights judged at
+    each of `guidances` (after the clock stops)."""
     with tempfile.TemporaryDirectory(prefix="sd3ray-quality-") as tmp:
         run_cfg = quality_config(cfg, minutes, tmp)
         started = time.monotonic()
@@ -126,10 +154,84 @@ def quality_section(cfg: Config, minutes: float, device: torch.device) -> dict[s
         recorder = JudgementRecorder(started)
         result = train(run_cfg, LocalContext(Path(tmp) / "run", device), recorder)
         wall = time.monotonic() - started
+        final = judge_final(result.checkpoint, device, list(guidances), reference_for(run_cfg, device)) \
+            if guidances else []
     return {"budget_minutes": minutes, "wall_minutes": wall / 60, "steps": result.step,
             "images_seen": result.step * cfg.train.batch_size, "guidance": cfg.sample.guidance,
             "sampler_steps": cfg.sample.steps, "num_samples": cfg.eval.num_samples,
-            "evaluations": recorder.evaluations}
+            "evaluations": recorder.evaluations, "final_by_guidance": final}
+
+
+@dataclass(frozen=True)
+class LeverPlan:
+    """A levers file: the config, the overrides every lever shares, the steps each trains, how often it is judged
+    on the way, the guidances its final weights are judged at, and each lever's own overrides."""
+
+    config: str
+    base: list[str]
+    steps: int
+    judge_every: int
+    guidances: list[float]
+    levers: dict[str, list[str]]
+
+
+def read_lever_plan(path: Path) -> LeverPlan:
+    """Parse and check a levers file; every lever's config is built here, so a typo fails before any training."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"levers file {path}: {err}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("levers"), dict) or not raw["levers"]:
+        raise ConfigError(f"levers file {path}: needs a `levers:` mapping of label -> list of KEY=VALUE overrides")
+    plan = LeverPlan(config=str(raw.get("config", "configs/mnist_tiny.yaml")), base=list(raw.get("base") or []),
+                     steps=int(raw.get("steps", 1000)), judge_every=int(raw.get("judge_every", 0) or 0),
+                     guidances=[float(g) for g in raw.get("guidances") or []],
+                     levers={str(k): list(v or []) for k, v in raw["levers"].items()})
+    for label in plan.levers:
+        lever_config(plan, label, [])
+    return plan
+
+
+def lever_config(plan: LeverPlan, label: str, extra: list[str], output_dir: str = "runs") -> Config:
+    """One lever's config: the plan's steps, judged every `judge_every` steps, one checkpoint at the end; the
+    lever's overrides come last, so a lever may change the steps too."""
+    steps = plan.steps
+    sets = [f"train.steps={steps}", f"train.eval_every={plan.judge_every or steps}", f"train.ckpt_every={steps}",
+            "train.keep_checkpoints=1", f"train.output_dir={output_dir}", *plan.base, *extra, *plan.levers[label]]
+    try:
+        cfg = load_config(plan.config, sets)
+    except ConfigError as err:
+        raise ConfigError(f"lever {label!r}: {err}") from None
+    # a lever that changes the steps keeps one checkpoint, at its own end
+    return from_dict(apply_overrides(to_dict(cfg), [f"train.ckpt_every={cfg.train.steps}"]))
+
+
+def levers_section(plan: LeverPlan, device: torch.device, extra: list[str] = (), max_minutes: float = 0.0,
+                   on_lever: Callable[[dict[str, Any]], None] = lambda section: None) -> dict[str, Any]:
+    """Train each lever of `plan` from scratch and judge it; levers not started within `max_minutes` (0: no
+    limit) are listed as skipped, so a report cut to fit a machine's time still says what it left out.
+    `on_lever` gets the section so far after each lever (the report saves it: a killed run keeps those)."""
+    started, rows, reference = time.monotonic(), [], None
+    section = {"config": plan.config, "base": plan.base, "steps": plan.steps, "levers": rows}
+    for label, overrides in plan.levers.items():
+        if max_minutes and time.monotonic() - started > 60 * max_minutes:
+            rows.append({"label": label, "overrides": overrides, "skipped": True})
+            continue
+        with tempfile.TemporaryDirectory(prefix="sd3ray-lever-") as tmp:
+            cfg = lever_config(plan, label, list(extra), tmp)
+            prepare_dataset(cfg)
+            reference = reference or reference_for(cfg, device)
+            lever_started = time.monotonic()
+            recorder = JudgementRecorder(lever_started)
+            result = train(cfg, LocalContext(Path(tmp) / "run", device), recorder)
+            seconds = time.monotonic() - lever_started
+            final = judge_final(result.checkpoint, device, plan.guidances, reference)
+        rows.append({"label": label, "overrides": overrides, "skipped": False, "steps": result.step,
+                     "train_seconds": seconds, "guidance": cfg.sample.guidance, "num_samples": cfg.eval.num_samples,
+                     "evaluations": recorder.evaluations, "final_by_guidance": final})
+        print(f"lever {label}: {result.step} steps in {seconds:.0f} s", flush=True)
+        on_lever(section)
+    return section
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -169,5 +271,37 @@ def to_markdown(header: dict[str, Any], sections: dict[str, Any]) -> str:
             lines.append(f"| {e['step']} | {e['minutes']:.1f} | {e['val/loss']:.4f} | "
                          f"{_fmt(e.get('judge/prompt_accuracy'), '.3f')} | {_fmt(e.get('judge/fid'), '.2f')} | "
                          f"{_fmt(e.get('judge/fid_floor'), '.2f')} | {_fmt(e.get('judge/fid_ratio'), '.2f')} |")
+        lines += guidance_table(quality.get("final_by_guidance") or [], "the run")
+        lines.append("")
+    if section := sections.get("levers"):
+        levers = section["levers"]
+        base = " ".join(f"`{o}`" for o in section["base"]) or "none"
+        lines += [f"## Levers: {section['config']}, quality per optimizer step", "",
+                  f"Every lever trains {section['steps']} steps unless it says otherwise; shared overrides: {base}.",
+                  "",
+                  "| lever | overrides | step | val loss | prompt accuracy | cFID | cFID / floor | diversity |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for lever in levers:
+            overrides = " ".join(f"`{o}`" for o in lever["overrides"]) or "-"
+            if lever["skipped"]:
+                lines.append(f"| {lever['label']} | {overrides} | not run (time) | | | | | |")
+            for e in lever.get("evaluations", []):
+                lines.append(f"| {lever['label']} | {overrides} | {e['step']} | {e['val/loss']:.4f} | "
+                             f"{_fmt(e.get('judge/prompt_accuracy'), '.3f')} | {_fmt(e.get('judge/fid'), '.1f')} | "
+                             f"{_fmt(e.get('judge/fid_ratio'), '.2f')} | {_fmt(e.get('judge/diversity'), '.2f')} |")
+        lines.append("")
+        for lever in levers:
+            lines += guidance_table(lever.get("final_by_guidance") or [], f"lever {lever['label']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def guidance_table(rows: list[dict[str, float]], what: str) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", f"Final weights of {what} at each guidance ({rows[0]['steps']} sampler steps):", "",
+             "| guidance | prompt accuracy | cFID | cFID / floor | diversity (real) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['guidance']:g} | {r['judge/prompt_accuracy']:.3f} | {r['judge/fid']:.1f} | "
+                     f"{r['judge/fid_ratio']:.2f} | {r['judge/diversity']:.2f} ({r['judge/diversity_real']:.2f}) |")
+    return lines

@@ -1,8 +1,10 @@
 """The GPU report in one command: bf16 training step against eager and compiled diffusers, MFU at the largest batch
 that fits, and the default model's time to quality, written to one report (JSON + markdown) as each part ends.
+With `--levers FILE` it also compares levers (learning rate, schedule, EMA, width...) per optimizer step.
 
-    python jobs/gpu_report.py --output gpu_report.json                       # all three parts, default model
+    python jobs/gpu_report.py --output gpu_report.json                       # speed, mfu and quality
     python jobs/gpu_report.py --parts quality --minutes 5 --data-root DIR     # one part
+    python jobs/gpu_report.py --parts levers --levers benchmarks/levers_mnist_tiny.yaml
 
 Needs torch and sd3ray's own dependencies only (no ray or mlflow); diffusers (the `bench` extra) for its rows.
 """
@@ -20,7 +22,14 @@ import time
 
 import torch
 
-from benchmarks.gpu_report import Report, largest_batch_section, quality_section, speed_section
+from benchmarks.gpu_report import (
+    Report,
+    largest_batch_section,
+    levers_section,
+    quality_section,
+    read_lever_plan,
+    speed_section,
+)
 from sd3ray.cli import (
     add_config_args,
     add_data_args,
@@ -33,18 +42,25 @@ from sd3ray.cli import (
 )
 from sd3ray.context import default_device
 
-PARTS = ("speed", "mfu", "quality")
+PARTS = ("speed", "mfu", "quality", "levers")
+DEFAULT_PARTS = ("speed", "mfu", "quality")
 
 
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = job_parser(__doc__)
     add_config_args(parser)
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
+                        help=f"comma-separated subset of {','.join(PARTS)} (default {','.join(DEFAULT_PARTS)})")
     parser.add_argument("--batch", type=positive_int, default=256, help="batch of the speed comparison")
     parser.add_argument("--max-batch", type=positive_int, default=8192, help="largest batch the MFU search tries")
     parser.add_argument("--iters", type=positive_int, default=10, help="timed steps per candidate")
     parser.add_argument("--no-compile", action="store_true", help="speed: eager rows only")
     parser.add_argument("--minutes", type=non_negative_float, default=5.0, help="quality: wall-clock budget")
+    parser.add_argument("--judge-guidance", type=guidance_list, default=[],
+                        help="quality: also judge the final weights at these guidances, e.g. 2,3,4")
+    parser.add_argument("--levers", type=Path, help="levers: a levers file (see benchmarks/levers_mnist_tiny.yaml)")
+    parser.add_argument("--levers-minutes", type=non_negative_float, default=0.0,
+                        help="levers: start no lever after this many minutes (0: run them all)")
     add_data_args(parser)
     parser.add_argument("--device", choices=["cuda", "cpu"])
     parser.add_argument("--output", type=Path, default=Path("gpu_report.json"), help="JSON; markdown beside it")
@@ -52,12 +68,25 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     if unknown := sorted(set(args.parts) - set(PARTS)):
         parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if "levers" in args.parts and args.levers is None:
+        parser.error("--parts levers needs --levers FILE (e.g. benchmarks/levers_mnist_tiny.yaml)")
     return parser, args
+
+
+def guidance_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 2,3,4, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"guidance must be >= 0, got {text!r}")
+    return values
 
 
 def main() -> int:
     parser, args = parse_args()
     cfg = config_from_args(parser, args, data_overrides(args))
+    plan = read_lever_plan(args.levers) if "levers" in args.parts else None  # a bad file fails before any work
     device = torch.device(args.device) if args.device else default_device()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
@@ -75,7 +104,10 @@ def main() -> int:
     if "mfu" in args.parts:
         report.add("mfu", largest_batch_section(cfg, device, args.batch, args.max_batch, context_len, args.iters))
     if "quality" in args.parts:
-        report.add("quality", quality_section(cfg, args.minutes, device))
+        report.add("quality", quality_section(cfg, args.minutes, device, args.judge_guidance))
+    if plan is not None:
+        report.add("levers", levers_section(plan, device, data_overrides(args), args.levers_minutes,
+                                            on_lever=lambda section: report.add("levers", section)))
     print("\n" + args.output.with_suffix(".md").read_text(), flush=True)
     return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from benchmarks.report import benchmark_metrics, markdown_report
 from benchmarks.speed import build_diffusers_model, interleaved_seconds, kernel_seconds, model_step_rows, speed_ceiling
@@ -146,7 +147,8 @@ def test_gpu_report_measures_every_part_with_tiny_settings(mnist_parquet: Path, 
             "data.num_val_images=16"]
     proc = subprocess.run(
         [sys.executable, "jobs/gpu_report.py", "--config", "configs/mnist_tiny.yaml", "--device", "cpu", "--batch", "2",
-         "--max-batch", "4", "--iters", "1", "--no-compile", "--minutes", "0.05", "--output", str(tmp_path / "r.json"),
+         "--max-batch", "4", "--iters", "1", "--no-compile", "--minutes", "0.05", "--judge-guidance", "0,3",
+         "--output", str(tmp_path / "r.json"),
          *[a for s in sets for a in ("--set", s)]],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -161,9 +163,49 @@ def test_gpu_report_measures_every_part_with_tiny_settings(mnist_parquet: Path, 
     assert final["judge/fid_ratio"] == pytest.approx(final["judge/fid"] / final["judge/fid_floor"])
     minutes = [e["minutes"] for e in quality["evaluations"]]
     assert minutes == sorted(minutes)
+    # the final weights at each guidance: the same weights, prompts and noise, so only the guidance differs
+    by_guidance = quality["final_by_guidance"]
+    assert [r["guidance"] for r in by_guidance] == [0, 3]
+    assert by_guidance[0]["judge/fid"] != by_guidance[1]["judge/fid"]
     markdown = (tmp_path / "r.md").read_text()
     assert markdown.startswith("# sd3ray GPU report: CPU") and "## Time to quality" in markdown
     assert f"| {final['step']} |" in markdown
+    assert "Final weights of the run at each guidance" in markdown and "| 3 |" in markdown
+
+
+def test_gpu_report_levers_train_each_lever_and_judge_it_on_the_way(mnist_parquet: Path, tmp_path: Path) -> None:
+    """The levers part: every lever is its own run from scratch with its overrides, judged at the plan's steps and
+    at each guidance; a lever that changes the steps keeps its own length."""
+    from tests.conftest import MICRO
+
+    plan = {"config": "configs/mnist_tiny.yaml",
+            "base": [*MICRO, f"data.parquet_dir={mnist_parquet}", "eval.num_samples=20", "eval.batch_size=20"],
+            "steps": 4, "judge_every": 2, "guidances": [1, 2],
+            "levers": {"lr1e-3": ["train.lr=1e-3"], "lr1e-2-six": ["train.lr=1e-2", "train.steps=6"]}}
+    levers_file = tmp_path / "levers.yaml"
+    levers_file.write_text(yaml.safe_dump(plan, sort_keys=False))
+    proc = subprocess.run(
+        [sys.executable, "jobs/gpu_report.py", "--device", "cpu", "--parts", "levers", "--levers", str(levers_file),
+         "--output", str(tmp_path / "l.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    section = json.loads((tmp_path / "l.json").read_text())["levers"]
+    first, second = section["levers"]
+    assert (first["label"], first["steps"], second["label"], second["steps"]) == ("lr1e-3", 4, "lr1e-2-six", 6)
+    assert [e["step"] for e in first["evaluations"]] == [2, 4]
+    assert [e["step"] for e in second["evaluations"]] == [2, 4, 6]
+    # same seed and data, different learning rate: the runs' losses part at the first judgement already
+    assert first["evaluations"][0]["val/loss"] != second["evaluations"][0]["val/loss"]
+    assert [r["guidance"] for r in first["final_by_guidance"]] == [1, 2]
+    markdown = (tmp_path / "l.md").read_text()
+    assert "## Levers: configs/mnist_tiny.yaml" in markdown and "| lr1e-2-six | `train.lr=1e-2` `train.steps=6` | 6 |" \
+        in markdown
+
+    levers_file.write_text(yaml.safe_dump({**plan, "levers": {"typo": ["train.lrr=1"]}}))
+    proc = subprocess.run(
+        [sys.executable, "jobs/gpu_report.py", "--device", "cpu", "--parts", "levers", "--levers", str(levers_file),
+         "--output", str(tmp_path / "bad.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "lever 'typo'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad.json").exists()  # refused before any work
 
 
 def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_config, mnist_parquet: Path,
