@@ -105,17 +105,20 @@ class DecayHorizon:
     def __init__(self, cfg: TrainConfig, start_step: int, horizon: int | None = None) -> None:
         self.cfg, self.start_step = cfg, start_step
         self.steps = horizon or cfg.steps
+        self.end = cfg.steps  # where the run is expected to stop: what the console's ETA counts down to
         self.last_log_s = 0.0
 
     def project(self, step: int, elapsed_s: float) -> None:
-        """`elapsed_s` seconds of this session trained steps start_step..step."""
-        if not self.cfg.lr_decay_to_budget or self.cfg.max_minutes <= 0 or elapsed_s <= 0 \
-                or step <= self.start_step:
+        """`elapsed_s` seconds of this session trained steps start_step..step. The projected stop becomes the
+        run's expected end whenever there is a budget, and the decay's horizon only when it follows the budget."""
+        if self.cfg.max_minutes <= 0 or elapsed_s <= 0 or step <= self.start_step:
             return
         per_step = elapsed_s / (step - self.start_step)
         projected = self.start_step + int(60 * self.cfg.max_minutes / per_step)
         last_log = projected // self.cfg.log_every * self.cfg.log_every
-        self.steps = max(step + 1, min(self.cfg.steps, last_log))
+        self.end = max(step, min(self.cfg.steps, last_log))
+        if self.cfg.lr_decay_to_budget:
+            self.steps = max(step + 1, min(self.cfg.steps, last_log))
 
     def last_log_step(self, elapsed_s: float) -> bool:
         """At a log step: whether the next one would end past the budget (the time since the previous log step
@@ -256,7 +259,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                 metrics = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": (grad_sum / count).item()}
                 elapsed = ctx.all_reduce_max(torch.tensor(time.monotonic() - started, device=device)).item()
                 horizon.project(step, elapsed)
-                metrics.update(progress.tick(step, horizon.steps, mean_loss, lr) if ctx.is_main else {})
+                metrics.update(progress.tick(step, horizon.end, mean_loss, lr) if ctx.is_main else {})
                 tracker.log_metrics(metrics, step)
                 loss_sum, grad_sum, count = loss_sum * 0, grad_sum * 0, 0
                 budget_spent = horizon.last_log_step(elapsed)

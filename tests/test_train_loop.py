@@ -131,6 +131,11 @@ def test_decay_horizon_follows_the_time_budget() -> None:
     off = DecayHorizon(load_config(None, ["train.steps=500", "train.max_minutes=1"]).train, start_step=0)
     off.project(100, elapsed_s=6.0)
     assert off.steps == 500  # following the budget is opt-in
+    assert off.end == 500  # ... but the console's ETA counts down to wherever the run will stop first
+    slow = DecayHorizon(load_config(None, ["train.steps=5000", "train.max_minutes=1", "train.log_every=50"]).train,
+                        start_step=0)
+    slow.project(100, elapsed_s=12.0)  # 0.12 s a step: 500 steps fit in the minute, not 5,000
+    assert (slow.steps, slow.end) == (5000, 500)
     off.resume(2, saved=2)  # a run resumed with more steps than its checkpoint's run had decays over them
     assert off.steps == 500
     short = DecayHorizon(load_config(None, ["train.steps=500", "train.max_minutes=60",
