@@ -37,8 +37,9 @@ def train_for(config: str, minutes: float, reserve_s: float, output_dir: Path, o
               label: str) -> tuple[Path, float]:
     """Run one budget; return the final checkpoint and the wall seconds from launch to its last file.
 
-    The training clock gets `minutes` less `reserve_s`: the start-up before the loop's clock starts and the final
-    evaluation and checkpoint after it stops are outside it, and the budget covers the whole command.
+    The run gets `minutes` less `reserve_s` as its budget. In local mode that budget already counts from the
+    command and keeps time for the final evaluation and checkpoint, so `reserve_s` is only slack for the clock's
+    estimate of the last log interval.
     """
     name = f"ttq-{label}-{minutes:g}min"
     command = train_command(config, name, minutes - reserve_s / 60, output_dir, overrides)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,6 +26,9 @@ class RunContext(Protocol):
     world_size: int
     device: torch.device
     run_tags: dict[str, str]  # facts about where the run executes, recorded with it (e.g. its workers' nodes)
+    # time.monotonic() when the user's command started, where this process knows it (local mode): a time budget
+    # then counts start-up too. None: the budget counts from the training loop's start.
+    launched_at: float | None
 
     @property
     def is_main(self) -> bool: ...
@@ -52,6 +56,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def process_launched_at() -> float:
+    """This process's start on the time.monotonic() clock: imports and data loading happen after it."""
+    import psutil
+
+    return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
+
+
 class LocalContext:
     """One process: checkpoints go to `run_dir/checkpoints`, written atomically, the newest `keep` kept."""
 
@@ -60,11 +71,12 @@ class LocalContext:
     run_tags: dict[str, str] = {}
 
     def __init__(self, run_dir: Path, device: torch.device | None = None, resume: Path | None = None,
-                 keep: int = 3) -> None:
+                 keep: int = 3, launched_at: float | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.device = device or default_device()
         self._resume = resume
         self.keep = keep
+        self.launched_at = launched_at
 
     @property
     def is_main(self) -> bool:

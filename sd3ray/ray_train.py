@@ -60,6 +60,9 @@ class RayContext:
         self.device = ray.train.torch.get_device()
         self.run_storage = run_storage
         self.debug = debug
+        # a worker cannot tell when the user's command began (a restarted worker or a Tune trial starts long
+        # after it), so a time budget counts from the training loop's start
+        self.launched_at = None
         self._restored: tempfile.TemporaryDirectory | None = None
         self.run_tags = {"sd3ray.worker_nodes": ",".join(self._node_of_each_rank())}
 

@@ -97,9 +97,9 @@ class DecayHorizon:
     A cosine laid over `train.steps` and cut off by the clock stops at a high learning rate; following the budget
     decays it fully, which pays once a run nears convergence and costs accuracy in budgets far too short for it
     (measured on mnist_tiny at 5 minutes: 0.147 decayed against 0.249 constant), so it is opt-in. The run stops at
-    the last log step
-    that fits in the budget (`last_log_step`), and the projection aims there. It is re-projected at log steps only,
-    from the elapsed time reduced over all ranks, so every rank keeps the same learning rate.
+    the last log step after which the final evaluation and checkpoint still fit in the budget (`last_log_step`),
+    and the projection aims there. It is re-projected at log steps only, from the elapsed time reduced over all
+    ranks, so every rank keeps the same learning rate.
     """
 
     def __init__(self, cfg: TrainConfig, start_step: int, horizon: int | None = None) -> None:
@@ -108,23 +108,27 @@ class DecayHorizon:
         self.end = cfg.steps  # where the run is expected to stop: what the console's ETA counts down to
         self.last_log_s = 0.0
 
-    def project(self, step: int, elapsed_s: float) -> None:
-        """`elapsed_s` seconds of this session trained steps start_step..step. The projected stop becomes the
-        run's expected end whenever there is a budget, and the decay's horizon only when it follows the budget."""
+    def project(self, step: int, elapsed_s: float, spent_s: float | None = None, reserve_s: float = 0.0) -> None:
+        """`elapsed_s` seconds of this session trained steps start_step..step; `spent_s` of the budget are gone
+        (default `elapsed_s`; more when the budget counts from the command), and `reserve_s` are kept for the final
+        evaluation and checkpoint. The projected stop becomes the run's expected end whenever there is a budget,
+        and the decay's horizon only when it follows the budget."""
         if self.cfg.max_minutes <= 0 or elapsed_s <= 0 or step <= self.start_step:
             return
         per_step = elapsed_s / (step - self.start_step)
-        projected = self.start_step + int(60 * self.cfg.max_minutes / per_step)
+        left_s = 60 * self.cfg.max_minutes - (elapsed_s if spent_s is None else spent_s) - reserve_s
+        projected = step + int(max(0.0, left_s) / per_step)
         last_log = projected // self.cfg.log_every * self.cfg.log_every
         self.end = max(step, min(self.cfg.steps, last_log))
         if self.cfg.lr_decay_to_budget:
             self.steps = max(step + 1, min(self.cfg.steps, last_log))
 
-    def last_log_step(self, elapsed_s: float) -> bool:
-        """At a log step: whether the next one would end past the budget (the time since the previous log step
-        is the estimate), so this one is the run's last."""
-        interval, self.last_log_s = elapsed_s - self.last_log_s, elapsed_s
-        return self.cfg.max_minutes > 0 and elapsed_s + interval > 60 * self.cfg.max_minutes
+    def last_log_step(self, spent_s: float, reserve_s: float = 0.0) -> bool:
+        """At a log step, `spent_s` seconds into the budget: whether the next log step, and then the final
+        evaluation and checkpoint (`reserve_s`, the longest one so far), would end past the budget (the time since
+        the previous log step is the estimate), so this one is the run's last."""
+        interval, self.last_log_s = spent_s - self.last_log_s, spent_s
+        return self.cfg.max_minutes > 0 and spent_s + interval + reserve_s > 60 * self.cfg.max_minutes
 
     def resume(self, step: int, saved: int | None) -> None:
         """Continue a run resumed at `step` from the checkpoint's horizon; this session's clock re-projects it."""
@@ -231,6 +235,10 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     judge = SampleJudge(cfg, train_set or read_split(cfg.data.parquet_dir, "train"), test_set, device) \
         if judged else None
     progress, started = Progress(step, batches.global_batch), time.monotonic()
+    budget_started = min(started, ctx.launched_at or started)  # local mode: the budget began with the command
+    horizon.last_log_s = started - budget_started
+    # the longest evaluation and checkpoint so far: the budget keeps their sum for the final step, which does both
+    eval_s, save_s = 0.0, 0.0
     loss_sum, grad_sum, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     metrics: dict[str, float] = {}  # the latest log step's training metrics
     evaluated: dict[str, float] = {}  # the latest evaluation: every report carries it, so Tune always sees it
@@ -257,16 +265,22 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                         f"{checkpoint or 'none (no checkpoint yet)'}. Lower train.lr or raise train.warmup_steps.")
                 lr = scheduler.get_last_lr()[0]
                 metrics = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": (grad_sum / count).item()}
-                elapsed = ctx.all_reduce_max(torch.tensor(time.monotonic() - started, device=device)).item()
-                horizon.project(step, elapsed)
+                now = time.monotonic()
+                # reduced over ranks (max), so every rank projects the same stop and learning rate
+                clocks = torch.tensor([now - started, now - budget_started, eval_s + save_s], dtype=torch.float64)
+                elapsed, spent, reserve = ctx.all_reduce_max(clocks.to(device)).tolist()
+                horizon.project(step, elapsed, spent, reserve)
                 metrics.update(progress.tick(step, horizon.end, mean_loss, lr) if ctx.is_main else {})
                 tracker.log_metrics(metrics, step)
                 loss_sum, grad_sum, count = loss_sum * 0, grad_sum * 0, 0
-                budget_spent = horizon.last_log_step(elapsed)
+                budget_spent = horizon.last_log_step(spent, reserve)
             plan = plan_step(step, tc, budget_spent)
             if plan.evaluate and ctx.is_main:
+                eval_started = time.monotonic()
                 evaluated = validate_and_judge(ema.model, val, cfg, device, tracker, step, judge)
+                eval_s = max(eval_s, time.monotonic() - eval_started)
             if plan.report:
+                save_started = time.monotonic()
                 data = None
                 if plan.checkpoint and ctx.is_main:
                     tracker.flush()  # a run resumed from this checkpoint must find every step up to it logged
@@ -277,6 +291,8 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                                            "train_seconds": seconds_before + time.monotonic() - started,
                                            "lr_horizon": horizon.steps})
                 checkpoint = ctx.save_and_report(data, {**metrics, **evaluated, "step": step}) or checkpoint
+                if plan.checkpoint:
+                    save_s = max(save_s, time.monotonic() - save_started)
                 progress.restart(step)
             if plan.stop:
                 print(f"sd3ray: train.max_minutes={tc.max_minutes} ends the run at step {step} (the next log step "

@@ -1,4 +1,5 @@
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,20 @@ def test_decay_horizon_follows_the_time_budget() -> None:
     assert short.steps == 500  # train.steps comes first when the budget would allow more
 
 
+def test_budget_keeps_time_for_start_up_and_the_final_save() -> None:
+    """Counted from the command, 10 s of start-up and a 6 s final evaluation + checkpoint leave 44 s of a minute
+    to train: at 0.06 s a step the stop is projected at step 733 (log step 700), and a log step 9 s before the
+    budget's end is the last when the save needs 6 s, but not when it needs none."""
+    cfg = load_config(None, ["train.steps=100000", "train.max_minutes=1", "train.log_every=50"]).train
+    horizon = DecayHorizon(cfg, start_step=0)
+    horizon.project(100, elapsed_s=6.0, spent_s=16.0, reserve_s=6.0)
+    assert horizon.end == 700
+    horizon.last_log_s = 46.0
+    assert horizon.last_log_step(51.0, reserve_s=6.0)  # 51 + 5 + 6 > 60
+    horizon.last_log_s = 46.0
+    assert not horizon.last_log_step(51.0, reserve_s=0.0)  # 51 + 5 < 60
+
+
 def test_time_budget_decays_the_learning_rate_to_zero_by_its_end(micro_config, tmp_path: Path) -> None:
     cfg = micro_config("train.steps=1000000", "train.max_minutes=0.1", "train.log_every=2", "train.ckpt_every=10000",
                        "train.eval_every=10000", "train.warmup_steps=2", "train.lr_schedule=cosine", "train.lr=0.001",
@@ -155,6 +170,18 @@ def test_time_budget_decays_the_learning_rate_to_zero_by_its_end(micro_config, t
     # over the step count, the lr at a 6 s stop would still be ~0.001; following the clock it ends near zero
     assert recorder.lrs[-1] < 0.1 * peak, recorder.lrs
     assert load_checkpoint(Path(result.checkpoint)).meta["lr_horizon"] <= result.step + 2  # within a log interval
+
+
+def test_budget_counts_from_the_command_in_local_mode(micro_config, tmp_path: Path) -> None:
+    """A command launched 10 s ago with a 6 s budget has spent it before the loop starts: the run stops at its
+    first log step, still evaluated and checkpointed; the same budget counted from the loop trains on."""
+    cfg = micro_config("train.steps=1000000", "train.max_minutes=0.1", "train.log_every=2", "train.ckpt_every=10000",
+                       "train.eval_every=10000")
+    late = LocalContext(tmp_path / "late", torch.device("cpu"), launched_at=time.monotonic() - 10.0)
+    result = train(cfg, late, NullTracker())
+    assert result.step == 2 and load_checkpoint(Path(result.checkpoint)).step == 2
+    fresh = LocalContext(tmp_path / "fresh", torch.device("cpu"), launched_at=time.monotonic())
+    assert train(cfg, fresh, NullTracker()).step > 2
 
 
 def test_ema_follows_its_formula() -> None:
