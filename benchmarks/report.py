@@ -20,8 +20,10 @@ def markdown_report(header: str, rows: list[dict[str, Any]], extras: list[dict[s
                     ray_rows: list[dict[str, Any]]) -> str:
     """The benchmark as markdown: the model-step table, then sampling, data path, ceiling and Ray overhead."""
     reference = eager_row(rows, "diffusers")
-    lines = [header, "", "| model | compiled | params (M) | images/s | vs diffusers eager | GEMM+attention | MFU |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [header, ""]
+    if rows:  # none with --skip-models: no empty table
+        lines += ["| model | compiled | params (M) | images/s | vs diffusers eager | GEMM+attention | MFU |",
+                  "|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['images_per_s'] / reference['images_per_s']:.2f}×" if reference else "-"
         share = f"{gemm_attention_share(r):.0%}" if "gemm_s" in r else "-"

@@ -11,7 +11,7 @@ import contextlib
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,8 @@ class DecayHorizon:
         self.cfg, self.start_step = cfg, start_step
         self.steps = horizon or cfg.steps
         self.end = cfg.steps  # where the run is expected to stop: what the console's ETA counts down to
-        self.last_log_s = 0.0
+        self.last_log_s = 0.0  # budget seconds spent at the previous log step (or since its save)
+        self.interval_s = 0.0  # training seconds between the last two log steps
 
     def project(self, step: int, elapsed_s: float, spent_s: float | None = None, reserve_s: float = 0.0) -> None:
         """`elapsed_s` seconds of this session trained steps start_step..step; `spent_s` of the budget are gone
@@ -127,8 +128,18 @@ class DecayHorizon:
         """At a log step, `spent_s` seconds into the budget: whether the next log step, and then the final
         evaluation and checkpoint (`reserve_s`, the longest one so far), would end past the budget (the time since
         the previous log step is the estimate), so this one is the run's last."""
-        interval, self.last_log_s = spent_s - self.last_log_s, spent_s
-        return self.cfg.max_minutes > 0 and spent_s + interval + reserve_s > 60 * self.cfg.max_minutes
+        self.interval_s, self.last_log_s = spent_s - self.last_log_s, spent_s
+        return self.no_room(spent_s, reserve_s)
+
+    def no_room_after_save(self, spent_s: float, reserve_s: float) -> bool:
+        """After an evaluation and checkpoint at a log step, now `spent_s` into the budget: whether another log
+        interval and the final save no longer fit. That save took time the log step could not foresee (the
+        first one's cost is unknown until it runs); the next interval is measured from here, training time only."""
+        self.last_log_s = spent_s
+        return self.no_room(spent_s, reserve_s)
+
+    def no_room(self, spent_s: float, reserve_s: float) -> bool:
+        return self.cfg.max_minutes > 0 and spent_s + self.interval_s + reserve_s > 60 * self.cfg.max_minutes
 
     def resume(self, step: int, saved: int | None) -> None:
         """Continue a run resumed at `step` from the checkpoint's horizon; this session's clock re-projects it."""
@@ -294,9 +305,14 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                 if plan.checkpoint:
                     save_s = max(save_s, time.monotonic() - save_started)
                 progress.restart(step)
+                if plan.log and plan.evaluate and plan.checkpoint and not plan.stop and tc.max_minutes > 0:
+                    # this save may have used the room the log step saw; if so, it was the final one
+                    clocks = torch.tensor([time.monotonic() - budget_started, eval_s + save_s], dtype=torch.float64)
+                    spent, reserve = ctx.all_reduce_max(clocks.to(device)).tolist()
+                    plan = replace(plan, stop=horizon.no_room_after_save(spent, reserve) and step < tc.steps)
             if plan.stop:
                 print(f"sd3ray: train.max_minutes={tc.max_minutes} ends the run at step {step} (the next log step "
-                      f"would pass it); stopped cleanly", flush=True)
+                      f"and the final save would pass it); stopped cleanly", flush=True)
                 break
         if ctx.is_main:
             finish_run(cfg, tracker, model, ema, step, checkpoint)

@@ -80,6 +80,8 @@ def test_report_and_metrics_carry_the_ratios() -> None:
     assert metrics["bench/speed_ceiling_vs_diffusers"] == pytest.approx(2.0)
     assert metrics["bench/ray_1x2cpu/vs_local"] == pytest.approx(0.95)
     assert metrics["bench/sampling/images_per_s"] == 2.0
+    ray_only = markdown_report("header", [], [], ray_rows)  # --skip-models: the Ray table alone
+    assert "| model |" not in ray_only and "| ray | 95 | 0.95× | 9.0 |" in ray_only
 
 
 def test_benchmark_job_prints_writes_and_logs_its_figures(mnist_parquet: Path, tmp_path: Path,

@@ -184,6 +184,32 @@ def test_budget_counts_from_the_command_in_local_mode(micro_config, tmp_path: Pa
     assert train(cfg, fresh, NullTracker()).step > 2
 
 
+class SlowImages(NullTracker):
+    """Every sample grid takes `seconds`: an evaluation whose cost the first log step cannot know."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def log_image(self, key, image, step):
+        time.sleep(self.seconds)
+
+
+def test_a_save_that_uses_up_the_budget_is_the_final_one(micro_config, tmp_path: Path) -> None:
+    """Step 4 evaluates (7 s) and checkpoints, unforeseen at its log step; a 12 s budget then has no room for
+    another log interval and a second 7 s save, so the run ends at step 4 on that checkpoint instead of
+    overrunning to a later log step."""
+    cfg = micro_config("train.steps=1000000", "train.max_minutes=0.2", "train.log_every=2", "train.eval_every=4",
+                       "train.ckpt_every=4")
+    ctx = LocalContext(tmp_path / "run", torch.device("cpu"), launched_at=time.monotonic())
+    result = train(cfg, ctx, SlowImages(7.0))
+    assert result.step == 4 and load_checkpoint(Path(result.checkpoint)).step == 4
+    horizon = DecayHorizon(cfg.train, start_step=0)
+    horizon.interval_s = 1.0
+    assert not horizon.no_room_after_save(4.0, reserve_s=7.0)  # 4 + 1 + 7 = 12: just fits
+    assert horizon.no_room_after_save(4.5, reserve_s=7.0) and horizon.last_log_s == 4.5
+
+
 def test_ema_follows_its_formula() -> None:
     model = torch.nn.Linear(3, 3)
     ema = EMA(model, decay=0.9)
