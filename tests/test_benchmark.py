@@ -245,3 +245,17 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
     assert run.data.metrics["ttq/micro/0.4min/prompt_accuracy"] == pytest.approx(long["judge/prompt_accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "time_to_quality")}
     assert artifacts == {"time_to_quality/time_to_quality.md", "time_to_quality/time_to_quality.json"}
+
+
+def test_compile_cost_times_the_first_steps_and_the_steady_rate(mnist_parquet: Path) -> None:
+    """The compile-cost benchmark's table for the eager step of a micro model (compiling is too slow for a test)."""
+    from tests.conftest import MICRO
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compile_cost", "--modes", "eager", "--warmup", "1", "--iters", "2",
+         *[a for s in [*MICRO, f"data.parquet_dir={mnist_parquet}"] for a in ("--set", s)]],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| eager |")]
+    first_s, images_per_s, ratio = (cell.strip() for cell in row.strip("|").split("|")[1:])
+    assert float(first_s) > 0 and float(images_per_s) > 0 and ratio == "1.00×"
