@@ -127,9 +127,8 @@ def quality_config(cfg: Config, minutes: float, output_dir: str) -> Config:
 
 def reference_for(cfg: Config, device: torch.device) -> Reference:
     """The judge and the real features that `cfg`'s samples are compared with."""
-    parquet = cfg.data.parquet_dir
-    return Reference(load_judge(read_split(parquet, "train"), device), read_split(parquet, "train"),
-                     read_split(parquet, "test"))
+    train_set, test_set = (read_split(cfg.data.parquet_dir, split) for split in ("train", "test"))
+    return Reference(load_judge(train_set, device), train_set, test_set)
 
 
 def judge_final(checkpoint: str | None, device: torch.device, guidances: list[float],
