@@ -28,22 +28,16 @@ import numpy as np
 import torch
 import yaml
 
-from benchmarks.speed import H100_BF16_DENSE_TFLOPS, mfu, model_step_rows
+from benchmarks.speed import interleaved_seconds, mfu, model_step_rows
+from benchmarks.step_speed import StepRunner
 from sd3ray.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
 from sd3ray.context import LocalContext
 from sd3ray.data import prepare_dataset, read_split
+from sd3ray.flops import peak_tflops, train_step_flops
 from sd3ray.inference import load_ema_model
 from sd3ray.judge import Reference, judge_settings, load_judge
 from sd3ray.tracking import NullTracker
 from sd3ray.train_loop import train
-
-# Dense bf16 tensor-core peaks (TFLOP/s); the H200 has the H100's tensor cores with more and faster memory.
-PEAK_BF16_TFLOPS = {"H100": H100_BF16_DENSE_TFLOPS, "H200": H100_BF16_DENSE_TFLOPS, "A100": 312.0, "L4": 121.0}
-
-
-def peak_tflops(device_name: str) -> float | None:
-    """The bf16 peak of a known GPU from its name, or None (MFU is then left out rather than guessed)."""
-    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)
 
 
 @dataclass
@@ -76,28 +70,34 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def largest_batch_section(cfg: Config, device: torch.device, start: int, cap: int, context_len: int,
-                          iters: int) -> list[dict[str, Any]]:
-    """sd3ray's eager bf16 step at batch start, 2·start, ... until it runs out of memory or reaches `cap`."""
+def largest_batch_section(cfg: Config, device: torch.device, start: int, cap: int, iters: int,
+                          compile_mode: str = "none") -> list[dict[str, Any]]:
+    """The training step that trains (`sd3ray.train_step`, text encoder and real batches included, bf16 on a GPU)
+    at batch start, 2·start, ... until it runs out of memory or reaches `cap`: images/s, MFU and peak memory."""
     peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    train_set = read_split(cfg.data.parquet_dir, "train")
     rows, batch = [], start
     while batch <= cap:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        batch_cfg = from_dict(apply_overrides(to_dict(cfg), [f"train.batch_size={batch}"]))
         try:
-            (row,) = model_step_rows(cfg, batch, context_len, device, bf16=device.type == "cuda", compile=False,
-                                     warmup=1, iters=iters, with_diffusers=False)
+            runner = StepRunner(batch_cfg, train_set, compile_mode, precision, device)
+            seconds = interleaved_seconds({"step": runner}, device, warmup=2, iters=iters)["step"]
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
             rows.append({"batch": batch, "out_of_memory": True})
             break
+        context_len = runner.batches.bank.ids.shape[1]
         memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        rows.append({"batch": batch, "out_of_memory": False, "images_per_s": row["images_per_s"],
-                     "mfu": mfu(cfg, batch, context_len, row["seconds_per_step"], peak) if peak else None,
-                     "peak_memory_gib": memory})
-        print(f"batch {batch}: {row['images_per_s']:.0f} images/s", flush=True)
+        shown_mfu = train_step_flops(cfg, batch, context_len) / seconds / (peak * 1e12) if peak else None
+        rows.append({"batch": batch, "out_of_memory": False, "images_per_s": batch / seconds, "mfu": shown_mfu,
+                     "peak_memory_gib": memory, "compile": compile_mode})
+        print(f"batch {batch}: {batch / seconds:.0f} images/s", flush=True)
+        del runner
         batch *= 2
     return rows
 
@@ -250,7 +250,8 @@ def to_markdown(header: dict[str, Any], sections: dict[str, Any]) -> str:
                          f"{_fmt(r.get('mfu'), '.1%')} |")
         lines.append("")
     if mfu_rows := sections.get("mfu"):
-        lines += [f"## Largest batch (sd3ray, eager, {header['precision']})", "",
+        lines += [f"## Largest batch: the training step (sd3ray.train_step, text encoder included), "
+                  f"{header['precision']}, compile {mfu_rows[0].get('compile', 'none')}", "",
                   "| batch | images/s | MFU | peak memory (GiB) |", "|---|---|---|---|"]
         for r in mfu_rows:
             if r["out_of_memory"]:

@@ -1,12 +1,13 @@
-"""Speed measurements, side by side in one process: the MM-DiT training step of sd3ray vs diffusers'
-SD3Transformer2DModel at the same dimensions, sampling throughput, the data path, and MFU on GPU.
+"""Speed measurements, side by side in one process: sd3ray's MM-DiT vs diffusers' SD3Transformer2DModel at the
+same dimensions under the library's own training step, sampling throughput, the data path, and MFU on GPU.
 
 Measurement code lives here, outside the `sd3ray` package: the library's imports say what training depends on,
 and nothing in training depends on this.
 
-Both models get the same inputs (random context of the same length, pooled vector, t·1000 for diffusers' timestep),
-the same loss and an AdamW step, so the ratio measures the implementations, not the recipes. The text encoder is
-left out of the comparison (diffusers' transformer has none); it is in the FLOP count of a full sd3ray step.
+Both transformers get the same inputs (random context of the same length, pooled vector, t·1000 for diffusers'
+timestep) and run `sd3ray.train_step.train_step` (loss, backward, clip, fused AdamW, EMA), so the ratio measures
+the implementations, not the recipes. The text encoder is left out of that comparison (diffusers' transformer has
+none); `benchmarks.step_speed` times the step that trains, text encoder and real batches included.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import contextlib
 import statistics
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import torch
@@ -23,12 +23,12 @@ from torch import nn
 
 from sd3ray.config import Config
 from sd3ray.data import TrainingBatches, read_split
-from sd3ray.flops import mmdit_forward_flops, train_step_flops
+from sd3ray.flops import PEAK_BF16_TFLOPS, mmdit_forward_flops, train_step_flops
 from sd3ray.inference import generate
 from sd3ray.model import Denoiser, MMDiT, count_parameters
-from sd3ray.train_loop import adamw
+from sd3ray.train_step import StepSettings, TrainState, build_train_state, train_step
 
-H100_BF16_DENSE_TFLOPS = 989.0
+H100_BF16_DENSE_TFLOPS = PEAK_BF16_TFLOPS["H100"]
 
 
 def build_diffusers_model(cfg: Config) -> nn.Module:
@@ -101,17 +101,45 @@ def kernel_seconds(step: Callable[[], Any], device: torch.device) -> dict[str, f
     return seconds
 
 
-def train_step(model: nn.Module, forward: Callable[[], torch.Tensor], target: torch.Tensor,
-               optimizer: torch.optim.Optimizer, autocast: contextlib.AbstractContextManager) -> Callable[[], None]:
-    def step() -> None:
-        with autocast:
-            out = forward()
-        loss = (out.float() - target).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+class FixedConditioning(nn.Module):
+    """A transformer alone (sd3ray's MMDiT or diffusers' SD3 transformer) as the training step calls a denoiser,
+    `(z_t, t, ids=, mask=) -> v`, with fixed context and pooled vectors in place of a text encoder: so both
+    implementations train under the library's own `train_step` (same loss, clip, AdamW, EMA)."""
 
-    return step
+    def __init__(self, model: nn.Module, call: Callable[..., torch.Tensor], context: torch.Tensor,
+                 pooled: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.call = model, call
+        self.register_buffer("context", context)
+        self.register_buffer("pooled", pooled)
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.call(self.model, z_t, t, self.context, self.pooled)
+
+
+def sd3ray_call(model: nn.Module, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                pooled: torch.Tensor) -> torch.Tensor:
+    return model(z_t, t, context, pooled)
+
+
+def diffusers_call(model: nn.Module, z_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                   pooled: torch.Tensor) -> torch.Tensor:
+    return model(z_t, context, pooled, t * 1000, return_dict=False)[0]
+
+
+class StepCall:
+    """One training step per call, through the library's `train_step`, on fixed inputs."""
+
+    def __init__(self, state: TrainState, inputs: tuple[torch.Tensor, ...]) -> None:
+        self.state, self.inputs, self.step = state, inputs, 0
+
+    def __call__(self) -> None:
+        train_step(self.state, *self.inputs, self.step)
+        self.step += 1
+
+
+def step_settings(bf16: bool, compiled: bool) -> StepSettings:
+    return StepSettings(torch.bfloat16 if bf16 else None, "whole" if compiled else "none", "benchmark")
 
 
 def model_step_rows(cfg: Config, batch: int, context_len: int, device: torch.device, bf16: bool, compile: bool,
@@ -120,29 +148,28 @@ def model_step_rows(cfg: Config, batch: int, context_len: int, device: torch.dev
     alternation, with the share of each eager step spent in GEMMs and attention."""
     m = cfg.model
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, m.channels, m.image_size, m.image_size, generator=g).to(device)
-    target = torch.randn(x.shape, generator=g).to(device)
+    x0 = torch.randn(batch, m.channels, m.image_size, m.image_size, generator=g).to(device)
+    eps = torch.randn(x0.shape, generator=g).to(device)
     t = torch.rand(batch, generator=g).to(device)
     context = torch.randn(batch, context_len, m.context_dim, generator=g).to(device)
     pooled = torch.randn(batch, m.pooled_dim, generator=g).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    candidates: list[tuple[str, Callable[[], nn.Module], Callable[[nn.Module], torch.Tensor]]] = [
-        ("sd3ray", lambda: MMDiT(m), lambda model: model(x, t, context, pooled)),
-    ]
+    ids = torch.ones(batch, context_len, dtype=torch.long, device=device)  # unread: the context is fixed
+    mask = torch.ones(batch, context_len, dtype=torch.bool, device=device)
+    candidates: list[tuple[str, Callable[[], nn.Module], Callable[..., torch.Tensor]]] = [
+        ("sd3ray", lambda: MMDiT(m), sd3ray_call)]
     if with_diffusers:
-        candidates.append(("diffusers", lambda: build_diffusers_model(cfg),
-                           lambda model: model(x, context, pooled, t * 1000, return_dict=False)[0]))
+        candidates.append(("diffusers", lambda: build_diffusers_model(cfg), diffusers_call))
     rows: dict[str, dict[str, Any]] = {}
-    steps: dict[str, Callable[[], None]] = {}
+    steps: dict[str, StepCall] = {}
     for name, build, call in candidates:
         for compiled in ([False, True] if compile else [False]):
             torch.manual_seed(0)
-            model = build().to(device).train()
-            runner = torch.compile(model) if compiled else model
-            optimizer = adamw(model, device, lr=1e-4)
+            wrapped = FixedConditioning(build(), call, context, pooled)
+            state = build_train_state(cfg, device, step_settings(bf16, compiled), model=wrapped)
             key = f"{name}{' compiled' if compiled else ''}"
-            steps[key] = train_step(model, partial(call, runner), target, optimizer, autocast)
-            rows[key] = {"model": name, "compiled": compiled, "params_m": count_parameters(model) / 1e6}
+            steps[key] = StepCall(state, (x0, ids, mask, t, eps))
+            rows[key] = {"model": name, "what": "MM-DiT alone, the library's training step", "compiled": compiled,
+                         "params_m": count_parameters(wrapped.model) / 1e6}
     for key, seconds in interleaved_seconds(steps, device, warmup, iters).items():
         rows[key] |= {"seconds_per_step": seconds, "images_per_s": batch / seconds}
     for key, step in steps.items():

@@ -54,7 +54,7 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--batch", type=positive_int, default=256, help="batch of the speed comparison")
     parser.add_argument("--max-batch", type=positive_int, default=8192, help="largest batch the MFU search tries")
     parser.add_argument("--iters", type=positive_int, default=10, help="timed steps per candidate")
-    parser.add_argument("--no-compile", action="store_true", help="speed: eager rows only")
+    parser.add_argument("--no-compile", action="store_true", help="speed and mfu: eager steps only")
     parser.add_argument("--minutes", type=non_negative_float, default=5.0, help="quality: wall-clock budget")
     parser.add_argument("--judge-guidance", type=guidance_list, default=[],
                         help="quality: also judge the final weights at these guidances, e.g. 2,3,4")
@@ -102,7 +102,8 @@ def main() -> int:
         report.add("speed", speed_section(cfg, device, args.batch, context_len, with_diffusers,
                                           not args.no_compile, args.iters))
     if "mfu" in args.parts:
-        report.add("mfu", largest_batch_section(cfg, device, args.batch, args.max_batch, context_len, args.iters))
+        report.add("mfu", largest_batch_section(cfg, device, args.batch, args.max_batch, args.iters,
+                                                "none" if args.no_compile else "whole"))
     if "quality" in args.parts:
         report.add("quality", quality_section(cfg, args.minutes, device, args.judge_guidance))
     if plan is not None:

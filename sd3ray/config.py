@@ -23,6 +23,7 @@ TimestepScheme = Literal["uniform", "logit_normal", "mode", "cosmap"]
 SamplerName = Literal["euler", "heun"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]
+CompileMode = Literal["auto", "none", "blocks", "whole"]
 LogCheckpoints = Literal["final", "none"]
 Loading = Literal["auto", "memory", "stream"]
 DataSource = Literal["mnist", "shapes", "prepared"]
@@ -109,8 +110,11 @@ class TrainConfig:
     # accuracy when the budget is far too short to converge, README: Time to quality)
     lr_decay_to_budget: bool = False
     seed: int = 0
-    precision: Precision = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False
+    # auto: bf16 autocast on a GPU; on a CPU, bf16 only where it has native bf16 matrix units and the config's
+    # step measured faster in bf16 (sd3ray.train_step.resolve_step_settings says why; README: Performance)
+    precision: Precision = "auto"
+    # none | blocks (one graph per MM-DiT block) | whole (the denoiser as one graph) | auto (by device, as above)
+    compile: CompileMode = "auto"
     output_dir: str = "runs"
 
 
@@ -291,7 +295,16 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 def from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a Config from a plain (possibly partial) nested dict."""
-    return build_dataclass(Config, data, "")
+    return build_dataclass(Config, upgrade(data), "")
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Read configs written by earlier versions (checkpoints keep theirs): `train.compile` was a boolean, true
+    meaning one graph per block."""
+    train = data.get("train") if isinstance(data, dict) else None
+    if isinstance(train, dict) and isinstance(train.get("compile"), bool):
+        data = {**data, "train": {**train, "compile": "blocks" if train["compile"] else "none"}}
+    return data
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from sd3ray.config import Config
 
+# Dense bf16 tensor-core peaks (TFLOP/s) by GPU name; the H200 has the H100's tensor cores with more and faster
+# memory. MFU is left out for a device not listed rather than guessed.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+
 FREQUENCY_DIM = 256  # the timestep embedder's sinusoid width (sd3ray.model.embeddings.TimestepEmbedder)
 
 
@@ -50,3 +54,8 @@ def text_forward_flops(cfg: Config, batch: int, context_len: int) -> float:
 def train_step_flops(cfg: Config, batch: int, context_len: int) -> float:
     """Forward + backward ≈ 3 × forward, for the MM-DiT and the jointly trained text encoder."""
     return 3.0 * (mmdit_forward_flops(cfg, batch, context_len) + text_forward_flops(cfg, batch, context_len))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The bf16 peak of a known GPU from its name, or None."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS.items() if key in device_name), None)

@@ -7,10 +7,11 @@ checkpoint and stop is decided in one place, `plan_step`.
 
 from __future__ import annotations
 
-import contextlib
 import math
+import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -24,13 +25,15 @@ from sd3ray.context import RunContext
 from sd3ray.data import TrainingBatches, load_splits, read_split
 from sd3ray.ema import EMA
 from sd3ray.errors import Sd3rayError
-from sd3ray.flow import flow_loss
+from sd3ray.flops import peak_tflops, train_step_flops
 from sd3ray.images import make_grid
 from sd3ray.inference import generate
 from sd3ray.judge import SampleJudge, is_digit_data
+from sd3ray.machine import peak_memory_gib
 from sd3ray.model import Denoiser, count_parameters
 from sd3ray.streaming import StreamedBatches, describe_choice, streams
 from sd3ray.tracking import Tracker
+from sd3ray.train_step import build_train_state, resolve_step_settings, train_step
 from sd3ray.validation import GRID_SEED, ValidationSet, validation_losses
 
 
@@ -76,17 +79,6 @@ def plan_step(step: int, cfg: TrainConfig, budget_spent: bool = False) -> StepPl
     stop = budget_spent and log and not last
     return StepPlan(log=log, evaluate=step % cfg.eval_every == 0 or last or stop,
                     checkpoint=checkpoint_due or stop, stop=stop)
-
-
-def learning_rate_factor(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
-    """Linear warmup, then constant or cosine decay to zero at `horizon` (default `train.steps`)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return 1.0
-    end = cfg.steps if horizon is None else horizon
-    progress = (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 class DecayHorizon:
@@ -148,21 +140,10 @@ class DecayHorizon:
         self.start_step, self.steps = step, min(saved, self.cfg.steps) if saved and follows_budget else self.cfg.steps
 
 
-def adamw(model: torch.nn.Module, device: torch.device, **kwargs: float) -> torch.optim.AdamW:
-    """AdamW with the fused kernel where PyTorch has one: it updates every tensor in one pass, measured 4-5x
-    faster than foreach on CPU too."""
-    return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **kwargs)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, horizon: DecayHorizon):
-    optimizer = adamw(model, device, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, cfg, horizon.steps))
-    return optimizer, scheduler
-
-
-def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+def niceness() -> str:
+    """', nice N' when this process runs below normal priority (it then loses every CPU contest), else ''."""
+    nice = os.nice(0) if hasattr(os, "nice") else 0
+    return f", nice {nice}: below normal CPU priority" if nice > 0 else ""
 
 
 def rng_state() -> dict[str, Any]:
@@ -173,25 +154,36 @@ def rng_state() -> dict[str, Any]:
 
 
 class Progress:
-    """The console line: step, loss, images/s, ETA."""
+    """The console line (step, loss, images/s, ETA, and MFU on a GPU whose peak is known) and the matching
+    train/* speed metrics."""
 
-    def __init__(self, start_step: int, global_batch: int) -> None:
-        self.global_batch = global_batch
+    def __init__(self, start_step: int, global_batch: int, device: torch.device,
+                 step_flops: Callable[[int], float]) -> None:
+        self.global_batch, self.device, self.step_flops = global_batch, device, step_flops
+        self.peak_flops = (peak_tflops(torch.cuda.get_device_name(device)) or 0) * 1e12 \
+            if device.type == "cuda" else 0.0
         self.last_step, self.last_time = start_step, time.perf_counter()
 
     def restart(self, step: int) -> None:
         """Exclude evaluation and checkpoint time from the training rate."""
         self.last_step, self.last_time = step, time.perf_counter()
 
-    def tick(self, step: int, total: int, loss: float, lr: float) -> dict[str, float]:
-        """`total`: the step the run will end at (with a time budget, the projected one)."""
+    def tick(self, step: int, total: int, loss: float, lr: float, context_len: int) -> dict[str, float]:
+        """`total`: the step the run will end at (with a time budget, the projected one); `context_len`: the text
+        tokens of the latest batch, which its FLOPs count."""
         now = time.perf_counter()
         step_time = (now - self.last_time) / max(1, step - self.last_step)
         self.last_step, self.last_time = step, now
         eta = step_time * (total - step)
+        metrics = {"train/images_per_s": self.global_batch / step_time, "train/step_time_s": step_time,
+                   "train/peak_memory_gib": peak_memory_gib(self.device)}
+        shown_mfu = ""
+        if self.peak_flops:  # this worker's FLOPs over its own share of the step
+            metrics["train/mfu"] = self.step_flops(context_len) / step_time / self.peak_flops
+            shown_mfu = f" | MFU {metrics['train/mfu']:.1%}"
         print(f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {self.global_batch / step_time:.0f} img/s"
-              f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
-        return {"train/images_per_s": self.global_batch / step_time, "train/step_time_s": step_time}
+              f"{shown_mfu} | ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+        return metrics
 
 
 def validate_and_judge(ema_model: Denoiser, val: ValidationSet, cfg: Config, device: torch.device, tracker: Tracker,
@@ -222,10 +214,10 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     train_set, test_set = (None, read_split(cfg.data.parquet_dir, "test")) if streaming else load_splits(cfg)
     batches = StreamedBatches(ctx.train_stream(cfg), cfg, ctx.rank, ctx.world_size, device) if streaming \
         else TrainingBatches(train_set, cfg, ctx.rank, ctx.world_size, device)
-    model = Denoiser(cfg).to(device)
-    ema = EMA(model, tc.ema_decay)
     horizon = DecayHorizon(tc, start_step=0)
-    optimizer, scheduler = build_optimizer(model, tc, device, horizon)
+    settings = resolve_step_settings(cfg, device)
+    state = build_train_state(cfg, device, settings, lambda: horizon.steps, ctx.prepare_model)
+    model, ema, optimizer, scheduler = state.model, state.ema, state.optimizer, state.scheduler
     step, meta = 0, {}
     if (resume := ctx.resume_from()) is not None:
         step, meta = restore(resume, cfg, model, ema, optimizer, scheduler, device)
@@ -235,17 +227,16 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     if ctx.is_main:
         mmdit_m, text_m = count_parameters(model.mmdit) / 1e6, count_parameters(model.text_encoder) / 1e6
         print(f"sd3ray: {mmdit_m:.2f}M MM-DiT + {text_m:.2f}M text params | {ctx.world_size} worker(s) × batch "
-              f"{tc.batch_size} on {device} ({torch.get_num_threads()} threads) | from step {step}", flush=True)
+              f"{tc.batch_size} on {device} ({torch.get_num_threads()} threads{niceness()}) | from step {step}",
+              flush=True)
+        print(f"sd3ray: step {settings.reason}", flush=True)
     tracker.log_metrics({"train/global_batch": batches.global_batch}, step)
-    net = ctx.prepare_model(model)
-    if tc.compile:
-        for block in model.mmdit.blocks:  # regional compile: one graph per block, cached across blocks
-            block.compile()
     val = ValidationSet.build(test_set, cfg, device) if ctx.is_main else None
     judged = ctx.is_main and cfg.eval.num_samples > 0 and is_digit_data(test_set)
     judge = SampleJudge(cfg, train_set or read_split(cfg.data.parquet_dir, "train"), test_set, device) \
         if judged else None
-    progress, started = Progress(step, batches.global_batch), time.monotonic()
+    step_flops = partial(train_step_flops, cfg, tc.batch_size)  # of text length L: this worker's share of a step
+    progress, started = Progress(step, batches.global_batch, device, step_flops), time.monotonic()
     budget_started = min(started, ctx.launched_at or started)  # local mode: the budget began with the command
     horizon.last_log_s = started - budget_started
     # the longest evaluation and checkpoint so far: the budget keeps their sum for the final step, which does both
@@ -256,17 +247,10 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     checkpoint: str | None = None
     try:
         while step < tc.steps:
-            x0, ids, mask, t, eps = batches.get(step)
-            with autocast_for(tc, device):
-                loss = flow_loss(partial(net, ids=ids, mask=mask), x0, eps, t)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(model, step)
+            batch = batches.get(step)
+            loss, grad_norm = train_step(state, *batch, step)
             step += 1
-            loss_sum, grad_sum, count = loss_sum + loss.detach(), grad_sum + grad_norm.detach(), count + 1
+            loss_sum, grad_sum, count = loss_sum + loss, grad_sum + grad_norm, count + 1
             budget_spent = False
             if plan_step(step, tc).log:
                 mean_loss = ctx.all_reduce_mean(loss_sum / count).item()
@@ -281,7 +265,8 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                 clocks = torch.tensor([now - started, now - budget_started, eval_s + save_s], dtype=torch.float64)
                 elapsed, spent, reserve = ctx.all_reduce_max(clocks.to(device)).tolist()
                 horizon.project(step, elapsed, spent, reserve)
-                metrics.update(progress.tick(step, horizon.end, mean_loss, lr) if ctx.is_main else {})
+                text_len = batch[1].shape[1]
+                metrics.update(progress.tick(step, horizon.end, mean_loss, lr, text_len) if ctx.is_main else {})
                 tracker.log_metrics(metrics, step)
                 loss_sum, grad_sum, count = loss_sum * 0, grad_sum * 0, 0
                 budget_spent = horizon.last_log_step(spent, reserve)

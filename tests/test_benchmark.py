@@ -215,6 +215,23 @@ def test_gpu_report_levers_train_each_lever_and_judge_it_on_the_way(mnist_parque
     assert not (tmp_path / "bad.json").exists()  # refused before any work
 
 
+def test_time_to_quality_per_step_trains_exactly_that_many_steps(mnist_parquet: Path, tmp_path: Path) -> None:
+    """--steps: quality per image seen; the run ends at the step count, not a clock, and the report names the
+    machine and the command."""
+    from tests.conftest import MICRO
+
+    micro = ["micro", *MICRO, f"data.parquet_dir={mnist_parquet}", "train.log_every=4", "eval.batch_size=20"]
+    proc = subprocess.run(
+        [sys.executable, "jobs/time_to_quality.py", "--steps", "8", "--num-samples", "20", "--output-dir",
+         str(tmp_path / "ttq"), "--no-tracking", "--setup", *micro],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "ttq" / "time_to_quality.json").read_text())
+    assert (row["budget_steps"], row["step"], row["images_seen"]) == (8, 8, 8 * 16)
+    report = (tmp_path / "ttq" / "time_to_quality.md").read_text()
+    assert report.startswith("CPU: ") and "--steps 8" in report and "| micro | 8 steps |" in report
+
+
 def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_config, mnist_parquet: Path,
                                                                          tmp_path: Path) -> None:
     """Two budgets of a micro model through the job: each is a fresh train.py process, stopped by its clock (not
@@ -240,7 +257,7 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
         assert row["train_seconds"] < 60 * row["budget_minutes"] < 60 * row["wall_minutes"] + 60
         assert row["judge/fid_ratio"] == pytest.approx(row["judge/fid"] / row["judge/fid_floor"])
     table = (tmp_path / "ttq" / "time_to_quality.md").read_text()
-    assert f"| micro | 0.4 | {long['wall_minutes']:.2f} | {long['step']} |" in table
+    assert f"| micro | 0.4 min | {long['wall_minutes']:.2f} | {long['step']} |" in table
 
     from mlflow.tracking import MlflowClient
 
@@ -252,15 +269,19 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
     assert artifacts == {"time_to_quality/time_to_quality.md", "time_to_quality/time_to_quality.json"}
 
 
-def test_compile_cost_times_the_first_steps_and_the_steady_rate(mnist_parquet: Path) -> None:
-    """The compile-cost benchmark's table for the eager step of a micro model (compiling is too slow for a test)."""
+def test_step_speed_times_the_first_steps_and_the_steady_rate(mnist_parquet: Path) -> None:
+    """The step-speed benchmark's table for the eager fp32 and bf16 steps of a micro model (compiling is too slow
+    for a test), with the machine it ran on."""
     from tests.conftest import MICRO
 
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compile_cost", "--modes", "eager", "--warmup", "1", "--iters", "2",
+        [sys.executable, "-m", "benchmarks.step_speed", "--modes", "none", "--precisions", "fp32,bf16",
+         "--warmup", "1", "--iters", "2",
          *[a for s in [*MICRO, f"data.parquet_dir={mnist_parquet}"] for a in ("--set", s)]],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| eager |")]
-    first_s, images_per_s, ratio = (cell.strip() for cell in row.strip("|").split("|")[1:])
+    assert proc.stdout.startswith("CPU: ")
+    rows = {line.split("|")[2].strip(): line for line in proc.stdout.splitlines() if line.startswith("| none |")}
+    assert set(rows) == {"fp32", "bf16"}
+    first_s, images_per_s, ratio = (cell.strip() for cell in rows["fp32"].strip("|").split("|")[2:])
     assert float(first_s) > 0 and float(images_per_s) > 0 and ratio == "1.00×"

@@ -1,11 +1,12 @@
 import math
+import warnings
 
 import pytest
 import torch
 
 from sd3ray.config import ModelConfig, TextConfig, load_config
 from sd3ray.model import Denoiser, MMDiT, TextEncoder
-from sd3ray.model.attention import joint_attention
+from sd3ray.model.attention import QKNorm, joint_attention
 from sd3ray.model.block import MMDiTBlock
 from sd3ray.model.embeddings import patchify, timestep_embedding, unpatchify
 from sd3ray.text import tokenize
@@ -150,8 +151,24 @@ def test_block_computes_what_diffusers_joint_transformer_block_computes(context_
 def test_qk_norm_is_configurable() -> None:
     with_norm = MMDiT(SMALL)
     without = MMDiT(ModelConfig(**{**SMALL.__dict__, "qk_norm": False}))
-    assert isinstance(with_norm.blocks[0].img_qkv.q_norm, torch.nn.RMSNorm)
+    assert isinstance(with_norm.blocks[0].img_qkv.q_norm, QKNorm)
     assert isinstance(without.blocks[0].img_qkv.q_norm, torch.nn.Identity)
+
+
+def test_qk_norm_is_rms_norm_and_keeps_bf16_inputs_on_the_fused_kernel() -> None:
+    """Same maths as torch's RMSNorm in fp32; a bf16 input (what autocast hands it) is normalised in bf16 with no
+    dtype-mismatch fallback (PyTorch warns when the gain is fp32 and the input bf16)."""
+    ours, reference = QKNorm(8), torch.nn.RMSNorm(8, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.linspace(0.5, 2.0, 8))
+        reference.weight.copy_(ours.weight)
+    x = torch.randn(2, 5, 3, 8)
+    torch.testing.assert_close(ours(x), reference(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ours(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(x), atol=3e-2, rtol=2e-2)
 
 
 def test_wrong_image_shape_is_a_clear_error() -> None:

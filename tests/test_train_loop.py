@@ -10,7 +10,8 @@ from sd3ray.config import load_config
 from sd3ray.context import LocalContext
 from sd3ray.ema import EMA
 from sd3ray.tracking import NullTracker
-from sd3ray.train_loop import DecayHorizon, NonFiniteLossError, learning_rate_factor, plan_step, train
+from sd3ray.train_loop import DecayHorizon, NonFiniteLossError, plan_step, train
+from sd3ray.train_step import learning_rate_factor
 
 
 class StepRecorder(NullTracker):

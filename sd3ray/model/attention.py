@@ -7,6 +7,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class QKNorm(nn.Module):
+    """RMSNorm over the head dim whose gain follows the input's dtype: under bf16 autocast q and k arrive in bf16
+    and an fp32 gain would keep PyTorch from its fused kernel (it falls back to the composite op and warns)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # the name nn.RMSNorm uses, so checkpoints load either way
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
 class StreamQKV(nn.Module):
     """One stream's fused q/k/v projection with per-head RMSNorm on q and k (SD3 §5.3.1, for bf16 stability)."""
 
@@ -15,8 +28,8 @@ class StreamQKV(nn.Module):
         self.num_heads = num_heads
         head_dim = width // num_heads
         self.qkv = nn.Linear(width, 3 * width)
-        self.q_norm: nn.Module = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm: nn.Module = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm: nn.Module = QKNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm: nn.Module = QKNorm(head_dim) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, d = x.shape
