@@ -26,23 +26,27 @@ from sd3ray.validation import GRID_PROMPTS, GRID_SEED
 TRAIN_JOB = Path(__file__).resolve().parents[1] / "jobs" / "train.py"
 
 
-def train_command(config: str, name: str, train_minutes: float, output_dir: Path, overrides: list[str]) -> list[str]:
-    """The user's command, with judging during training off (it would spend the budget) and no tracking."""
+def train_command(config: str, name: str, train_minutes: float, output_dir: Path, overrides: list[str],
+                  steps: int | None = None) -> list[str]:
+    """The user's command, with judging during training off (it would spend the budget) and no tracking: for a
+    wall-clock budget of `train_minutes`, or for exactly `steps` optimizer steps (then no budget)."""
     sets = [f"train.output_dir={output_dir}", "eval.num_samples=0", *overrides]
-    return [sys.executable, str(TRAIN_JOB), "--local", "--config", config, "--name", name,
-            "--max-minutes", f"{train_minutes:g}", "--no-tracking", *(arg for s in sets for arg in ("--set", s))]
+    length = ["--steps", str(steps)] if steps else ["--max-minutes", f"{train_minutes:g}"]
+    return [sys.executable, str(TRAIN_JOB), "--local", "--config", config, "--name", name, *length,
+            "--no-tracking", *(arg for s in sets for arg in ("--set", s))]
 
 
 def train_for(config: str, minutes: float, reserve_s: float, output_dir: Path, overrides: list[str],
-              label: str) -> tuple[Path, float]:
-    """Run one budget; return the final checkpoint and the wall seconds from launch to its last file.
+              label: str, steps: int | None = None) -> tuple[Path, float]:
+    """Run one budget (or, with `steps`, one fixed step count); return the final checkpoint and the wall seconds
+    from launch to its last file.
 
     The run gets `minutes` less `reserve_s` as its budget. In local mode that budget already counts from the
     command and keeps time for the final evaluation and checkpoint, so `reserve_s` is only slack for the clock's
     estimate of the last log interval.
     """
-    name = f"ttq-{label}-{minutes:g}min"
-    command = train_command(config, name, minutes - reserve_s / 60, output_dir, overrides)
+    name = f"ttq-{label}-{steps}steps" if steps else f"ttq-{label}-{minutes:g}min"
+    command = train_command(config, name, minutes - reserve_s / 60, output_dir, overrides, steps)
     print("$ " + " ".join(command), flush=True)
     launched = time.time()
     subprocess.run(command, check=True)
@@ -68,11 +72,15 @@ def judge_checkpoint(checkpoint: Path, reference: Reference, num_samples: int,
             "images_seen": data.meta.get("samples_seen", 0), **row}, grid
 
 
+def budget_label(row: dict[str, Any]) -> str:
+    return f"{row['budget_steps']} steps" if row.get("budget_steps") else f"{row['budget_minutes']:g} min"
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| setup | budget (min) | command to checkpoint (min) | steps | images/s | prompt acc | cFID | floor | "
+    lines = ["| setup | budget | command to checkpoint (min) | steps | images/s | prompt acc | cFID | floor | "
              "cFID/floor | diversity (real) |", "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['label']} | {r['budget_minutes']:g} | {r['wall_minutes']:.2f} | {r['step']} | "
+        lines.append(f"| {r['label']} | {budget_label(r)} | {r['wall_minutes']:.2f} | {r['step']} | "
                      f"{r['images_seen'] / r['train_seconds']:.0f} | {r['judge/prompt_accuracy']:.3f} | "
                      f"{r['judge/fid']:.2f} | {r['judge/fid_floor']:.2f} | {r['judge/fid_ratio']:.2f} | "
                      f"{r['judge/diversity']:.2f} ({r['judge/diversity_real']:.2f}) |")
@@ -83,7 +91,8 @@ def ttq_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     """The figures as flat MLflow metric names, one prefix per setup and budget."""
     metrics = {}
     for r in rows:
-        prefix = f"ttq/{r['label']}/{r['budget_minutes']:g}min"
+        prefix = f"ttq/{r['label']}/" + (f"{r['budget_steps']}steps" if r.get("budget_steps")
+                                          else f"{r['budget_minutes']:g}min")
         metrics.update({f"{prefix}/wall_minutes": r["wall_minutes"], f"{prefix}/steps": float(r["step"])})
         metrics.update({f"{prefix}/{key.split('/')[-1]}": r[key] for key in
                         ("judge/prompt_accuracy", "judge/fid", "judge/fid_floor", "judge/fid_ratio")})

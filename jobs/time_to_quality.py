@@ -5,6 +5,10 @@ figures and every budget's sample grid to MLflow as a run of its own.
 
     python jobs/time_to_quality.py --config configs/mnist_tiny.yaml --minutes 5 10 --num-samples 1000
     python jobs/time_to_quality.py --minutes 10 --setup base --setup lr2e-3 train.lr=2e-3   # compare levers
+    python jobs/time_to_quality.py --steps 2000 --setup base --setup ema0.98 train.ema_decay=0.98  # per image
+
+With `--steps`, each setup trains exactly that many optimizer steps instead of a wall-clock budget: quality per
+image seen, which does not depend on the machine (the wall time is reported beside it).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ def build_parser():
     parser = job_parser(__doc__)
     parser.add_argument("--config", default="configs/mnist_tiny.yaml", help="YAML config (default %(default)s)")
     parser.add_argument("--minutes", type=float, nargs="+", default=[5.0, 10.0], help="wall-clock budgets")
+    parser.add_argument("--steps", type=positive_int, nargs="+",
+                        help="fixed optimizer-step budgets instead of --minutes (quality per image seen)")
     parser.add_argument("--setup", nargs="+", action="append", metavar=("LABEL", "KEY=VALUE"),
                         help="a named set of overrides to measure (repeatable; default: the config as shipped)")
     parser.add_argument("--num-samples", type=positive_int, default=1000, help="judged samples per checkpoint")
@@ -43,7 +49,8 @@ def main() -> int:
     setups = args.setup or [["shipped"]]
     for _label, *overrides in setups:
         load_config(args.config, overrides)  # a typo fails now, not after the first budget's training
-    if args.reserve_s < 0 or min(args.minutes) * 60 <= args.reserve_s:
+    budgets = [(0.0, steps) for steps in args.steps] if args.steps else [(m, None) for m in args.minutes]
+    if args.reserve_s < 0 or (not args.steps and min(args.minutes) * 60 <= args.reserve_s):
         parser.error(f"--reserve-s must be >= 0 and every budget longer than it ({args.reserve_s:g} s)")
 
     from benchmarks.time_to_quality import judge_checkpoint, markdown_table, train_for, ttq_metrics
@@ -54,22 +61,27 @@ def main() -> int:
     device, reference = default_device(), None
     rows, grids = [], {}
     for label, *overrides in setups:
-        for minutes in args.minutes:
-            checkpoint, wall_s = train_for(args.config, minutes, args.reserve_s, args.output_dir, overrides, label)
+        for minutes, steps in budgets:
+            checkpoint, wall_s = train_for(args.config, minutes, args.reserve_s, args.output_dir, overrides, label,
+                                           steps)
             if reference is None:  # the first run prepared the data; judging happens after training, off the clock
                 cfg = load_config(args.config, overrides)
                 train, test = (read_split(cfg.data.parquet_dir, split) for split in ("train", "test"))
                 reference = Reference(load_judge(train, device), train, test)
             with torch.no_grad():
-                row, grids[f"{label}_{minutes:g}min"] = judge_checkpoint(checkpoint, reference, args.num_samples,
-                                                                         device)
-            rows.append({"label": label, "overrides": overrides, "budget_minutes": minutes,
+                row, grids[f"{label}_{steps}steps" if steps else f"{label}_{minutes:g}min"] = judge_checkpoint(
+                    checkpoint, reference, args.num_samples, device)
+            rows.append({"label": label, "overrides": overrides, "budget_minutes": minutes, "budget_steps": steps,
                          "wall_minutes": wall_s / 60, "checkpoint": str(checkpoint), **row})
             print(markdown_table(rows[-1:]), flush=True)
     table = markdown_table(rows)
-    print(f"\n{args.config}, {args.num_samples} samples per checkpoint\n\n{table}")
+    from sd3ray.machine import describe_machine
+
+    report = (f"{describe_machine(device)}\n{args.config}, {args.num_samples} samples per checkpoint\n\n"
+              f"$ python {' '.join(sys.argv)}\n\n{table}")
+    print(f"\n{report}")
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "time_to_quality.md").write_text(table)
+    (args.output_dir / "time_to_quality.md").write_text(report)
     (args.output_dir / "time_to_quality.json").write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.output_dir / 'time_to_quality.md'} and .json")
     if not args.no_tracking:
