@@ -21,10 +21,10 @@ import tempfile
 
 import torch
 
-from sd3ray.cli import add_tracking_args, job_parser, non_negative_float, positive_int, run_job
+from sd3ray.cli import add_guidance_args, add_tracking_args, job_parser, non_negative_float, positive_int, run_job
 from sd3ray.context import default_device
 from sd3ray.data import read_split
-from sd3ray.inference import load_ema_model
+from sd3ray.inference import load_ema_model, with_guidance
 from sd3ray.judge import Reference, judge_settings, load_judge, log_judged_settings, markdown_table
 from sd3ray.plots import line_plot
 
@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--guidance", type=non_negative_float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--steps", type=positive_int, nargs="+", default=[10, 25, 50])
     parser.add_argument("--num-samples", type=positive_int, default=1000, help="judged samples per setting")
+    add_guidance_args(parser)
     parser.add_argument("--sampler", choices=["euler", "heun"])
     parser.add_argument("--parquet-dir", help="real digits for the judge (default: the run's data.parquet_dir)")
     parser.add_argument("--device", choices=["cuda", "cpu"])
@@ -50,6 +51,7 @@ def main() -> int:
 
     device = torch.device(args.device) if args.device else default_device()
     model, cfg, step = load_ema_model(args.checkpoint, device, args.tracking_uri)
+    cfg = with_guidance(cfg, args.guidance_interval, args.guide)
     parquet = args.parquet_dir or cfg.data.parquet_dir
     train, test = read_split(parquet, "train"), read_split(parquet, "test")
     reference = Reference(load_judge(train, device), train, test)

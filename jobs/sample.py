@@ -19,10 +19,10 @@ import argparse
 import numpy as np
 import torch
 
-from sd3ray.cli import add_tracking_args, job_parser, non_negative_float, positive_int, run_job
+from sd3ray.cli import add_guidance_args, add_tracking_args, job_parser, non_negative_float, positive_int, run_job
 from sd3ray.context import default_device
 from sd3ray.images import make_grid, save_png
-from sd3ray.inference import generate, load_ema_model
+from sd3ray.inference import generate, load_ema_model, with_guidance
 
 
 def parse_args() -> argparse.Namespace:
@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sampler", choices=["euler", "heun"], help="ODE sampler (default: the run's)")
     parser.add_argument("--guidance", type=non_negative_float, help="CFG scale; 1 = no guidance (default: the run's)")
     parser.add_argument("--seed", type=int, default=0)
+    add_guidance_args(parser)
     parser.add_argument("--output", type=Path, default=Path("samples"))
     parser.add_argument("--device", choices=["cuda", "cpu"])
     add_tracking_args(parser, writes=False)  # to find a checkpoint by MLflow run id
@@ -53,6 +54,7 @@ def main() -> int:
     args = parse_args()
     device = torch.device(args.device) if args.device else default_device()
     model, cfg, step = load_ema_model(args.checkpoint, device, args.tracking_uri)
+    cfg = with_guidance(cfg, args.guidance_interval, args.guide)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
     images = generate(model, prompts, cfg, args.seed, device, args.guidance, args.steps, args.sampler)
     args.output.mkdir(parents=True, exist_ok=True)

@@ -91,3 +91,12 @@ def non_negative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def add_guidance_args(parser: argparse.ArgumentParser) -> None:
+    """Guidance beyond its scale, for the jobs that sample (default: the run's sample settings)."""
+    parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                        help="apply guidance only for t in [LO, HI] (t = 1 is noise), e.g. 0.2 0.75")
+    parser.add_argument("--guide", metavar="CHECKPOINT",
+                        help="autoguidance: guide with this weaker model (checkpoint, run id, models:/...) instead "
+                             "of the unconditional branch; '' = classifier-free guidance")

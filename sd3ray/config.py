@@ -124,6 +124,11 @@ class SampleConfig:
     steps: int = 25
     guidance: float = 4.0
     shift: float = 1.0
+    # guidance acts only for t in [lo, hi] (Kynkäänniemi et al. 2024); elsewhere the conditional velocity alone
+    guidance_interval: tuple[float, ...] = (0.0, 1.0)
+    # autoguidance (Karras et al. 2024): guide with this weaker model (a checkpoint folder or URI, an MLflow run id,
+    # models:/...) instead of the unconditional branch; "" = classifier-free guidance
+    guide: str = ""
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,9 @@ def validate(cfg: Config) -> None:
     _require(f.shift > 0, "flow.shift", f"must be > 0, got {f.shift}")
     _require(cfg.sample.shift > 0, "sample.shift", f"must be > 0, got {cfg.sample.shift}")
     _require(cfg.sample.guidance >= 0, "sample.guidance", f"must be >= 0, got {cfg.sample.guidance}")
+    interval = cfg.sample.guidance_interval
+    _require(len(interval) == 2 and 0.0 <= interval[0] < interval[1] <= 1.0, "sample.guidance_interval",
+             f"must be [lo, hi] with 0 <= lo < hi <= 1 (t = 1 is noise), got {list(interval)}")
     _require(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
     _require(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {tr.ema_decay}")
     _require(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}")

@@ -7,6 +7,7 @@ benchmarks all call it.
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from sd3ray.checkpoint import CheckpointError, load_checkpoint
-from sd3ray.config import Config
+from sd3ray.config import Config, apply_overrides, from_dict, to_dict
 from sd3ray.data import to_uint8
 from sd3ray.model import Denoiser
 from sd3ray.redact import redact
@@ -28,19 +29,43 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 def generate(model: Denoiser, prompts: list[str], cfg: Config, seed: int, device: torch.device,
              guidance: float | None = None, steps: int | None = None, sampler: str | None = None,
              batch_size: int = 256) -> torch.Tensor:
-    """uint8 (N, C, H, W) samples, one per prompt; the same seed gives the same images. Unset sampler settings
-    come from `cfg.sample`."""
-    m = cfg.model
+    """uint8 (N, C, H, W) samples, one per prompt; the same seed gives the same images. Unset sampler settings,
+    the guidance interval and the guide model (`sample.guide`, autoguidance) come from `cfg.sample`."""
+    m, s = cfg.model, cfg.sample
+    guide = load_guide(s.guide, device, m.channels, m.image_size) if s.guide else None
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(prompts), m.channels, m.image_size, m.image_size, generator=generator)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
-        velocity = model.velocity_fn(chunk, cfg.sample.guidance if guidance is None else guidance)
+        velocity = model.velocity_fn(chunk, s.guidance if guidance is None else guidance, s.guidance_interval, guide)
         x = sample(velocity, noise[start : start + len(chunk)].to(device), steps or cfg.sample.steps,
                    sampler or cfg.sample.sampler, cfg.sample.shift)
         out.append(to_uint8(x).cpu())
     return torch.cat(out)
+
+
+def with_guidance(cfg: Config, interval: list[float] | None = None, guide: str | None = None) -> Config:
+    """`cfg` with another guidance interval or guide model (None keeps the run's), validated as any config is."""
+    sets = ([f"sample.guidance_interval=[{interval[0]}, {interval[1]}]"] if interval is not None else []) + \
+        ([f"sample.guide={guide!r}"] if guide is not None else [])
+    return from_dict(apply_overrides(to_dict(cfg), sets)) if sets else cfg
+
+
+@functools.lru_cache(maxsize=2)
+def load_guide(spec: str, device: torch.device, channels: int, image_size: int) -> Denoiser:
+    """The guide model of autoguidance: the EMA weights at `spec`, loaded once per process and device. It may be
+    smaller than the model it guides, but must draw the same images (channels and size)."""
+    try:
+        guide, guide_cfg, _ = load_ema_model(spec, device)
+    except CheckpointError as err:
+        raise CheckpointError(f"sample.guide: {err}. Point it at an earlier checkpoint of the run or a smaller "
+                              f"model's, or set sample.guide='' for classifier-free guidance") from None
+    drawn = (guide_cfg.model.channels, guide_cfg.model.image_size)
+    if drawn != (channels, image_size):
+        raise CheckpointError(f"sample.guide {spec} draws {drawn[0]}×{drawn[1]}×{drawn[1]} images, the model "
+                              f"{channels}×{image_size}×{image_size}: guide with a model of the same data")
+    return guide
 
 
 def download_folder(uri: str, destination: Path) -> Path:

@@ -41,12 +41,15 @@ class Sd3rayModel(mlflow.pyfunc.PythonModel):
 
     # no type hints here: MLflow would read them as the input schema, which `signature()` states instead
     def predict(self, context, model_input, params=None):
-        from sd3ray.inference import generate
+        from sd3ray.inference import generate, with_guidance
 
         params = params or {}
         prompts = [str(prompt) for prompt in model_input["prompt"]]
         sample = self.cfg.sample
-        images = generate(self.model, prompts, self.cfg, int(params.get("seed", 0)), self.device,
+        interval = [float(params.get(f"guidance_{edge}", value)) for edge, value in
+                    zip(("low", "high"), sample.guidance_interval)]
+        cfg = with_guidance(self.cfg, interval)
+        images = generate(self.model, prompts, cfg, int(params.get("seed", 0)), self.device,
                           float(params.get("guidance", sample.guidance)), int(params.get("steps", sample.steps)),
                           str(params.get("sampler", sample.sampler)))
         return images.numpy()
@@ -62,7 +65,10 @@ def signature(cfg: Config):
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, m.channels, m.image_size, m.image_size))]),
         params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("guidance", "double", float(s.guidance)),
-                            ParamSpec("steps", "long", int(s.steps)), ParamSpec("sampler", "string", s.sampler)]))
+                            ParamSpec("steps", "long", int(s.steps)), ParamSpec("sampler", "string", s.sampler),
+                            # guidance acts for t in [guidance_low, guidance_high] only (t = 1 is noise)
+                            ParamSpec("guidance_low", "double", float(s.guidance_interval[0])),
+                            ParamSpec("guidance_high", "double", float(s.guidance_interval[1]))]))
 
 
 def log_pyfunc_model(tracking_uri: str, run_id: str, cfg: Config, step: int, ema: dict, registered_model: str = ""):

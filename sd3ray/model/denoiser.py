@@ -48,20 +48,40 @@ class Denoiser(nn.Module):
         """z_t (B,C,H,W), t (B,) -> v (B,C,H,W) for already encoded prompts."""
         return self.mmdit(z_t, t, cond.context, cond.pooled, cond.mask)
 
-    def velocity_fn(self, prompts: list[str], guidance: float = 1.0) -> VelocityFn:
+    def velocity_fn(self, prompts: list[str], guidance: float = 1.0, interval: tuple[float, ...] = (0.0, 1.0),
+                    guide: Denoiser | None = None) -> VelocityFn:
         """The (guided) velocity for a batch of prompts, as a function of (z_t, t) only.
 
-        Classifier-free guidance: v = v_uncond + guidance·(v_cond − v_uncond); guidance = 1 is the conditional
-        model. The two branches run as one batch of 2B, which is how CFG is cheapest on any device.
+        v = v_ref + guidance·(v_cond − v_ref) for t in `interval`, and v_cond elsewhere; guidance = 1 is the
+        conditional model. v_ref is this model's unconditional velocity (classifier-free guidance), or with `guide`
+        the guide model's conditional one (autoguidance: a weaker model of the same task, which pulls samples away
+        from its own errors rather than towards typical images). CFG's two branches run as one batch of 2B, which
+        is how it is cheapest on any device; outside the interval only the conditional branch runs.
         """
+        cond = self.condition(prompts)
         if guidance == 1.0:
-            cond = self.condition(prompts)
             return lambda z_t, t: self.velocity(z_t, t, cond)
-        both = self.condition(list(prompts) + [""] * len(prompts))  # row 0 of a prompt bank is "" too
+        if guide is None:
+            both = self.condition(list(prompts) + [""] * len(prompts))  # row 0 of a prompt bank is "" too
+
+            def branches(z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                v_cond, v_uncond = self.velocity(torch.cat([z_t, z_t]), torch.cat([t, t]), both).chunk(2)
+                return v_cond, v_uncond
+        else:
+            guide_cond = guide.condition(prompts)
+
+            def branches(z_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return self.velocity(z_t, t, cond), guide.velocity(z_t, t, guide_cond)
+
+        lo, hi = interval
 
         def guided(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            v_cond, v_uncond = self.velocity(torch.cat([z_t, z_t]), torch.cat([t, t]), both).chunk(2)
-            return v_uncond + guidance * (v_cond - v_uncond)
+            inside = (t >= lo) & (t <= hi)  # (B,)
+            if not bool(inside.any()):  # samplers step every row at one t: skip the second branch
+                return self.velocity(z_t, t, cond)
+            v_cond, v_ref = branches(z_t, t)
+            v = v_ref + guidance * (v_cond - v_ref)
+            return torch.where(inside.view(-1, *([1] * (z_t.dim() - 1))), v, v_cond)
 
         return guided
 
