@@ -209,6 +209,20 @@ def check_resources(workers: int, use_gpu: bool, cpus_per_worker: int = 1, reser
                                 f"{have:g} ({held}). Lower --workers or --cpus-per-worker, use --cpu, or add nodes.")
 
 
+class OwnClusterTrainer(TorchTrainer):
+    """A TorchTrainer without Ray Train's placement-group cleaner, for the cluster this driver started.
+
+    The cleaner is a detached actor that polls the State API every second, to remove the run's placement group if
+    the controller dies. On a cluster that ends with its driver there is nothing left to clean, and on the lean
+    local cluster (no dashboard, so no State API) every poll fails and prints a warning: hundreds of console lines
+    in a few minutes. `_create_default_callbacks` is Ray's private hook; where a Ray version lacks it, this class
+    is a plain TorchTrainer and the cleaner runs as before."""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        return [cb for cb in callbacks if type(cb).__name__ != "PlacementGroupCleanerCallback"]
+
+
 def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None,
                   max_failures: int = 0, tracking: bool = True, callbacks: list | None = None,
                   debug: DebugHooks | None = None, cpus_per_worker: float = 1,
@@ -229,7 +243,11 @@ def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = Fals
         from sd3ray.ray_data import TRAIN_DATASET, train_dataset
 
         datasets = {TRAIN_DATASET: train_dataset(cfg)}
-    return TorchTrainer(
+    trainer_cls = TorchTrainer
+    if OwnCluster.started:
+        lean_for_own_cluster()
+        trainer_cls = OwnClusterTrainer
+    return trainer_cls(
         train_worker,
         train_loop_config=loop_config,
         datasets=datasets,
@@ -294,13 +312,34 @@ def gcs_answers(address: str, timeout_s: float) -> bool:
 DASHBOARD_ENV = "SD3RAY_RAY_DASHBOARD"
 
 
+# Ray starts its workers at nice 15 (worker_niceness), so on a busy machine a Train worker loses every CPU
+# contest with the driver and Ray's own daemons. On the cluster sd3ray starts for one run, the worker is the run.
+WORKER_NICENESS = 0
+# Ray Train's preemption watcher polls for node drain notices that a single machine never receives.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def local_cluster_options() -> dict[str, Any]:
-    """How sd3ray starts the one-machine cluster a run without a cluster gets: no dashboard and no metrics export,
-    unless SD3RAY_RAY_DASHBOARD=1. On a small machine those daemons take CPU from the training step (README,
-    Performance: Ray Train against local mode); a run on one machine has the console and MLflow to watch instead."""
+    """How sd3ray starts the one-machine cluster a run without a cluster gets: workers at nice 0, no dashboard and
+    no metrics export unless SD3RAY_RAY_DASHBOARD=1. On a small machine those daemons take CPU from the training
+    step (README, Performance: Ray Train against local mode); a run on one machine has the console and MLflow to
+    watch instead."""
+    system = {"worker_niceness": WORKER_NICENESS}
     if os.environ.get(DASHBOARD_ENV, "") not in ("", "0"):
-        return {"include_dashboard": True}
-    return {"include_dashboard": False, "_system_config": {"enable_metrics_collection": False}}
+        return {"include_dashboard": True, "_system_config": system}
+    return {"include_dashboard": False, "_system_config": {**system, "enable_metrics_collection": False}}
+
+
+class OwnCluster:
+    """Whether this driver started the cluster it runs on (and so ends it when it exits)."""
+
+    started = False
+
+
+def lean_for_own_cluster() -> None:
+    """On a cluster this driver started, the Train controller needs no preemption watcher (a single machine gets
+    no drain notices); the placement-group cleaner is left out by `own_cluster_trainer`."""
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # Ray propagates it from the driver to the controller
 
 
 def connect(timeout_s: float = 10.0) -> None:
@@ -320,6 +359,7 @@ def connect(timeout_s: float = 10.0) -> None:
             f"point RAY_ADDRESS at a live cluster, or run on a fresh local cluster: unset RAY_ADDRESS{stale_file}.")
     try:
         ray.init(address=address, **({} if address else local_cluster_options()))
+        OwnCluster.started = address is None
     except ConnectionError as exc:
         raise ClusterUnreachable(f"cannot join the Ray cluster at {address} (from {source}): {exc}") from exc
 
