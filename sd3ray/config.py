@@ -47,6 +47,11 @@ class ModelConfig:
     qk_norm: bool = True
     context_dim: int = 256
     pooled_dim: int = 256
+    # pixel-space convolutions around the transformer, 0 = off. conv_stem: channels of two 5×5 convolutions before
+    # patchify (minRF's DiT stem), so each token sees its neighbours' pixels; conv_head: channels the final layer
+    # predicts per pixel, mixed across patch edges by a 3×3 convolution, instead of each patch independently.
+    conv_stem: int = 0
+    conv_head: int = 0
 
 
 @dataclass(frozen=True)
@@ -186,6 +191,8 @@ def validate(cfg: Config) -> None:
                        ("flow.num_val_levels", f.num_val_levels), ("sample.steps", cfg.sample.steps)]:
         _require(value > 0, key, f"must be a positive integer, got {value}")
     _require(tr.steps >= 0, "train.steps", f"must be >= 0, got {tr.steps}")
+    for key, value in [("model.conv_stem", m.conv_stem), ("model.conv_head", m.conv_head)]:
+        _require(value >= 0, key, f"must be >= 0 (0 = off), got {value}")
     _require(m.channels in (1, 3), "model.channels", f"must be 1 or 3, got {m.channels}")
     _require(m.width % m.num_heads == 0, "model.width",
              f"{m.width} is not divisible by model.num_heads={m.num_heads}; choose a width that is a multiple of it")

@@ -5,7 +5,8 @@ With d = width, r = mlp_ratio, N = (image_size / patch)² image tokens, L text t
     joint attention          QKᵀ and A·V: 2 · 2·S²·d          = 4·d·S²
     adaLN modulation         2·d·(6 + 6)·d per sample (the last block's text stream needs 2 instead of 6, and
                              no output projection or MLP)
-plus the patch/text/final projections, the timestep and pooled MLPs, and the byte text encoder
+plus the patch/text/final projections, the optional pixel-space convolutions (model.conv_stem, model.conv_head),
+the timestep and pooled MLPs, and the byte text encoder
 (24·dₜ² per token and 4·dₜ·L² per layer). A training step is forward + backward ≈ 3 × forward.
 """
 
@@ -28,8 +29,15 @@ def mmdit_forward_flops(cfg: Config, batch: int, context_len: int) -> float:
     m = cfg.model
     d, n, length = m.width, (m.image_size // m.patch_size) ** 2, context_len
     hidden = int(d * m.mlp_ratio)
-    patch_dim = m.patch_size**2 * m.channels
-    total = _linear(batch * n, patch_dim, d) + _linear(batch * length, m.context_dim, d)
+    patch_dim = m.patch_size**2 * (m.conv_stem or m.channels)
+    out_dim = m.patch_size**2 * (m.conv_head or m.channels)
+    pixels = batch * m.image_size**2
+    total = 0.0
+    if m.conv_stem:  # two 5×5 convolutions: a linear of 25·fan_in per pixel each
+        total += _linear(pixels, 25 * m.channels, m.conv_stem) + _linear(pixels, 25 * m.conv_stem, m.conv_stem)
+    if m.conv_head:  # one 3×3 convolution back to the image channels
+        total += _linear(pixels, 9 * m.conv_head, m.channels)
+    total += _linear(batch * n, patch_dim, d) + _linear(batch * length, m.context_dim, d)
     total += _linear(batch, FREQUENCY_DIM, d) + _linear(batch, d, d)  # timestep MLP
     total += _linear(batch, m.pooled_dim, d) + _linear(batch, d, d)  # pooled MLP
     for i in range(m.depth):
@@ -39,7 +47,7 @@ def mmdit_forward_flops(cfg: Config, batch: int, context_len: int) -> float:
         total += batch * n * stream
         total += batch * length * (_linear(1, d, 3 * d) if last else stream)
         total += 2 * 2.0 * batch * (n + length) ** 2 * d  # QKᵀ and A·V over the joint sequence
-    total += _linear(batch, d, 2 * d) + _linear(batch * n, d, patch_dim)  # final adaLN + projection
+    total += _linear(batch, d, 2 * d) + _linear(batch * n, d, out_dim)  # final adaLN + projection
     return total
 
 

@@ -219,3 +219,25 @@ def test_velocity_fn_is_the_conditional_model_and_batched_guidance_matches_separ
                                    atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(model.velocity_fn(prompts, 0.0)(z, t), uncond, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(cond, uncond, atol=1e-4)  # the prompt matters, so guidance is not a no-op
+
+
+@pytest.mark.parametrize("convs", [["model.conv_stem=8"], ["model.conv_head=8"],
+                                   ["model.conv_stem=8", "model.conv_head=4"]])
+def test_pixel_space_convolutions_keep_the_zero_start_and_learn(convs: list[str]) -> None:
+    """With a conv stem and/or head the untrained model still predicts exactly 0 (adaLN-Zero's start), the first
+    backward reaches the head's convolution, and after one optimizer step the stem's first layer learns too."""
+    cfg = load_config("configs/mnist_tiny.yaml", ["model.width=32", "model.depth=2", "model.num_heads=2", *convs])
+    model = MMDiT(cfg.model)
+    x, t = torch.randn(2, 1, 32, 32), torch.rand(2)
+    context, pooled = torch.randn(2, 3, cfg.model.context_dim), torch.randn(2, cfg.model.pooled_dim)
+    out = model(x, t, context, pooled)
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0
+    target = torch.randn_like(out)
+    out.sub(target).pow(2).mean().backward()
+    if model.head is not None:
+        assert model.head.conv.weight.grad.abs().sum() > 0
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    model.zero_grad()
+    model(x, t, context, pooled).sub(target).pow(2).mean().backward()
+    if model.stem is not None:
+        assert model.stem.layers[0].weight.grad.abs().sum() > 0

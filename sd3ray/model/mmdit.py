@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -24,6 +26,33 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
+class ConvStem(nn.Module):
+    """Two 5×5 convolutions in pixel space before patchify: (B, C, H, W) -> (B, channels, H, W)."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        groups = math.gcd(8, channels)
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 5, padding=2), nn.SiLU(), nn.GroupNorm(groups, channels),
+            nn.Conv2d(channels, channels, 5, padding=2), nn.SiLU(), nn.GroupNorm(groups, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class ConvHead(nn.Module):
+    """A 3×3 convolution over the unpatchified per-pixel features: (B, channels, H, W) -> (B, C, H, W). It is
+    zero-initialised, so the untrained model still predicts exactly 0 (the final linear before it is not, or no
+    gradient would reach either)."""
+
+    def __init__(self, channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
 class MMDiT(nn.Module):
     """forward(x (B,C,H,W), t (B,) in [0,1], context (B,L,Dc), pooled (B,Dp), context_mask (B,L) bool | None)
     -> predicted velocity (B,C,H,W)."""
@@ -32,7 +61,10 @@ class MMDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         p, d = cfg.patch_size, cfg.width
-        self.patch_dim = p * p * cfg.channels
+        self.stem = ConvStem(cfg.channels, cfg.conv_stem) if cfg.conv_stem else None
+        self.head = ConvHead(cfg.conv_head, cfg.channels) if cfg.conv_head else None
+        self.patch_dim = p * p * (cfg.conv_stem or cfg.channels)  # what a token is made of
+        self.out_dim = p * p * (cfg.conv_head or cfg.channels)  # what a token predicts
         self.x_embedder = nn.Linear(self.patch_dim, d)
         self.register_buffer("pos_embed", sincos_position_embedding(d, cfg.image_size // p), persistent=False)
         self.t_embedder = TimestepEmbedder(d)
@@ -42,7 +74,7 @@ class MMDiT(nn.Module):
             MMDiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, context_pre_only=(i == cfg.depth - 1))
             for i in range(cfg.depth)
         )
-        self.final_layer = FinalLayer(d, self.patch_dim)
+        self.final_layer = FinalLayer(d, self.out_dim)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -58,7 +90,9 @@ class MMDiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.modulation[1].weight)
             nn.init.zeros_(block.modulation[1].bias)
-        for layer in (self.final_layer.modulation[1], self.final_layer.linear):
+        zeroed = [self.final_layer.modulation[1]]
+        zeroed.append(self.head.conv if self.head is not None else self.final_layer.linear)
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -74,10 +108,13 @@ class MMDiT(nn.Module):
         if c != self.cfg.channels or h != self.cfg.image_size or w != self.cfg.image_size:
             raise ValueError(f"MMDiT expects images of shape (B, {self.cfg.channels}, {self.cfg.image_size}, "
                              f"{self.cfg.image_size}) (model.channels, model.image_size), got {tuple(x.shape)}")
-        img = self.x_embedder(patchify(x, self.cfg.patch_size)) + self.pos_embed  # (B, N, D)
+        pixels = self.stem(x) if self.stem is not None else x  # (B, C or conv_stem, H, W)
+        img = self.x_embedder(patchify(pixels, self.cfg.patch_size)) + self.pos_embed  # (B, N, D)
         ctx = self.context_embedder(context)  # (B, L, D)
         cond = self.t_embedder(t) + self.pooled_embedder(pooled)  # (B, D)
         for block in self.blocks:
             img, ctx = block(img, ctx, cond, context_mask)
-        out = self.final_layer(img, cond)  # (B, N, p·p·C)
-        return unpatchify(out, self.cfg.patch_size, c, h, w)  # (B, C, H, W)
+        out = self.final_layer(img, cond)  # (B, N, p·p·C) or (B, N, p·p·conv_head)
+        if self.head is None:
+            return unpatchify(out, self.cfg.patch_size, c, h, w)  # (B, C, H, W)
+        return self.head(unpatchify(out, self.cfg.patch_size, self.cfg.conv_head, h, w))  # (B, C, H, W)
