@@ -112,11 +112,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_minutes: float = 0.0  # 0 = no wall-clock budget
     # with a budget, end the cosine where the clock will stop the run instead of at `steps` (measured: it costs
-    # accuracy when the budget is far too short to converge, README: Time to quality)
+    # accuracy when the budget is far too short to converge, docs/quality.md)
     lr_decay_to_budget: bool = False
     seed: int = 0
     # auto: bf16 autocast on a GPU; on a CPU, bf16 only where it has native bf16 matrix units and the config's
-    # step measured faster in bf16 (sd3ray.train_step.resolve_step_settings says why; README: Performance)
+    # step measured faster in bf16 (sd3ray.train_step.resolve_step_settings says why; docs/performance.md)
     precision: Precision = "auto"
     # none | blocks (one graph per MM-DiT block) | whole (the denoiser as one graph) | auto (by device, as above)
     compile: CompileMode = "auto"
@@ -377,9 +377,22 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where} is not valid YAML{at}: {problem}. Check indentation, colons and quotes") from None
 
 
+# The checkout (or editable install) this package came from: where `configs/...` resolves when the working
+# directory holds no such file, so the shipped configs work from any folder.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_shipped(path: str | Path) -> Path:
+    """`path` as given when it exists (or is absolute); else the project's own file of that relative name."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute() or not (PROJECT_ROOT / p).is_file():
+        return p
+    return PROJECT_ROOT / p
+
+
 def read_yaml_file(path: str | Path, what: str, shipped: str) -> dict[str, Any]:
     """A YAML mapping from a file; a missing file, malformed YAML or a non-mapping is a ConfigError."""
-    p = Path(path)
+    p = resolve_shipped(path)
     if not p.is_file():
         raise ConfigError(f"{what} {p} does not exist; the shipped ones are {shipped}")
     data = parse_yaml(p.read_text(), f"{what} {p}") or {}

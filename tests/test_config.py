@@ -70,3 +70,13 @@ def test_config_errors_name_the_key_and_the_fix(overrides: list[str], message: s
 def test_missing_file_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("configs/nope.yaml")
+
+
+def test_shipped_configs_resolve_from_any_working_directory(tmp_path, monkeypatch) -> None:
+    """`python /path/to/jobs/train.py` run elsewhere still finds configs/mnist_tiny.yaml; a file of that name in
+    the working directory comes first."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("configs/mnist_tiny.yaml").model.width == 128
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mnist_tiny.yaml").write_text("model:\n  width: 64\n  num_heads: 4\n")
+    assert load_config("configs/mnist_tiny.yaml").model.width == 64
