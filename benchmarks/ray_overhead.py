@@ -75,6 +75,38 @@ def ray_overhead_rows(cfg: Config, setups: list[Setup],
     return rows
 
 
+def interleaved_ray_rows(cfg: Config, repeats: int) -> list[dict[str, Any]]:
+    """Local mode and one Ray worker with as many CPUs as local mode has threads, run alternately `repeats` times
+    (local, Ray, local, Ray, ...) with the cluster up throughout, so the machine's drift falls on both: each run's
+    steady images/s, and per pair the Ray run over the local run just before it."""
+    import statistics
+
+    from sd3ray.local import run_local
+    from sd3ray.ray_train import build_trainer, connect
+
+    connect()
+    threads, rows = torch.get_num_threads(), []
+    for repeat in range(repeats):
+        local = run_local(cfg, f"local-{repeat}", f"local-{repeat}", device="cpu", tracking=False)
+        ray_run = build_trainer(cfg, f"bench-interleaved-{repeat}", workers=1, tracking=False, cpus_per_worker=threads,
+                                storage_path=str(Path(cfg.train.output_dir) / "ray")).fit()
+        local_rate, ray_rate = local.metrics["train/images_per_s"], ray_run.metrics["train/images_per_s"]
+        rows.append({"repeat": repeat, "local_images_per_s": local_rate, "ray_images_per_s": ray_rate,
+                     "ray_vs_local": ray_rate / local_rate})
+        print(f"pair {repeat}: local {local_rate:.0f} img/s, Ray 1 worker × {threads} CPU {ray_rate:.0f} img/s "
+              f"({ray_rate / local_rate:.2f}×)", flush=True)
+    rows.append({"repeat": "median", **{key: statistics.median(r[key] for r in rows) for key in
+                                        ("local_images_per_s", "ray_images_per_s", "ray_vs_local")}})
+    return rows
+
+
+def interleaved_markdown(rows: list[dict[str, Any]], threads: int) -> str:
+    lines = ["", f"| pair | local images/s | Ray 1 worker × {threads} CPU images/s | Ray vs local |",
+             "|---|---|---|---|"]
+    return "\n".join(lines + [f"| {r['repeat']} | {r['local_images_per_s']:.0f} | {r['ray_images_per_s']:.0f} | "
+                              f"{r['ray_vs_local']:.2f}× |" for r in rows]) + "\n"
+
+
 def stream_read_rows(cfg: Config, data_cpus: list[int]) -> list[dict[str, Any]]:
     """The streaming path alone, without training: rows/s of one pass over the training split through Ray Data
     (read, decode, batch) with its tasks limited to each number of CPUs."""

@@ -5,6 +5,7 @@ table, writes it and a JSON beside --output, and logs the figures, a chart and b
     python jobs/benchmark.py --config configs/mnist.yaml --batch 64                  # CPU, eager fp32
     python jobs/benchmark.py --config configs/mnist.yaml --batch 256 --compile       # GPU: bf16, + torch.compile
     python jobs/benchmark.py --ray-overhead configs/mnist_tiny.yaml --skip-models    # Ray Train vs local mode only
+    python jobs/benchmark.py --ray-overhead configs/mnist_tiny.yaml --skip-models --ray-interleaved 3  # A B A B
 
 diffusers comes with the `bench` extra: pip install -e ".[bench]".
 """
@@ -24,6 +25,8 @@ import tempfile
 import torch
 
 from benchmarks.ray_overhead import (
+    interleaved_markdown,
+    interleaved_ray_rows,
     ray_overhead_config,
     ray_overhead_rows,
     ray_setups,
@@ -54,6 +57,9 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                         help="also train CONFIG locally and on Ray workers (1×all CPUs, 1×1, 2×1, 1×1 streamed by "
                              "Ray Data), and time Ray Data's read path alone on 1..all CPUs (needs ray)")
     parser.add_argument("--ray-overhead-steps", type=positive_int, default=400)
+    parser.add_argument("--ray-interleaved", type=positive_int, default=0, metavar="N",
+                        help="with --ray-overhead: instead of its table of setups, run local mode and one Ray "
+                             "worker with as many CPUs alternately N times (the ratio that drift cannot bias)")
     add_tracking_args(parser)
     parser.add_argument("--output", type=Path, default=Path("benchmark.json"), help="JSON; the table goes beside it")
     return parser, parser.parse_args()
@@ -75,7 +81,7 @@ def main() -> int:
         ray_cfg = ray_overhead_config(ray_base, args.ray_overhead_steps, tempfile.mkdtemp(prefix="sd3ray-bench-"))
     device = torch.device(args.device) if args.device else default_device()
     bf16 = device.type == "cuda"
-    rows, extras, ray_rows, stream_rows = [], [], [], []
+    rows, extras, ray_rows, stream_rows, interleaved_rows = [], [], [], [], []
     if not args.skip_models:
         with_diffusers = importlib.util.find_spec("diffusers") is not None
         if not with_diffusers:
@@ -89,16 +95,21 @@ def main() -> int:
         if not args.no_data:
             extras.append(data_path_row(cfg, device))
     if ray_cfg is not None:
-        ray_rows = ray_overhead_rows(ray_cfg, ray_setups(torch.get_num_threads()), local_beside_cluster=True)
-        stream_rows = stream_read_rows(ray_cfg, list(range(1, torch.get_num_threads() + 1)))
+        if args.ray_interleaved:
+            interleaved_rows = interleaved_ray_rows(ray_cfg, args.ray_interleaved)
+        else:
+            ray_rows = ray_overhead_rows(ray_cfg, ray_setups(torch.get_num_threads()), local_beside_cluster=True)
+            stream_rows = stream_read_rows(ray_cfg, list(range(1, torch.get_num_threads() + 1)))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if bf16 else "fp32"
     report = markdown_report(f"{name}, {precision}, batch {args.batch}, config {args.config}", rows, extras, ray_rows)
     report += stream_read_markdown(stream_rows) if stream_rows else ""
+    report += interleaved_markdown(interleaved_rows, torch.get_num_threads()) if interleaved_rows else ""
     print(f"\n{report}full sd3ray step (MM-DiT + text encoder): "
           f"{full_step_tflop(cfg, args.batch, args.context_len):.3f} TFLOP")
     summary = {"device": name, "precision": precision, "batch": args.batch, "config": str(args.config),
-               "rows": rows, "extra": extras, "ray_overhead": ray_rows, "stream_read": stream_rows}
+               "rows": rows, "extra": extras, "ray_overhead": ray_rows, "stream_read": stream_rows,
+               "ray_interleaved": interleaved_rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=2))
     args.output.with_suffix(".md").write_text(report)

@@ -140,6 +140,18 @@ def test_ray_overhead_rows_compare_ray_with_local_mode(ray_head, micro_config, t
     assert (tmp_path / "bench" / "ray" / "bench-1x1-memory").is_dir()  # the Ray run wrote where the config says
 
 
+def test_interleaved_ray_rows_alternate_local_and_ray(ray_head, micro_config, tmp_path: Path) -> None:
+    from benchmarks.ray_overhead import interleaved_ray_rows, ray_overhead_config
+
+    cfg = ray_overhead_config(micro_config(), steps=4, output_dir=str(tmp_path / "bench"))
+    *pairs, median = interleaved_ray_rows(cfg, repeats=2)
+    assert [p["repeat"] for p in pairs] == [0, 1] and median["repeat"] == "median"
+    for pair in pairs:
+        assert pair["ray_vs_local"] == pytest.approx(pair["ray_images_per_s"] / pair["local_images_per_s"])
+    assert median["ray_vs_local"] == pytest.approx(sum(p["ray_vs_local"] for p in pairs) / 2)
+    assert {p.name for p in (tmp_path / "bench" / "ray").iterdir()} == {"bench-interleaved-0", "bench-interleaved-1"}
+
+
 
 def test_gpu_report_measures_every_part_with_tiny_settings(mnist_parquet: Path, tmp_path: Path) -> None:
     """The GPU report's command, on CPU at toy sizes, so it is known to work before a GPU is at hand."""
