@@ -44,7 +44,12 @@ def parse_args() -> argparse.Namespace:
     if args.prompts_file:
         if not args.prompts_file.is_file():
             parser.error(f"--prompts-file {args.prompts_file} does not exist")
-        args.prompt += [line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            text = args.prompts_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            parser.error(f"--prompts-file {args.prompts_file} is not UTF-8 text (byte {err.start} is "
+                         f"{err.object[err.start]:#04x}); save it as UTF-8, one prompt per line")
+        args.prompt += [line.strip() for line in text.splitlines() if line.strip()]
     if not args.prompt:
         parser.error("give at least one --prompt or a --prompts-file")
     return args

@@ -264,6 +264,16 @@ class ImageSet:
         return self.images.shape[0]
 
 
+def read_shard(fs, root: str, name: str, parquet_dir: str | Path) -> pa.Table:
+    """One shard; a truncated or corrupt file is a DataError naming it and the command that rebuilds the set."""
+    try:
+        return pq.read_table(f"{root}/{name}", filesystem=fs)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        raise DataError(f"shard {name} of {parquet_dir} cannot be read ({str(exc).splitlines()[0]}): the set is "
+                        f"corrupt or was cut short. Rebuild it: python jobs/prepare_data.py --out {parquet_dir} "
+                        f"(with the --source and --data-root it was made from)") from None
+
+
 def read_split(parquet_dir: str | Path, split: str) -> ImageSet:
     """Load a whole split into memory (MNIST is 60 MB: re-reading it every epoch would only cost time)."""
     meta = read_metadata(parquet_dir)
@@ -275,7 +285,7 @@ def read_split(parquet_dir: str | Path, split: str) -> ImageSet:
     missing = [name for name in entry["shards"] if not _is_file(fs, f"{root}/{name}")]
     if missing:
         raise DataError(f"{parquet_dir} is incomplete: shards {missing} are missing; re-run jobs/prepare_data.py")
-    table = pa.concat_tables(pq.read_table(f"{root}/{name}", filesystem=fs) for name in entry["shards"])
+    table = pa.concat_tables(read_shard(fs, root, name, parquet_dir) for name in entry["shards"])
     images = torch.from_numpy(image_array(table, c, s, f"{parquet_dir}/{split}"))
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     captions = table.column("caption").to_pylist() if entry.get("captioned") else None

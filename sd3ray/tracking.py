@@ -95,10 +95,27 @@ def resolve_tracking_uri(configured: str = "") -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else ./mlflow.db. Relative SQLite paths become absolute so Ray
     workers (which run in another directory) write to the same database as the driver."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    check_scheme(uri, "tracking.uri" if configured else "MLFLOW_TRACKING_URI" if "MLFLOW_TRACKING_URI" in os.environ
+                 else "the default tracking URI")
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+# The stores MLflow's tracking client opens (SQLAlchemy databases may name a driver: postgresql+psycopg2://)
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+def check_scheme(uri: str, source: str) -> None:
+    """An unknown scheme fails here with the ones that work, not deep inside MLflow's store registry."""
+    if "://" not in uri:
+        return  # a plain path: MLflow's file store
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in TRACKING_SCHEMES:
+        raise TrackingError(f"{source} {redact(uri)}: MLflow cannot open a {scheme}:// store; use "
+                            f"http(s)://HOST:PORT for a tracking server or sqlite:///mlflow.db for a local file "
+                            f"(also: {', '.join(s + '://' for s in TRACKING_SCHEMES[3:])})")
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
