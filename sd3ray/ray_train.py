@@ -8,6 +8,7 @@ rank reports the same number of times.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -32,6 +33,7 @@ from sd3ray.config import Config, from_dict, to_dict
 from sd3ray.data import open_folder, prepare_dataset
 from sd3ray.errors import ResourceError, Sd3rayError, StorageError
 from sd3ray.redact import redact
+from sd3ray.run_lock import run_lock
 from sd3ray.shared_storage import check_shared, is_uri, join
 from sd3ray.streaming import Batch, describe_choice, streams
 from sd3ray.tracking import NullTracker, check_reachable, make_tracker, resolve_tracking_uri, source_tags
@@ -322,7 +324,7 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 def local_cluster_options() -> dict[str, Any]:
     """How sd3ray starts the one-machine cluster a run without a cluster gets: workers at nice 0, no dashboard and
     no metrics export unless SD3RAY_RAY_DASHBOARD=1. On a small machine those daemons take CPU from the training
-    step (README, Performance: Ray Train against local mode); a run on one machine has the console and MLflow to
+    step (docs/performance.md: Ray Train against local mode); a run on one machine has the console and MLflow to
     watch instead."""
     system = {"worker_niceness": WORKER_NICENESS}
     if os.environ.get(DASHBOARD_ENV, "") not in ("", "0"):
@@ -408,7 +410,9 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
                  f"node(s) ({placement.lower()}), global batch {cfg.train.batch_size * workers}; "
                  f"checkpoints -> {join(storage, name)}; "
                  f"MLflow -> {resolve_tracking_uri(cfg.tracking.uri) if tracking else 'off'}"), flush=True)
-    result = trainer.fit()
+    # one driver per run name: a folder takes an OS lock; object storage has none to take (docs/distributed.md)
+    with contextlib.nullcontext() if is_uri(storage) else run_lock(Path(storage) / name):
+        result = trainer.fit()
     metrics = result.metrics or {}
     final = join(join(storage, name), Path(result.checkpoint.path).name) if result.checkpoint else None
     print(redact(f"sd3ray: done at step {metrics.get('step')}; val/loss {metrics.get('val/loss')}; checkpoint "
