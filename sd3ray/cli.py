@@ -29,8 +29,13 @@ def run_job(main: Callable[[], int]) -> NoReturn:
     services, bad checkpoints, a diverged loss, ...) end in one line on stderr and exit code 1; with --debug or
     SD3RAY_DEBUG=1 they raise as usual. Any other exception is a bug and keeps its traceback."""
     debug = "--debug" in sys.argv[1:] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    from sd3ray.signals import Interrupted
+
     try:
         code = main()
+    except Interrupted as stopped:  # a clean stop on a signal: its message says where to resume from
+        print(f"sd3ray: {stopped}", file=sys.stderr, flush=True)
+        sys.exit(stopped.exit_code)
     except KeyboardInterrupt:
         print("sd3ray: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -18,6 +18,7 @@ from sd3ray.checkpoint import CheckpointData, CheckpointError, latest_checkpoint
 from sd3ray.config import Config
 
 if TYPE_CHECKING:
+    from sd3ray.signals import StopRequest
     from sd3ray.streaming import Batch
 
 
@@ -37,6 +38,9 @@ class RunContext(Protocol):
         """Wrap for data parallelism (DDP) where there is more than one worker."""
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor: ...
+
+    def stop_signal(self) -> int | None:
+        """The signal that asked this run to stop after the current step (local mode), else None."""
 
     def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor: ...
 
@@ -71,8 +75,9 @@ class LocalContext:
     run_tags: dict[str, str] = {}
 
     def __init__(self, run_dir: Path, device: torch.device | None = None, resume: Path | None = None,
-                 keep: int = 3, launched_at: float | None = None) -> None:
+                 keep: int = 3, launched_at: float | None = None, stop: StopRequest | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.stop = stop
         self.device = device or default_device()
         self._resume = resume
         self.keep = keep
@@ -94,6 +99,9 @@ class LocalContext:
 
     def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    def stop_signal(self) -> int | None:
+        return self.stop.requested if self.stop is not None else None
 
     def resume_from(self) -> Path | None:
         return self._resume

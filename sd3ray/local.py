@@ -10,6 +10,7 @@ from sd3ray.config import Config
 from sd3ray.context import LocalContext, default_device, process_launched_at, resolve_resume
 from sd3ray.data import prepare_dataset
 from sd3ray.run_lock import run_lock
+from sd3ray.signals import stop_on_signals
 from sd3ray.tracking import make_tracker
 from sd3ray.train_loop import TrainResult, train
 
@@ -23,9 +24,9 @@ def run_local(cfg: Config, name: str | None, default_name: str, resume: str | No
     # a resumed run keeps writing next to the checkpoint it came from
     run_dir = resume_path.parent.parent if resume_path is not None else output_dir / (name or default_name)
     # the user's clock runs from the command: a time budget includes start-up and data loading
-    ctx = LocalContext(run_dir, torch.device(device) if device else default_device(), resume_path,
-                       keep=cfg.train.keep_checkpoints, launched_at=process_launched_at())
-    with run_lock(run_dir):  # a second run of the same name stops here, not in the middle of this one's files
+    with run_lock(run_dir), stop_on_signals() as stop:  # a second run of the same name stops here
+        ctx = LocalContext(run_dir, torch.device(device) if device else default_device(), resume_path,
+                           keep=cfg.train.keep_checkpoints, launched_at=process_launched_at(), stop=stop)
         result = train(cfg, ctx, make_tracker(cfg, enabled=tracking))
     print(f"sd3ray: done at step {result.step}; checkpoint {result.checkpoint}; MLflow run {result.run_id}")
     return result

@@ -107,6 +107,9 @@ class RayContext:
     def all_reduce_max(self, value: torch.Tensor) -> torch.Tensor:
         return self._all_reduce(value, dist.ReduceOp.MAX)
 
+    def stop_signal(self) -> int | None:
+        return None  # a worker is stopped by Ray Train; the driver's signals are Ray's to handle
+
     def resume_from(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:

@@ -31,6 +31,7 @@ from sd3ray.inference import generate
 from sd3ray.judge import SampleJudge, is_digit_data
 from sd3ray.machine import peak_memory_gib
 from sd3ray.model import Denoiser, count_parameters
+from sd3ray.signals import Interrupted, signal_name
 from sd3ray.streaming import StreamedBatches, describe_choice, streams
 from sd3ray.tracking import Tracker
 from sd3ray.train_step import build_train_state, resolve_step_settings, train_step
@@ -244,7 +245,28 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     loss_sum, grad_sum, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
     metrics: dict[str, float] = {}  # the latest log step's training metrics
     evaluated: dict[str, float] = {}  # the latest evaluation: every report carries it, so Tune always sees it
-    checkpoint: str | None = None
+    checkpoint: str | None = str(resume) if resume is not None else None
+    saved_step = step  # a resumed run's checkpoint is at its first step
+
+    def checkpoint_data(at_step: int) -> CheckpointData:
+        tracker.flush()  # a run resumed from this checkpoint must find every step up to it logged
+        return CheckpointData(at_step, cfg, model.state_dict(), ema.model.state_dict(), optimizer.state_dict(),
+                              scheduler.state_dict(), rng_state(),
+                              {"mlflow_run_id": run_id, "samples_seen": at_step * batches.global_batch,
+                               "train_seconds": seconds_before + time.monotonic() - started,
+                               "lr_horizon": horizon.steps})
+
+    def stop_on_signal(signum: int, at_step: int, last_saved: int, last: str | None) -> str | None:
+        """Save unless the last checkpoint is under a log interval old, then end the run naming what to resume."""
+        if at_step - last_saved >= tc.log_every or (last is None and at_step > 0):
+            last = ctx.save_and_report(checkpoint_data(at_step), {**metrics, **evaluated, "step": at_step}) or last
+            kept = f"saved {last}"
+        else:
+            kept = f"kept the checkpoint of step {last_saved}, less than train.log_every={tc.log_every} steps old" \
+                if last else "nothing to save yet"
+        resume = f"; continue with --resume {last}" if last else ""
+        raise Interrupted(f"{signal_name(signum)}: stopped at step {at_step} and {kept}{resume}", signum)
+
     try:
         while step < tc.steps:
             batch = batches.get(step)
@@ -277,30 +299,27 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                 eval_s = max(eval_s, time.monotonic() - eval_started)
             if plan.report:
                 save_started = time.monotonic()
-                data = None
-                if plan.checkpoint and ctx.is_main:
-                    tracker.flush()  # a run resumed from this checkpoint must find every step up to it logged
-                    data = CheckpointData(step, cfg, model.state_dict(), ema.model.state_dict(),
-                                          optimizer.state_dict(), scheduler.state_dict(), rng_state(),
-                                          {"mlflow_run_id": run_id,
-                                           "samples_seen": step * batches.global_batch,
-                                           "train_seconds": seconds_before + time.monotonic() - started,
-                                           "lr_horizon": horizon.steps})
+                data = checkpoint_data(step) if plan.checkpoint and ctx.is_main else None
                 checkpoint = ctx.save_and_report(data, {**metrics, **evaluated, "step": step}) or checkpoint
                 if plan.checkpoint:
-                    save_s = max(save_s, time.monotonic() - save_started)
+                    save_s, saved_step = max(save_s, time.monotonic() - save_started), step
                 progress.restart(step)
                 if plan.log and plan.evaluate and plan.checkpoint and not plan.stop and tc.max_minutes > 0:
                     # this save may have used the room the log step saw; if so, it was the final one
                     clocks = torch.tensor([time.monotonic() - budget_started, eval_s + save_s], dtype=torch.float64)
                     spent, reserve = ctx.all_reduce_max(clocks.to(device)).tolist()
                     plan = replace(plan, stop=horizon.no_room_after_save(spent, reserve) and step < tc.steps)
+            if (signum := ctx.stop_signal()) is not None:
+                checkpoint = stop_on_signal(signum, step, saved_step, checkpoint)
             if plan.stop:
                 print(f"sd3ray: train.max_minutes={tc.max_minutes} ends the run at step {step} (the next log step "
                       f"and the final save would pass it); stopped cleanly", flush=True)
                 break
         if ctx.is_main:
             finish_run(cfg, tracker, model, ema, step, checkpoint)
+    except Interrupted:
+        tracker.finish("KILLED")  # MLflow's status for a run a person stopped
+        raise
     except BaseException:
         tracker.finish("FAILED")
         raise
