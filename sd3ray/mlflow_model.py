@@ -1,8 +1,9 @@
 """A trained model as an MLflow pyfunc model: loadable with `mlflow.pyfunc.load_model`, registrable, servable.
 
 The contract: `predict(df, params)` takes a DataFrame with a `prompt` column (strings) and the optional params
-`seed`, `guidance`, `steps`, `sampler` (defaults: the run's sample settings) and returns a uint8 array of shape
-(N, C, H, W), one image per prompt, the same as `samples.npz`'s `images`; the same seed gives the same images.
+`seed`, `guidance`, `guidance_low`, `guidance_high`, `steps`, `sampler` (defaults: the run's sample settings) and
+returns a uint8 array of shape (N, C, H, W), one image per prompt, the same as `samples.npz`'s `images`; the same
+seed gives the same images.
 
 The model's artifacts hold a weights-only checkpoint with the EMA weights alone (what sampling uses), and its code
 is sd3ray itself (`code_paths`), so a fresh process with torch installed loads it without sd3ray installed. The
@@ -17,6 +18,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config
@@ -39,8 +41,8 @@ class Sd3rayModel(mlflow.pyfunc.PythonModel):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.cfg, self.step = load_ema_model(context.artifacts[CHECKPOINT_ARTIFACT], self.device)
 
-    # no type hints here: MLflow would read them as the input schema, which `signature()` states instead
-    def predict(self, context, model_input, params=None):
+    # a DataFrame hint is one MLflow infers no schema from (`signature()` states it) and that stops its warning
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         from sd3ray.inference import generate, with_guidance
 
         params = params or {}
