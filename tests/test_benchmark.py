@@ -93,7 +93,8 @@ def test_benchmark_job_prints_writes_and_logs_its_figures(mnist_parquet: Path, t
         [sys.executable, "jobs/benchmark.py", "--config", "configs/mnist_tiny.yaml", "--batch", "4", "--iters", "1",
          "--warmup", "0", "--sampling-images", "4", "--output", str(tmp_path / "b.json"),
          "--tracking-uri", mlflow_server,
-         *[a for s in [*TINY, f"data.parquet_dir={mnist_parquet}", "sample.steps=2", "tracking.experiment=bench"]
+         *[a for s in [*TINY, f"data.parquet_dir={mnist_parquet}", "sample.steps=2", "sample.guidance=2",
+                       "tracking.experiment=bench"]
            for a in ("--set", s)]],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
