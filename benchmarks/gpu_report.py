@@ -242,7 +242,8 @@ def to_markdown(header: dict[str, Any], sections: dict[str, Any]) -> str:
              f"torch {header['torch']}, config {header['config']}, {header['date']}", ""]
     if speed := sections.get("speed"):
         eager = next((r for r in speed if r["model"] == "diffusers" and not r["compiled"]), None)
-        lines += [f"## Training step, {header['precision']}, batch {header['batch']}", "",
+        lines += [f"## The MM-DiT alone under the library's training step, {header['precision']}, "
+                  f"batch {header['batch']}", "",
                   "| model | compiled | images/s | vs diffusers eager | MFU |", "|---|---|---|---|---|"]
         for r in speed:
             ratio = f"{r['images_per_s'] / eager['images_per_s']:.2f}×" if eager else "-"

@@ -77,7 +77,7 @@ def unshared_locations(locations: dict[str, str], num_nodes: int, mounts: str | 
     for flag, location in locations.items():
         if location.startswith("sqlite:"):
             problems.append(f"{flag} {location} is a SQLite file on this machine; use an MLflow server "
-                            f"(http://HOST:PORT, see README: Run on a cluster)")
+                            f"(http://HOST:PORT, see docs/cluster.md)")
         elif not is_shared(location, mounts):
             problems.append(f"{flag} {location} is on this machine's own disk "
                             f"({filesystem_type(local_path(location), mounts)}); "

@@ -23,7 +23,7 @@ from sd3ray.flow import flow_loss
 from sd3ray.machine import cpu_native_bf16
 from sd3ray.model import Denoiser
 
-# Measured with `python -m benchmarks.step_speed` (README: Performance): on a CPU with AMX, bf16 autocast slowed
+# Measured with `python -m benchmarks.step_speed` (docs/performance.md): on a CPU with AMX, bf16 autocast slowed
 # mnist_tiny's width-128 step (0.91x: its GEMMs are too small to repay the casts) and sped up wider models.
 BF16_MIN_CPU_WIDTH = 256
 # Compiling costs ~40 s the first time on a 2-core CPU (seconds from inductor's cache) and ran mnist_tiny's step
