@@ -159,7 +159,7 @@ def test_gpu_report_measures_every_part_with_tiny_settings(mnist_parquet: Path, 
     pytest.importorskip("diffusers")
     sets = [*TINY, f"data.parquet_dir={mnist_parquet}", "data.download=false", "train.batch_size=8",
             "train.log_every=2", "train.eval_every=4", "eval.num_samples=20", "eval.batch_size=20", "sample.steps=2",
-            "data.num_val_images=16"]
+            "data.num_val_images=16", "sample.guidance=2"]
     proc = subprocess.run(
         [sys.executable, "jobs/gpu_report.py", "--config", "configs/mnist_tiny.yaml", "--device", "cpu", "--batch", "2",
          "--max-batch", "4", "--iters", "1", "--no-compile", "--minutes", "0.05", "--judge-guidance", "0,2",
@@ -180,7 +180,7 @@ def test_gpu_report_measures_every_part_with_tiny_settings(mnist_parquet: Path, 
     minutes = [e["minutes"] for e in quality["evaluations"]]
     assert minutes == sorted(minutes)
     # the final weights at each guidance, judged on the prompts and noise of the training-time judge: at the
-    # config's own guidance (mnist_tiny: 2) they are the final evaluation's samples again, to the last digit
+    # config's own guidance (set to 2 here) they are the final evaluation's samples again, to the last digit
     by_guidance = quality["final_by_guidance"]
     assert [r["guidance"] for r in by_guidance] == [0, 2]
     for key in ("judge/fid", "judge/prompt_accuracy", "judge/diversity"):
@@ -197,7 +197,8 @@ def test_gpu_report_levers_train_each_lever_and_judge_it_on_the_way(mnist_parque
     from tests.conftest import MICRO
 
     plan = {"config": "configs/mnist_tiny.yaml",
-            "base": [*MICRO, f"data.parquet_dir={mnist_parquet}", "eval.num_samples=20", "eval.batch_size=20"],
+            "base": [*MICRO, f"data.parquet_dir={mnist_parquet}", "eval.num_samples=20", "eval.batch_size=20",
+                     "sample.guidance=2"],
             "steps": 4, "judge_every": 2, "guidances": [1, 2],
             "levers": {"lr1e-3": ["train.lr=1e-3"], "lr1e-2-six": ["train.lr=1e-2", "train.steps=6"]}}
     levers_file = tmp_path / "levers.yaml"
