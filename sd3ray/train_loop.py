@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -256,7 +256,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                                "train_seconds": seconds_before + time.monotonic() - started,
                                "lr_horizon": horizon.steps})
 
-    def stop_on_signal(signum: int, at_step: int, last_saved: int, last: str | None) -> str | None:
+    def stop_on_signal(signum: int, at_step: int, last_saved: int, last: str | None) -> NoReturn:
         """Save unless the last checkpoint is under a log interval old, then end the run naming what to resume."""
         if at_step - last_saved >= tc.log_every or (last is None and at_step > 0):
             last = ctx.save_and_report(checkpoint_data(at_step), {**metrics, **evaluated, "step": at_step}) or last
@@ -310,7 +310,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                     spent, reserve = ctx.all_reduce_max(clocks.to(device)).tolist()
                     plan = replace(plan, stop=horizon.no_room_after_save(spent, reserve) and step < tc.steps)
             if (signum := ctx.stop_signal()) is not None:
-                checkpoint = stop_on_signal(signum, step, saved_step, checkpoint)
+                stop_on_signal(signum, step, saved_step, checkpoint)
             if plan.stop:
                 print(f"sd3ray: train.max_minutes={tc.max_minutes} ends the run at step {step} (the next log step "
                       f"and the final save would pass it); stopped cleanly", flush=True)
