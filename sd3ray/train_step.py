@@ -34,7 +34,7 @@ COMPILE_MIN_MINUTES = 5.0
 
 @dataclass
 class StepSettings:
-    """How the step runs on this device, resolved from `train.precision` and `train.compile` (see `resolve_step_settings`)."""
+    """How the step runs on this device: `train.precision` and `train.compile` as `resolve_step_settings` read them."""
 
     dtype: torch.dtype | None  # autocast dtype, None = fp32
     compile: str  # "none" | "blocks" | "whole"
