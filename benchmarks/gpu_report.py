@@ -31,13 +31,14 @@ import yaml
 from benchmarks.speed import interleaved_seconds, mfu, model_step_rows
 from benchmarks.step_speed import StepRunner
 from sd3ray.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
-from sd3ray.context import LocalContext
-from sd3ray.data import prepare_dataset, read_split
-from sd3ray.flops import peak_tflops, train_step_flops
+from sd3ray.data.format import read_split
+from sd3ray.data.prepare import prepare_dataset
+from sd3ray.evaluation.flops import peak_tflops, train_step_flops
+from sd3ray.evaluation.judge import Reference, judge_settings, load_judge
 from sd3ray.inference import load_ema_model
-from sd3ray.judge import Reference, judge_settings, load_judge
-from sd3ray.tracking import NullTracker
-from sd3ray.train_loop import train
+from sd3ray.tracking.protocol import NullTracker
+from sd3ray.training.context import LocalContext
+from sd3ray.training.loop import train
 
 
 @dataclass
@@ -72,7 +73,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 def largest_batch_section(cfg: Config, device: torch.device, start: int, cap: int, iters: int,
                           compile_mode: str = "none") -> list[dict[str, Any]]:
-    """The training step that trains (`sd3ray.train_step`, text encoder and real batches included, bf16 on a GPU)
+    """The training step that trains (`sd3ray.training.step`, text encoder and real batches included, bf16 on a GPU)
     at batch start, 2·start, ... until it runs out of memory or reaches `cap`: images/s, MFU and peak memory."""
     peak = peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None
     precision = "bf16" if device.type == "cuda" else "fp32"
@@ -251,7 +252,7 @@ def to_markdown(header: dict[str, Any], sections: dict[str, Any]) -> str:
                          f"{_fmt(r.get('mfu'), '.1%')} |")
         lines.append("")
     if mfu_rows := sections.get("mfu"):
-        lines += [f"## Largest batch: the training step (sd3ray.train_step, text encoder included), "
+        lines += [f"## Largest batch: the training step (sd3ray.training.step, text encoder included), "
                   f"{header['precision']}, compile {mfu_rows[0].get('compile', 'none')}", "",
                   "| batch | images/s | MFU | peak memory (GiB) |", "|---|---|---|---|"]
         for r in mfu_rows:

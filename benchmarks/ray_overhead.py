@@ -42,8 +42,9 @@ def ray_overhead_rows(cfg: Config, setups: list[Setup],
     `local_beside_cluster`, local mode runs again once the Ray cluster is up: on a small machine the cluster's own
     processes take CPU time, and that row separates their cost from Ray Train's.
     """
-    from sd3ray.local import run_local
-    from sd3ray.ray_train import build_trainer, connect
+    from sd3ray.cluster.connect import connect
+    from sd3ray.cluster.trainer import build_trainer
+    from sd3ray.training.local import run_local
 
     rows = []
 
@@ -81,8 +82,9 @@ def interleaved_ray_rows(cfg: Config, repeats: int) -> list[dict[str, Any]]:
     steady images/s, and per pair the Ray run over the local run just before it."""
     import statistics
 
-    from sd3ray.local import run_local
-    from sd3ray.ray_train import build_trainer, connect
+    from sd3ray.cluster.connect import connect
+    from sd3ray.cluster.trainer import build_trainer
+    from sd3ray.training.local import run_local
 
     connect()
     threads, rows = torch.get_num_threads(), []
@@ -113,8 +115,8 @@ def stream_read_rows(cfg: Config, data_cpus: list[int]) -> list[dict[str, Any]]:
     import ray.data
     from ray.data import ExecutionResources
 
-    from sd3ray.ray_data import train_dataset
-    from sd3ray.ray_train import connect
+    from sd3ray.cluster.connect import connect
+    from sd3ray.cluster.ray_data import train_dataset
 
     connect()
     rows = []

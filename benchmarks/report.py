@@ -9,7 +9,7 @@ import numpy as np
 
 from benchmarks.speed import eager_row, gemm_attention_share, speed_ceiling
 from sd3ray.config import Config
-from sd3ray.tracking import Tracker
+from sd3ray.tracking.protocol import Tracker
 
 
 def row_key(row: dict[str, Any]) -> str:

@@ -5,7 +5,7 @@ Measurement code lives here, outside the `sd3ray` package: the library's imports
 and nothing in training depends on this.
 
 Both transformers get the same inputs (random context of the same length, pooled vector, t·1000 for diffusers'
-timestep) and run `sd3ray.train_step.train_step` (loss, backward, clip, fused AdamW, EMA), so the ratio measures
+timestep) and run `sd3ray.training.step.train_step` (loss, backward, clip, fused AdamW, EMA), so the ratio measures
 the implementations, not the recipes. The text encoder is left out of that comparison (diffusers' transformer has
 none); `benchmarks.step_speed` times the step that trains, text encoder and real batches included.
 """
@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from sd3ray.config import Config
-from sd3ray.data import TrainingBatches, read_split
-from sd3ray.flops import PEAK_BF16_TFLOPS, mmdit_forward_flops, train_step_flops
+from sd3ray.data.batches import TrainingBatches
+from sd3ray.data.format import read_split
+from sd3ray.evaluation.flops import PEAK_BF16_TFLOPS, mmdit_forward_flops, train_step_flops
 from sd3ray.inference import generate
 from sd3ray.model import Denoiser, MMDiT, count_parameters
-from sd3ray.train_step import StepSettings, TrainState, build_train_state, train_step
+from sd3ray.training.step import StepSettings, TrainState, build_train_state, train_step
 
 H100_BF16_DENSE_TFLOPS = PEAK_BF16_TFLOPS["H100"]
 

@@ -19,9 +19,11 @@ import torch
 
 from benchmarks.speed import interleaved_seconds
 from sd3ray.config import Config, load_config
-from sd3ray.data import ImageSet, TrainingBatches, prepare_dataset, read_split
-from sd3ray.machine import describe_machine
-from sd3ray.train_step import StepSettings, build_train_state, train_step
+from sd3ray.data.batches import TrainingBatches
+from sd3ray.data.format import ImageSet, read_split
+from sd3ray.data.prepare import prepare_dataset
+from sd3ray.training.machine import describe_machine
+from sd3ray.training.step import StepSettings, build_train_state, train_step
 
 MODES = ("none", "blocks", "whole")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 
 from sd3ray.checkpoint import latest_checkpoint, load_checkpoint
-from sd3ray.images import make_grid
+from sd3ray.evaluation.figures import make_grid
+from sd3ray.evaluation.judge import Reference, judge_settings
+from sd3ray.evaluation.validation import GRID_PROMPTS, GRID_SEED
 from sd3ray.inference import generate
-from sd3ray.judge import Reference, judge_settings
 from sd3ray.model import Denoiser
-from sd3ray.validation import GRID_PROMPTS, GRID_SEED
 
 TRAIN_JOB = Path(__file__).resolve().parents[1] / "jobs" / "train.py"
 

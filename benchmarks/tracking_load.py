@@ -52,7 +52,7 @@ def plain_client_writer(store: str, experiment: str, batches: int, start: mp.Eve
 def tracker_writer(store: str, experiment: str, batches: int, start: mp.Event, out: mp.Queue) -> None:
     """The same writes through sd3ray's MlflowTracker; a write that never reached the store is a failure."""
     from sd3ray.config import load_config
-    from sd3ray.tracking import MlflowTracker
+    from sd3ray.tracking.mlflow_tracker import MlflowTracker
 
     cfg = load_config(None, [f"train.output_dir={tempfile.mkdtemp(prefix='sd3ray-load-')}"])
     tracker = MlflowTracker(store, experiment, flush_timeout_s=600, retry_s=0.5)

@@ -159,7 +159,7 @@ def entrypoint_errors(entrypoint: str) -> list[str]:
     Environment variables (set on the pods) are replaced by placeholder paths."""
     from sd3ray.cli import data_overrides
     from sd3ray.config import ConfigError, load_config
-    from sd3ray.ray_tune import load_sweep
+    from sd3ray.sweeps.spec import load_sweep
 
     words = shlex.split(re.sub(r"\$\{?([A-Z_][A-Z0-9_]*)\}?", r"/placeholder/\1", entrypoint))
     if len(words) < 2 or words[0] not in ("python", "python3") or not words[1].startswith("jobs/"):

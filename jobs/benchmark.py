@@ -37,7 +37,7 @@ from benchmarks.report import benchmark_metrics, log_benchmark, markdown_report,
 from benchmarks.speed import H100_BF16_DENSE_TFLOPS, data_path_row, full_step_tflop, mfu, model_step_rows, sampling_row
 from sd3ray.cli import add_config_args, add_tracking_args, config_from_args, job_parser, positive_int, run_job
 from sd3ray.config import ConfigError, load_config
-from sd3ray.context import default_device
+from sd3ray.training.context import default_device
 
 
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -114,8 +114,8 @@ def main() -> int:
     args.output.write_text(json.dumps(summary, indent=2))
     args.output.with_suffix(".md").write_text(report)
     if not args.no_tracking:
-        from sd3ray.plots import bar_plot
-        from sd3ray.tracking import make_tracker
+        from sd3ray.evaluation.figures import bar_plot
+        from sd3ray.tracking.mlflow_tracker import make_tracker
 
         bars = {row_key(r): r["images_per_s"] for r in rows} or {r["setup"]: r["images_per_s"] for r in ray_rows}
         chart = bar_plot(bars, "training images/s", f"{name}, {precision}, batch {args.batch}")

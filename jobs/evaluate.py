@@ -22,11 +22,11 @@ import tempfile
 import torch
 
 from sd3ray.cli import add_guidance_args, add_tracking_args, job_parser, non_negative_float, positive_int, run_job
-from sd3ray.context import default_device
-from sd3ray.data import read_split
+from sd3ray.data.format import read_split
+from sd3ray.evaluation.figures import line_plot
+from sd3ray.evaluation.judge import Reference, judge_settings, load_judge, log_judged_settings, markdown_table
 from sd3ray.inference import load_ema_model, with_guidance
-from sd3ray.judge import Reference, judge_settings, load_judge, log_judged_settings, markdown_table
-from sd3ray.plots import line_plot
+from sd3ray.training.context import default_device
 
 
 def main() -> int:
@@ -67,7 +67,7 @@ def main() -> int:
         (out / "results.md").write_text(table + "\n")
         (out / "results.json").write_text(json.dumps(rows, indent=2))
         if not args.no_tracking:
-            from sd3ray.tracking import make_tracker
+            from sd3ray.tracking.mlflow_tracker import make_tracker
 
             tracker = make_tracker(cfg, uri=args.tracking_uri or None)
             run_id = log_judged_settings(tracker, cfg, args.checkpoint, step, rows, plot, out)
@@ -82,8 +82,8 @@ def record_on_model_version(model_uri: str, tracking_uri: str, cfg, rows: list[d
                             sampler: str, alias: str | None) -> None:
     from mlflow.tracking import MlflowClient
 
-    from sd3ray.registry import model_version, promote_if_better, record_scores
-    from sd3ray.tracking import resolve_tracking_uri
+    from sd3ray.storage import resolve_tracking_uri
+    from sd3ray.tracking.registry import model_version, promote_if_better, record_scores
 
     client = MlflowClient(resolve_tracking_uri(tracking_uri))
     name, version = model_version(client, model_uri)

@@ -40,7 +40,7 @@ from sd3ray.cli import (
     positive_int,
     run_job,
 )
-from sd3ray.context import default_device
+from sd3ray.training.context import default_device
 
 PARTS = ("speed", "mfu", "quality", "levers")
 DEFAULT_PARTS = ("speed", "mfu", "quality")

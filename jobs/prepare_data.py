@@ -40,8 +40,8 @@ def main() -> int:
     parser.add_argument("--shard-size", type=positive_int, default=20000, help="images per Parquet shard")
     args = parser.parse_args()
 
-    from sd3ray import image_sets
-    from sd3ray.data import prepare_mnist
+    from sd3ray.data import image_sets
+    from sd3ray.data.mnist import prepare_mnist
 
     match args.source:
         case "mnist":

@@ -17,11 +17,11 @@ import torch
 
 from sd3ray.checkpoint import list_checkpoints, load_checkpoint
 from sd3ray.cli import job_parser, positive_int, run_job
-from sd3ray.context import default_device
-from sd3ray.data import read_split
-from sd3ray.judge import Reference, judge_settings, load_judge
+from sd3ray.data.format import read_split
+from sd3ray.evaluation.figures import line_plot
+from sd3ray.evaluation.judge import Reference, judge_settings, load_judge
 from sd3ray.model import Denoiser
-from sd3ray.plots import line_plot
+from sd3ray.training.context import default_device
 
 
 def main() -> int:

@@ -33,7 +33,8 @@ def main() -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from sd3ray.tracking import MlflowTracker, resolve_tracking_uri
+    from sd3ray.storage import resolve_tracking_uri
+    from sd3ray.tracking.mlflow_tracker import MlflowTracker
 
     uri = resolve_tracking_uri(args.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="sd3ray-register-") as scratch:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from sd3ray.cli import add_guidance_args, add_tracking_args, job_parser, non_negative_float, positive_int, run_job
-from sd3ray.context import default_device
-from sd3ray.images import make_grid, save_png
+from sd3ray.evaluation.figures import make_grid, save_png
 from sd3ray.inference import generate, load_ema_model, with_guidance
+from sd3ray.training.context import default_device
 
 
 def parse_args() -> argparse.Namespace:

@@ -54,9 +54,9 @@ def main() -> int:
         parser.error(f"--reserve-s must be >= 0 and every budget longer than it ({args.reserve_s:g} s)")
 
     from benchmarks.time_to_quality import judge_checkpoint, markdown_table, train_for, ttq_metrics
-    from sd3ray.context import default_device
-    from sd3ray.data import read_split
-    from sd3ray.judge import Reference, load_judge
+    from sd3ray.data.format import read_split
+    from sd3ray.evaluation.judge import Reference, load_judge
+    from sd3ray.training.context import default_device
 
     device, reference = default_device(), None
     rows, grids = [], {}
@@ -75,7 +75,7 @@ def main() -> int:
                          "wall_minutes": wall_s / 60, "checkpoint": str(checkpoint), **row})
             print(markdown_table(rows[-1:]), flush=True)
     table = markdown_table(rows)
-    from sd3ray.machine import describe_machine
+    from sd3ray.training.machine import describe_machine
 
     report = (f"{describe_machine(device)}\n{args.config}, {args.num_samples} samples per checkpoint\n\n"
               f"$ python {' '.join(sys.argv)}\n\n{table}")
@@ -85,7 +85,7 @@ def main() -> int:
     (args.output_dir / "time_to_quality.json").write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.output_dir / 'time_to_quality.md'} and .json")
     if not args.no_tracking:
-        from sd3ray.tracking import make_tracker
+        from sd3ray.tracking.mlflow_tracker import make_tracker
 
         cfg = load_config(args.config, [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
         tracker = make_tracker(cfg)

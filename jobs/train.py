@@ -64,7 +64,7 @@ def default_config(args: argparse.Namespace) -> str:
 
         gpu = args.device != "cpu" and torch.cuda.is_available()
     else:
-        from sd3ray.ray_train import cluster_gpus
+        from sd3ray.cluster.connect import cluster_gpus
 
         gpu = not args.cpu and cluster_gpus() >= 1
     if not gpu:
@@ -85,13 +85,13 @@ def main() -> int:
     if not cfg.tracking.run_name:  # the MLflow run carries the run's name, not a random one
         cfg = replace(cfg, tracking=replace(cfg.tracking, run_name=name))
     if args.local:
-        from sd3ray.local import run_local
+        from sd3ray.training.local import run_local
 
         run_local(cfg, args.name, name, args.resume, args.device, tracking=not args.no_tracking)
     else:
         if args.resume:
             parser.error("--resume is for --local; under Ray, re-run with the same --name to resume")
-        from sd3ray.ray_train import run_ray
+        from sd3ray.cluster.trainer import run_ray
 
         run_ray(cfg, name, workers=args.workers, use_gpu=True if args.gpu else False if args.cpu else None,
                 storage_path=args.storage_path, max_failures=args.max_failures, tracking=not args.no_tracking,

@@ -12,8 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 from sd3ray.cli import job_parser, run_job
-from sd3ray.data import ensure_parquet, read_split
-from sd3ray.judge import cache_dir, judge_cache_key, judge_outputs, load_judge
+from sd3ray.data.format import read_split
+from sd3ray.data.mnist import ensure_parquet
+from sd3ray.evaluation.judge import cache_dir, judge_cache_key, judge_outputs, load_judge
 
 
 def main() -> int:

@@ -15,8 +15,8 @@ import argparse
 
 from sd3ray.cli import add_data_args, add_tracking_args, data_overrides, job_parser, run_job
 from sd3ray.config import ConfigError
-from sd3ray.ray_tune import load_sweep
-from sd3ray.tune_driver import run_sweep
+from sd3ray.sweeps.driver import run_sweep
+from sd3ray.sweeps.spec import load_sweep
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,7 +29,7 @@ import yaml
 
 from sd3ray.config import Config, config_hash, flatten, from_dict, to_yaml
 from sd3ray.errors import Sd3rayError, StorageError
-from sd3ray.redact import redact
+from sd3ray.storage import redact
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -223,7 +223,7 @@ def upload_checkpoint(local: Path, destination: str, attempts: int = 5, first_wa
 
     import pyarrow.fs as pafs
 
-    from sd3ray.data import open_folder
+    from sd3ray.storage import open_folder
 
     fs, root = open_folder(destination)
     names = sorted((p.name for p in local.iterdir() if p.is_file()), key=lambda name: name == MANIFEST)

@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from sd3ray.config import Config, ConfigError, load_config
 from sd3ray.errors import explained_error
-from sd3ray.redact import redact
+from sd3ray.storage import redact
 
 DEBUG_ENV = "SD3RAY_DEBUG"
 
@@ -29,7 +29,7 @@ def run_job(main: Callable[[], int]) -> NoReturn:
     services, bad checkpoints, a diverged loss, ...) end in one line on stderr and exit code 1; with --debug or
     SD3RAY_DEBUG=1 they raise as usual. Any other exception is a bug and keeps its traceback."""
     debug = "--debug" in sys.argv[1:] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    from sd3ray.signals import Interrupted
+    from sd3ray.training.signals import Interrupted
 
     try:
         code = main()

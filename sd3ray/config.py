@@ -116,7 +116,7 @@ class TrainConfig:
     lr_decay_to_budget: bool = False
     seed: int = 0
     # auto: bf16 autocast on a GPU; on a CPU, bf16 only where it has native bf16 matrix units and the config's
-    # step measured faster in bf16 (sd3ray.train_step.resolve_step_settings says why; docs/performance.md)
+    # step measured faster in bf16 (sd3ray.training.step.resolve_step_settings says why; docs/performance.md)
     precision: Precision = "auto"
     # none | blocks (one graph per MM-DiT block) | whole (the denoiser as one graph) | auto (by device, as above)
     compile: CompileMode = "auto"

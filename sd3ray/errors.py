@@ -12,6 +12,10 @@ class ResourceError(Sd3rayError):
     """The cluster lacks what the run asks for (workers, GPUs, CPUs) and never will on its own."""
 
 
+class DataError(Sd3rayError):
+    """Data is missing or malformed; the message says where files go or how to make them."""
+
+
 class StorageError(Sd3rayError):
     """A storage location cannot be opened or written (unreachable, read-only, or full)."""
 
@@ -36,3 +40,7 @@ def explained_error(exc: BaseException) -> Sd3rayError | None:
         if isinstance(failures, dict):
             pending += list(failures.values())
     return None
+
+
+class TrackingError(Sd3rayError):
+    """The tracking backend cannot be reached or refused a request."""

@@ -16,11 +16,10 @@ import torch
 
 from sd3ray.checkpoint import CheckpointError, load_checkpoint
 from sd3ray.config import Config, apply_overrides, from_dict, to_dict
-from sd3ray.data import to_uint8
+from sd3ray.core.sampling import sample
+from sd3ray.data.format import to_uint8
 from sd3ray.model import Denoiser
-from sd3ray.redact import redact
-from sd3ray.sampling import sample
-from sd3ray.shared_storage import is_uri
+from sd3ray.storage import is_uri, redact
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -72,7 +71,7 @@ def download_folder(uri: str, destination: Path) -> Path:
     """Copy a folder at a URI (s3://bucket/runs/NAME/step_00001000?endpoint_override=...) to `destination`."""
     import pyarrow.fs as pafs
 
-    from sd3ray.data import open_folder
+    from sd3ray.storage import open_folder
 
     fs, root = open_folder(uri)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
@@ -98,7 +97,7 @@ def resolve_checkpoint(spec: str, tracking_uri: str = "", scratch: Path | None =
     if RUN_ID.match(spec):
         import mlflow
 
-        from sd3ray.tracking import resolve_tracking_uri
+        from sd3ray.storage import resolve_tracking_uri
 
         uri = resolve_tracking_uri(tracking_uri)
         try:
@@ -110,10 +109,10 @@ def resolve_checkpoint(spec: str, tracking_uri: str = "", scratch: Path | None =
 
 
 def model_checkpoint(model_uri: str, tracking_uri: str = "", scratch: Path | None = None) -> Path:
-    """The checkpoint inside an MLflow model sd3ray logged (see sd3ray.mlflow_model)."""
+    """The checkpoint inside an MLflow model sd3ray logged (see sd3ray.tracking.pyfunc)."""
     import mlflow
 
-    from sd3ray.tracking import resolve_tracking_uri
+    from sd3ray.storage import resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     try:

@@ -5,11 +5,24 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.support import (
+    BUCKET,
+    MICRO,
+    MNIST_ROOT,
+    REPO_ROOT,
+    free_port,
+    http_status,
+    ray_temp_dir,
+    start_in_own_session,
+    start_mlflow_server,
+    stop_process_group,
+    wait_until,
+)
 
 # Ray rewrites a loopback --node-ip-address to the machine's address and then listens on every interface, unless
 # its single-machine mode is on: then every Ray server of the tests listens on 127.0.0.1 only. Ray reads this once,
@@ -18,9 +31,18 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # A local `ray.init()` turns on token auth and leaves ~/.ray/auth_token, which every later cluster then requires.
 # The tests' cluster is reachable from this machine only; pin the mode so runs do not depend on leftovers.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Caches (the judge's weights) stay with the tests, not in the user's home: one folder, ignored by git.
+os.environ.setdefault("SD3RAY_CACHE", str(REPO_ROOT / "tests" / ".cache"))
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-MNIST_ROOT = Path(os.environ.get("SD3RAY_MNIST_ROOT", REPO_ROOT.parent / "shared" / "data"))
+TIERS = ("unit", "integration", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with its tier, the folder it lives in, so `-m "not system"` selects by cost too."""
+    for item in items:
+        tier = next((part for part in Path(item.path).parts if part in TIERS), None)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(autouse=True)
@@ -38,16 +60,9 @@ def mnist_root() -> Path:
 @pytest.fixture(scope="session")
 def mnist_parquet(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path:
     """Real MNIST converted once per test session to Parquet (32×32)."""
-    from sd3ray.data import prepare_mnist
+    from sd3ray.data.mnist import prepare_mnist
 
     return prepare_mnist(mnist_root, tmp_path_factory.mktemp("parquet") / "mnist", image_size=32)
-
-
-MICRO = [  # a ~60k-parameter model: every loop test runs in seconds on CPU
-    "model.width=32", "model.depth=2", "model.num_heads=2", "model.context_dim=32", "model.pooled_dim=32",
-    "text.width=32", "text.depth=1", "text.num_heads=2", "train.batch_size=16", "train.warmup_steps=2",
-    "sample.steps=2", "data.num_val_images=32", "eval.num_samples=0", "data.download=false",
-]
 
 
 @pytest.fixture
@@ -62,34 +77,6 @@ def micro_config(mnist_parquet: Path, tmp_path: Path):
     return build
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_mlflow_server(root: Path, port: int):
-    """A real `mlflow server` on 127.0.0.1:port keeping its runs in root/mlflow.db and root/artifacts; returns the
-    process (its session leader) once /health answers. Starting it again on the same root brings the same store
-    back, as a restarted team server would."""
-    import sys
-
-    uri = f"http://127.0.0.1:{port}"
-    log_path = root / f"server-{time.time_ns()}.log"
-    proc = start_in_own_session(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        dict(os.environ), log_path)
-    try:
-        wait_until(lambda: http_status(f"{uri}/health") == 200, proc, log_path, "mlflow server")
-    except BaseException:
-        stop_process_group(proc)
-        raise
-    return proc
-
-
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts), stopped after the session."""
@@ -99,68 +86,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(proc)
-
-
-def start_in_own_session(command: list[str], env: dict[str, str], log_path: Path):
-    """Start a server as the leader of a new session, so that it and everything it starts stop together."""
-    import subprocess
-
-    log = open(log_path, "w")
-    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()  # the child holds its own descriptor
-    return proc
-
-
-def wait_until(ready, proc, log_path: Path, what: str, timeout_s: float = 300.0) -> None:
-    """Poll `ready()` until it is true; fail with the server's log if it dies or the time runs out (a loaded
-    2-core machine can take minutes to start a server)."""
-    deadline = time.time() + timeout_s
-    while not ready():
-        if proc.poll() is not None or time.time() > deadline:
-            tail = log_path.read_text()[-3000:] if log_path.is_file() else ""
-            raise RuntimeError(f"{what} did not start:\n{tail}")
-        time.sleep(1)
-
-
-def http_status(url: str, headers: dict[str, str] | None = None) -> int:
-    """The HTTP status of a GET, or 0 when nothing answers."""
-    import urllib.error
-    import urllib.request
-
-    try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10).status
-    except urllib.error.HTTPError as err:
-        return err.code
-    except OSError:
-        return 0
-
-
-def ray_temp_dir() -> str:
-    """A Ray node's own temp dir: it keeps the node's address file, sessions and runtime environments apart from
-    every other Ray on the machine. Short, because Ray's Unix socket paths under it must stay under 108 bytes."""
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="sd3ray-ray-")
-
-
-def stop_process_group(proc, grace_s: float = 20.0) -> None:
-    """Stop a server the tests started in its own session, and everything it started, by its process group only:
-    never `ray stop` or a kill by name, which would end every Ray process on the machine."""
-    import signal
-    import subprocess
-
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            # the group may outlive its leader for a moment: give the rest the same signal's chance, then check
-            time.sleep(1)
-            os.killpg(proc.pid, 0)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            continue
 
 
 @pytest.fixture(scope="session")
@@ -197,9 +122,6 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-BUCKET = "sd3ray"
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory):
     """moto's S3 server on 127.0.0.1 with one bucket; `uri(key)` names a key the way pyarrow and Ray open it."""
@@ -222,3 +144,20 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
                "uri": lambda key: f"s3://{BUCKET}/{key}?endpoint_override=127.0.0.1:{port}&scheme=http"}
     finally:
         stop_process_group(server)
+
+
+@pytest.fixture(scope="session")
+def mnist_splits(mnist_parquet: Path):
+    """MNIST's train and test splits in memory, read once per session."""
+    from sd3ray.data.format import read_split
+
+    return read_split(mnist_parquet, "train"), read_split(mnist_parquet, "test")
+
+
+@pytest.fixture(scope="session")
+def judge_reference(mnist_splits):
+    """The frozen MNIST judge and its reference statistics, trained once per session (then cached)."""
+    from sd3ray.evaluation.judge import Reference, load_judge
+
+    train, test = mnist_splits
+    return Reference(load_judge(train), train, test)

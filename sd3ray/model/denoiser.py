@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sd3ray.config import Config
-from sd3ray.flow import VelocityFn
+from sd3ray.core.flow import VelocityFn
 from sd3ray.model.mmdit import MMDiT
 from sd3ray.model.text_encoder import TextEncoder
 

@@ -1,7 +1,7 @@
 """The byte-level text encoder, trained jointly with the MM-DiT.
 
 SD3 conditions on frozen CLIP and T5. Neither can be fetched offline and both are far larger than digits need,
-so sd3ray trains a small transformer over UTF-8 bytes (`sd3ray.text.tokenize`): no vocabulary file, any text
+so sd3ray trains a small transformer over UTF-8 bytes (`sd3ray.model.tokenizer`): no vocabulary file, any text
 encodes. It returns what the MM-DiT consumes: token embeddings for joint attention and a pooled vector for the
 adaLN modulation; the padding mask comes from the tokenizer.
 """
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sd3ray.config import TextConfig
-from sd3ray.text import PAD_ID, VOCAB_SIZE, tokenize
+from sd3ray.model.tokenizer import PAD_ID, VOCAB_SIZE, tokenize
 
 
 class EncoderLayer(nn.Module):

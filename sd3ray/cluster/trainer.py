@@ -1,0 +1,179 @@
+"""Ray Train: the same `train()` on N workers (Train V2 `TorchTrainer`), DDP through `prepare_model`.
+
+Checkpoints are reported to Ray and land in `storage_path/name/step_XXXXXXXX`; re-running with the same name and
+storage path resumes from the newest one (Train V2 restores it into `ray.train.get_checkpoint()`), and so does a
+restart after a worker failure (`FailureConfig.max_failures`). Only rank 0 logs to MLflow and draws grids; every
+rank reports the same number of times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from sd3ray.cluster.connect import OwnCluster, connect, lean_for_own_cluster
+from sd3ray.cluster.worker import PRINT_PATCH_ENV, DebugHooks, Placement, train_worker
+from sd3ray.config import Config, to_dict
+from sd3ray.data.prepare import prepare_dataset
+from sd3ray.data.streaming import describe_choice, streams
+from sd3ray.errors import ResourceError, StorageError
+from sd3ray.storage import check_shared, is_uri, join, redact, resolve_tracking_uri
+from sd3ray.tracking.mlflow_tracker import check_reachable, source_tags
+from sd3ray.training.run_lock import run_lock
+
+
+def _absolute_paths(cfg: Config) -> Config:
+    """Workers run in other directories: hand them absolute data paths (URIs as they are)."""
+    def absolute(location: str) -> str:
+        return location if is_uri(location) else str(Path(location).resolve())
+
+    return replace(cfg, data=replace(cfg.data, parquet_dir=absolute(cfg.data.parquet_dir),
+                                     raw_root=absolute(cfg.data.raw_root)))
+
+
+def default_storage(cfg: Config) -> str:
+    return str(Path(cfg.train.output_dir).resolve() / "ray")
+
+
+STREAM_CPUS = 1  # CPUs a streaming run keeps for Ray Data's read and decode tasks
+
+
+def check_resources(workers: int, use_gpu: bool, cpus_per_worker: int = 1, reserve: int = 0) -> None:
+    """Fail fast instead of waiting forever for resources a fixed-size cluster will never have."""
+    total = ray.cluster_resources()
+    for key, need in (("GPU", workers if use_gpu else 0), ("CPU", (0 if use_gpu else workers * cpus_per_worker)
+                                                                  + reserve)):
+        have = total.get(key, 0)
+        if have < need:
+            extra = f" (with {reserve} kept for streaming the data)" if reserve and key == "CPU" else ""
+            held = ", ".join(f"{k}={v:g}" for k, v in total.items() if k in ("CPU", "GPU"))
+            raise ResourceError(f"--workers {workers} needs {need} {key}(s){extra} but the Ray cluster has "
+                                f"{have:g} ({held}). Lower --workers or --cpus-per-worker, use --cpu, or add nodes.")
+
+
+class OwnClusterTrainer(TorchTrainer):
+    """A TorchTrainer without Ray Train's placement-group cleaner, for the cluster this driver started.
+
+    The cleaner is a detached actor that polls the State API every second, to remove the run's placement group if
+    the controller dies. On a cluster that ends with its driver there is nothing left to clean, and on the lean
+    local cluster (no dashboard, so no State API) every poll fails and prints a warning: hundreds of console lines
+    in a few minutes. `_create_default_callbacks` is Ray's private hook; where a Ray version lacks it, this class
+    is a plain TorchTrainer and the cleaner runs as before."""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        return [cb for cb in callbacks if type(cb).__name__ != "PlacementGroupCleanerCallback"]
+
+
+def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None,
+                  max_failures: int = 0, tracking: bool = True, callbacks: list | None = None,
+                  debug: DebugHooks | None = None, cpus_per_worker: float = 1,
+                  placement: Placement = "PACK") -> TorchTrainer:
+    """A TorchTrainer for `cfg` whose checkpoints go to storage_path/name. `placement` SPREAD puts workers on as
+    many nodes as it can (one per node where there are enough); PACK, Ray's default, fills a node first."""
+    cfg = _absolute_paths(cfg)
+    storage = storage_path or default_storage(cfg)
+    # Train V2 hands each worker's print() to a logger that writes to stderr and, because Ray wraps the worker's
+    # stdout, to stdout as well: every line reached the console twice. Ray propagates this from the driver.
+    os.environ.setdefault(PRINT_PATCH_ENV, "0")
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    loop_config = {"cfg": to_dict(cfg), "tracking": tracking, "tracking_uri": uri,
+                   "run_storage": join(storage, name), "debug": asdict(debug or DebugHooks()),
+                   "source_tags": source_tags()}  # the driver's job, not the worker's Ray entry point
+    datasets = None
+    if streams(cfg):  # Ray Data reads and decodes; Ray Train splits the stream over the workers
+        from sd3ray.cluster.ray_data import TRAIN_DATASET, train_dataset
+
+        datasets = {TRAIN_DATASET: train_dataset(cfg)}
+    trainer_cls = TorchTrainer
+    if OwnCluster.started:
+        lean_for_own_cluster()
+        trainer_cls = OwnClusterTrainer
+    return trainer_cls(
+        train_worker,
+        train_loop_config=loop_config,
+        datasets=datasets,
+        # Ray sizes each worker's thread pool (OMP_NUM_THREADS) to its CPUs
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, placement_strategy=placement,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+
+
+def check_storage(storage: str) -> None:
+    """A local storage path must be creatable and writable; a URI must name a filesystem pyarrow can open."""
+    if "://" in storage:
+        import pyarrow.fs
+
+        try:
+            pyarrow.fs.FileSystem.from_uri(storage)
+        except Exception as exc:
+            raise StorageError(f"--storage-path {storage} cannot be opened ({exc}); use a local folder, NFS "
+                               f"mount, or a URI such as s3://bucket/path with credentials set") from exc
+        return
+    try:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=storage):
+            pass
+    except OSError as exc:
+        raise StorageError(f"--storage-path {storage} is not a writable folder ({exc})") from exc
+
+
+def default_cpus_per_worker(workers: int, use_gpu: bool, reserve: int = 0) -> int:
+    """CPU workers share the cluster's CPUs (one worker on a 2-core machine gets both, and torch as many threads),
+    less `reserve` kept for Ray Data's reading tasks, no more than the largest node has; a GPU worker needs one to
+    feed its GPU."""
+    if use_gpu:
+        return 1
+    per_node = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    free = ray.cluster_resources().get("CPU", 1) - reserve
+    return max(1, int(min(free // workers, max(per_node, default=1))))
+
+
+def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = None, storage_path: str | None = None,
+            max_failures: int = 0, tracking: bool = True, cpus_per_worker: int | None = None,
+            placement: Placement = "PACK") -> ray.train.Result:
+    """Run checks and prepare data on the driver, then fit."""
+    storage = storage_path or default_storage(cfg)
+    connect()
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    shared = {"--storage-path": storage, "data.parquet_dir (--parquet-dir)": cfg.data.parquet_dir}
+    check_shared({**shared, "tracking.uri": resolve_tracking_uri(cfg.tracking.uri)} if tracking else shared, nodes)
+    if tracking:
+        check_reachable(resolve_tracking_uri(cfg.tracking.uri))
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    check_storage(storage)
+    prepare_dataset(cfg)  # once, here: the workers only read it
+    print(describe_choice(cfg), flush=True)
+    # a streaming run's reading tasks need a CPU the training workers leave free, or the stream never starts
+    reserve = STREAM_CPUS if streams(cfg) else 0
+    cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers, use_gpu, reserve)
+    check_resources(workers, use_gpu, cpus_per_worker, reserve)
+    trainer = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking,
+                            cpus_per_worker=cpus_per_worker, placement=placement)
+    print(redact(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s) × "
+                 f"{cpus_per_worker} CPU on {nodes} "
+                 f"node(s) ({placement.lower()}), global batch {cfg.train.batch_size * workers}; "
+                 f"checkpoints -> {join(storage, name)}; "
+                 f"MLflow -> {resolve_tracking_uri(cfg.tracking.uri) if tracking else 'off'}"), flush=True)
+    # one driver per run name: a folder takes an OS lock; object storage has none to take (docs/distributed.md)
+    with contextlib.nullcontext() if is_uri(storage) else run_lock(Path(storage) / name):
+        result = trainer.fit()
+    metrics = result.metrics or {}
+    final = join(join(storage, name), Path(result.checkpoint.path).name) if result.checkpoint else None
+    print(redact(f"sd3ray: done at step {metrics.get('step')}; val/loss {metrics.get('val/loss')}; checkpoint "
+                 f"{final}"), flush=True)
+    return result

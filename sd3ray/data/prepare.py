@@ -1,0 +1,37 @@
+"""The driver's step before any worker starts: make sure the configured image set exists, building it on first use
+(MNIST, or the synthetic colour shapes), so N workers never race to convert the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from sd3ray.config import Config
+from sd3ray.data.mnist import ensure_parquet
+from sd3ray.errors import DataError
+from sd3ray.storage import is_file, is_uri, open_folder
+
+
+def prepare_dataset(cfg: Config) -> str | Path:
+    """The driver's step: make sure `data.parquet_dir` holds the image set, building it on first use from
+    `data.source` (MNIST or the synthetic shapes); a `prepared` set must exist already."""
+    fs, root = open_folder(cfg.data.parquet_dir)
+    if cfg.data.source == "mnist" or is_file(fs, f"{root}/metadata.json"):
+        return ensure_parquet(cfg.data.parquet_dir, cfg.data.raw_root, cfg.model.image_size, cfg.data.download)
+    if cfg.data.source == "prepared":
+        raise DataError(f"no image set at {cfg.data.parquet_dir}; make it first with jobs/prepare_data.py "
+                        f"(--source folder, cifar10 or shapes) --out {cfg.data.parquet_dir}")
+    from sd3ray.data.image_sets import write_coloured_shapes
+
+    if is_uri(cfg.data.parquet_dir):
+        return write_coloured_shapes(cfg.data.parquet_dir, SHAPES_FIRST_USE, cfg.model.image_size)
+    staging = Path(str(cfg.data.parquet_dir) + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    write_coloured_shapes(staging, SHAPES_FIRST_USE, cfg.model.image_size)
+    os.replace(staging, cfg.data.parquet_dir)
+    return Path(cfg.data.parquet_dir)
+
+
+SHAPES_FIRST_USE = 20000  # training images of the synthetic colour set a run builds for itself

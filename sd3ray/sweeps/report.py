@@ -1,0 +1,117 @@
+"""What a person opens in the MLflow UI to decide a sweep: the parent run's table, plot and best grids."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sd3ray.evaluation.figures import line_plot
+from sd3ray.sweeps.spec import SchemeSpec, SweepSpec, base_config, trial_label
+from sd3ray.tracking.protocol import Tracker
+
+SUMMARY_METRICS = ("val/loss", "judge/prompt_accuracy", "judge/fid_ratio")
+
+
+def summarize(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
+    """One row per trial of a Tune ResultGrid: settings, status, step reached and metrics (last report)."""
+    steps = base_config(spec).train.steps
+    rows = []
+    for result in results:
+        # a restored sweep has no config for trials that failed before their first report; Tune's params.json does
+        config = result.config or json.loads((Path(result.path) / "params.json").read_text())
+        params, metrics = config["params"], result.metrics or {}
+        reached = metrics.get("step", 0)
+        status = "failed" if result.error else ("finished" if reached >= steps else "stopped early")
+        row = {"trial": trial_label(params), "width": params["width"], "scheme": SchemeSpec(**params["scheme"]).label,
+               "status": status, "step": reached, spec.metric: metrics.get(spec.metric)}
+        row.update({k: metrics.get(k) for k in SUMMARY_METRICS})
+        row["error"] = str(result.error).strip().splitlines()[-1][:300] if result.error else ""
+        rows.append(row)
+    sign = -1 if spec.mode == "max" else 1  # best first; trials without the metric last
+    return sorted(rows, key=lambda r: (r[spec.metric] is None, sign * (r[spec.metric] or 0)))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    keys = list(rows[0]) if rows else []
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def metric_vs_width(rows: list[dict[str, Any]], spec: SweepSpec) -> np.ndarray:
+    """The best value per (scheme, width) among trials that reported the metric."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    pick = max if spec.mode == "max" else min
+    for scheme in dict.fromkeys(r["scheme"] for r in rows):
+        xs, ys = [], []
+        for width in sorted({r["width"] for r in rows}):
+            values = [r[spec.metric] for r in rows if r["scheme"] == scheme and r["width"] == width
+                      and r[spec.metric] is not None]
+            if values:
+                xs.append(width)
+                ys.append(pick(values))
+        series[scheme] = (xs, ys)
+    return line_plot(series, "model width", spec.metric, f"{spec.name}: {spec.metric} by width", logx=True)
+
+
+def best_grids(tracker: Tracker, rows: list[dict[str, Any]]) -> np.ndarray:
+    """The final sample grid of the best trial per scheme, side by side, titled with the trial's label."""
+    import matplotlib.pyplot as plt
+
+    from sd3ray.evaluation.figures import figure_to_array
+
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:  # rows are sorted best first
+        if row["status"] != "failed":
+            best.setdefault(row["scheme"], row)
+    panels = []
+    for scheme, row in best.items():
+        grid = tracker.latest_child_image(row["trial"], "samples")
+        if grid is not None:
+            panels.append((f"{scheme}\n{row['trial']}", grid))
+    if not panels:
+        return np.full((32, 32, 3), 255, np.uint8)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), dpi=100, squeeze=False)
+    for ax, (title, image) in zip(axes[0], panels):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    return figure_to_array(fig)
+
+
+def write_summary(tracker: Tracker, results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
+    """Log the sweep's table (CSV, markdown), metric-vs-width plot and best grids to the parent run."""
+    rows = summarize(results, spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "results.csv").write_text(to_csv(rows))
+        (Path(tmp) / "results.md").write_text(to_markdown(rows) + "\n")
+        tracker.log_artifact(Path(tmp), "sweep")
+    tracker.log_image("metric_vs_width", metric_vs_width(rows, spec), 0)
+    tracker.log_image("best_grid_per_scheme", best_grids(tracker, rows), 0)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped early", "failed")}
+    tracker.log_metrics({f"sweep/{k.replace(' ', '_')}": v for k, v in counts.items()}, 0)
+    if spec.registered_model and rows and rows[0][spec.metric] is not None:
+        version = tracker.register_child_model(rows[0]["trial"], spec.registered_model)
+        if version:
+            tracker.set_tags({"sd3ray.registered_model": version, "sd3ray.best_trial": rows[0]["trial"]})
+            print(f"sd3ray: best trial {rows[0]['trial']} registered as {version}", flush=True)
+    return rows

@@ -1,0 +1,160 @@
+"""A sweep's spec: Ray Tune sweeps over model width and timestep-sampling scheme (SD3's central ablation), read from
+YAML, validated against the config tree, and turned into each trial's config overrides and label.
+
+Trials are ranked by a metric that does not depend on the scheme under test (the fixed-t validation loss or the
+judge's scores), optionally with ASHA early stopping. One parent MLflow run holds the sweep; each trial is a nested
+child run (`sd3ray.sweeps.tuner` runs them).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sd3ray.config import (
+    Config,
+    ConfigError,
+    FlowConfig,
+    TimestepScheme,
+    apply_overrides,
+    build_dataclass,
+    load_config,
+    read_yaml_file,
+)
+from sd3ray.storage import is_uri
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    """One timestep-sampling scheme with its parameters."""
+
+    scheme: TimestepScheme
+    # the defaults are the training config's, so a sweep's bare "logit_normal" is the scheme training would use
+    logit_mean: float = FlowConfig.logit_mean
+    logit_std: float = FlowConfig.logit_std
+    mode_scale: float = FlowConfig.mode_scale
+
+    @property
+    def label(self) -> str:
+        match self.scheme:
+            case "logit_normal":
+                return f"logit_normal({self.logit_mean:g},{self.logit_std:g})"
+            case "mode":
+                return f"mode({self.mode_scale:g})"
+        return self.scheme
+
+
+@dataclass(frozen=True)
+class AshaSpec:
+    enabled: bool = True
+    grace_period: int = 100  # steps every trial runs before it can be stopped
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """configs/tune_*.yaml: the base training config plus the dimensions to sweep."""
+
+    base_config: str = "configs/mnist_tiny.yaml"
+    overrides: tuple[str, ...] = ()
+    name: str = "tune-mnist"
+    storage_path: str = "runs/tune"
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = 1  # grid: repeats of the grid; random/optuna: total trials
+    metric: str = "val/loss"
+    mode: Literal["min", "max"] = "min"
+    widths: tuple[int, ...] = (64, 128)
+    head_dim: int = 32  # heads = width / head_dim: heads scale with width
+    schemes: tuple[SchemeSpec, ...] = (SchemeSpec("uniform"), SchemeSpec("logit_normal"))
+    depths: tuple[int, ...] = ()
+    learning_rates: tuple[float, ...] = ()
+    shifts: tuple[float, ...] = ()
+    workers_per_trial: int = 1
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
+    asha: AshaSpec = field(default_factory=AshaSpec)
+    registered_model: str = ""  # register the best trial's model under this name when the sweep ends
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None, config_overrides: list[str] = ()) -> SweepSpec:
+    """A sweep file with `--set` overrides of its own keys, and `config_overrides` appended to every trial's
+    training config (the jobs' data flags)."""
+    from dataclasses import replace
+
+    data = read_yaml_file(path, "sweep file", "configs/tune_*.yaml")
+    spec = build_dataclass(SweepSpec, apply_overrides(data, overrides or []))
+    spec = replace(spec, overrides=(*spec.overrides, *config_overrides))
+    if not spec.widths or not spec.schemes:
+        raise ConfigError("widths and schemes: give at least one value each")
+    base = base_config(spec)  # fail now, not in every trial
+    # Tune needs the ranking metric in every report; reports happen at eval and checkpoint steps.
+    if base.train.ckpt_every % base.train.eval_every:
+        raise ConfigError(f"train.ckpt_every ({base.train.ckpt_every}) must be a multiple of train.eval_every "
+                          f"({base.train.eval_every}) in a sweep, so every report carries {spec.metric}")
+    if spec.metric.startswith("judge/") and base.eval.num_samples == 0:
+        raise ConfigError(f"metric {spec.metric} needs the judge: set eval.num_samples > 0 in overrides")
+    check_asha(spec.asha, base.train.steps)
+    if is_uri(spec.storage_path):
+        raise ConfigError(f"storage_path {spec.storage_path}: a sweep keeps its trials in a folder (on a cluster, a "
+                          f"shared volume every node mounts); object-store URIs are for training runs' --storage-path")
+    return spec
+
+
+def check_asha(asha: AshaSpec, steps: int) -> None:
+    """Ray Tune asserts these deep inside the first trial; say it when the sweep file loads instead."""
+    if not asha.enabled:
+        return
+    if not 1 <= asha.grace_period <= steps:
+        raise ConfigError(f"asha.grace_period ({asha.grace_period}) must be between 1 and train.steps ({steps}): "
+                          f"every trial runs at least that many steps. Lower asha.grace_period or raise train.steps")
+    if asha.reduction_factor < 2:
+        raise ConfigError(f"asha.reduction_factor ({asha.reduction_factor}) must be at least 2 (ASHA keeps 1 in "
+                          f"reduction_factor trials at each rung)")
+
+
+def trial_overrides(params: dict[str, Any], head_dim: int) -> list[str]:
+    """The --set overrides one trial applies to the base config."""
+    width = params["width"]
+    out = [f"model.width={width}", f"model.num_heads={max(1, width // head_dim)}"]
+    if width % head_dim:
+        raise ConfigError(f"width {width} is not a multiple of head_dim {head_dim}: heads would not divide it")
+    out += [f"flow.{k}={v}" for k, v in params["scheme"].items()]
+    for key, name in (("depth", "model.depth"), ("lr", "train.lr"), ("shift", "flow.shift")):
+        if key in params:
+            out.append(f"{name}={params[key]}")
+    return out
+
+
+def trial_label(params: dict[str, Any]) -> str:
+    label = f"w{params['width']}-{SchemeSpec(**params['scheme']).label}"
+    for key in ("depth", "lr", "shift"):
+        if key in params:
+            label += f"-{key}{params[key]:g}"
+    return label
+
+
+def search_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    dims: dict[str, list[Any]] = {
+        "width": list(spec.widths),
+        "scheme": [{k: v for k, v in vars(s).items()} for s in spec.schemes],
+    }
+    for key, values in (("depth", spec.depths), ("lr", spec.learning_rates), ("shift", spec.shifts)):
+        if values:
+            dims[key] = list(values)
+    pick = tune.grid_search if spec.search == "grid" else tune.choice
+    return {"params": {k: pick(v) for k, v in dims.items()}}
+
+
+def spec_dict(spec: SweepSpec) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(spec)))
+
+
+def base_config(spec: SweepSpec) -> Config:
+    return load_config(spec.base_config, list(spec.overrides))

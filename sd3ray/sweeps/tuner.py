@@ -1,0 +1,82 @@
+"""The Ray Tune side of a sweep. Each trial is one Ray Train run (the Train V2 pattern: the trial function builds and
+fits a TorchTrainer, and `TuneReportCallback` forwards rank 0's reports to Tune); this module sets the trials'
+resources, how many run at once, and the ASHA scheduler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sd3ray.config import (
+    ConfigError,
+    build_dataclass,
+    load_config,
+)
+from sd3ray.sweeps.spec import SweepSpec, base_config, search_space, spec_dict, trial_label, trial_overrides
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The Tune trial function: one TorchTrainer fit whose rank-0 reports reach Tune via TuneReportCallback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sd3ray.cluster.trainer import build_trainer
+
+    spec = build_dataclass(SweepSpec, config["spec"])
+    label = trial_label(config["params"])
+    cfg = load_config(spec.base_config, [*spec.overrides, *trial_overrides(config["params"], spec.head_dim),
+                                         f"tracking.run_name={label}", f"tracking.parent_run_id={config['parent']}"])
+    trial_id = tune.get_context().get_trial_id()
+    trainer = build_trainer(cfg, f"{label}-{trial_id}", workers=spec.workers_per_trial, use_gpu=spec.use_gpu,
+                            storage_path=str(Path(config["storage"]) / "trials"), tracking=config["tracking"],
+                            callbacks=[TuneReportCallback()], cpus_per_worker=spec.cpus_per_worker)
+    trainer.fit()
+
+
+def trial_resources() -> dict[str, float]:
+    """The trial function only waits on TorchTrainer.fit(); its workers hold the CPUs and GPUs. Tune cannot schedule
+    a trial that asks for nothing, and even a sliver of CPU would stop trials from packing the cluster exactly, so
+    the trial driver reserves a little memory instead."""
+    return {"CPU": 0, "memory": 64 * 2**20}
+
+
+def concurrency(spec: SweepSpec) -> int:
+    """How many trials fit at once on the cluster, each holding `workers_per_trial` workers."""
+    import ray
+
+    if spec.max_concurrent_trials:
+        return spec.max_concurrent_trials
+    resources = ray.cluster_resources()
+    if spec.use_gpu:
+        return max(1, int(resources.get("GPU", 0) // spec.workers_per_trial))
+    return max(1, int(resources.get("CPU", 0) // (spec.workers_per_trial * spec.cpus_per_worker)))
+
+
+def build_tuner(spec: SweepSpec, storage: Path, parent_run_id: str, tracking: bool):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    base = base_config(spec)
+    scheduler = FIFOScheduler()
+    if spec.asha.enabled:
+        scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps, grace_period=spec.asha.grace_period,
+                                  reduction_factor=spec.asha.reduction_factor)
+    search_alg = None
+    if spec.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as exc:
+            raise ConfigError("search: optuna needs `pip install optuna`") from exc
+        search_alg = OptunaSearch()
+    trainable = tune.with_resources(run_trial, trial_resources())
+    param_space = {**search_space(spec), "spec": spec_dict(spec), "parent": parent_run_id,
+                   "storage": str(storage), "tracking": tracking}
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=search_alg,
+                                    num_samples=spec.num_samples, max_concurrent_trials=concurrency(spec),
+                                    trial_name_creator=lambda t: trial_label(t.config["params"])),
+        run_config=tune.RunConfig(name=spec.name, storage_path=str(storage.parent)),
+    )

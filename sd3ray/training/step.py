@@ -1,0 +1,165 @@
+"""THE training step: what the loop, every benchmark and the GPU report run, so what is timed is what trains.
+
+`TrainState` holds what one optimizer step changes (weights, EMA, AdamW moments, the learning-rate schedule) and
+how the step runs (autocast dtype, compilation, gradient clipping). `train_step` is one step of the rectified-flow
+objective on one batch: forward under autocast, loss, backward, clip, AdamW, scheduler, EMA. It returns the loss
+and the gradient norm as device tensors: reading them is the caller's choice, at log steps only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from sd3ray.config import Config, TrainConfig
+from sd3ray.core.ema import EMA
+from sd3ray.core.flow import flow_loss
+from sd3ray.model import Denoiser
+from sd3ray.training.machine import cpu_native_bf16
+
+# Measured with `python -m benchmarks.step_speed` (docs/performance.md): on a CPU with AMX, bf16 autocast slowed
+# mnist_tiny's width-128 step (0.91x: its GEMMs are too small to repay the casts) and sped up wider models.
+BF16_MIN_CPU_WIDTH = 256
+# Compiling costs ~40 s the first time on a 2-core CPU (seconds from inductor's cache) and ran mnist_tiny's step
+# 1.2x faster: it pays in runs of this many steps or minutes, not in a short test run.
+COMPILE_MIN_STEPS = 1000
+COMPILE_MIN_MINUTES = 5.0
+
+
+@dataclass
+class StepSettings:
+    """How the step runs on this device: `train.precision` and `train.compile` as `resolve_step_settings` read them."""
+
+    dtype: torch.dtype | None  # autocast dtype, None = fp32
+    compile: str  # "none" | "blocks" | "whole"
+    reason: str  # one line for the console: what was chosen and why
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+
+@dataclass
+class TrainState:
+    """Everything one optimizer step reads and changes."""
+
+    model: nn.Module  # the trained weights (what the optimizer, the EMA and checkpoints see)
+    net: nn.Module  # what the step calls: `model`, wrapped for data parallelism and/or compiled
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    settings: StepSettings
+    grad_clip: float  # 0 = no clipping
+    device: torch.device
+
+
+def resolve_step_settings(cfg: Config, device: torch.device) -> StepSettings:
+    """`train.precision` and `train.compile` for this device: explicit values as given; `auto` by what the device
+    has and what measured faster, with the reason in one line."""
+    tc = cfg.train
+    dtype, precision_why = resolve_precision(cfg, device)
+    if tc.compile != "auto":
+        mode, compile_why = tc.compile, "set in the config"
+    elif not long_run(tc):
+        mode, compile_why = "none", (f"auto: a run under {COMPILE_MIN_STEPS} steps or {COMPILE_MIN_MINUTES:g} "
+                                     "minutes does not repay compiling")
+    else:
+        mode = "whole" if device.type == "cuda" else "blocks"
+        compile_why = "auto: a long run repays compiling"
+    precision = "fp32" if dtype is None else "bf16 autocast"
+    return StepSettings(dtype, mode, f"{precision} ({precision_why}), compile {mode} ({compile_why})")
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> tuple[torch.dtype | None, str]:
+    match cfg.train.precision:
+        case "fp32":
+            return None, "set in the config"
+        case "bf16":
+            return torch.bfloat16, "set in the config"
+    if device.type == "cuda":
+        return torch.bfloat16, "auto: GPU"
+    if device.type != "cpu":
+        return None, f"auto: {device.type}"
+    native = cpu_native_bf16()
+    if not native:
+        return None, "auto: this CPU has no native bf16 matrix units"
+    if cfg.model.width < BF16_MIN_CPU_WIDTH:
+        return None, (f"auto: model.width {cfg.model.width} < {BF16_MIN_CPU_WIDTH}, too narrow to repay bf16 "
+                      f"casts even with {'/'.join(native)}")
+    return torch.bfloat16, f"auto: {'/'.join(native)} at model.width {cfg.model.width}"
+
+
+def long_run(tc: TrainConfig) -> bool:
+    return tc.max_minutes >= COMPILE_MIN_MINUTES if tc.max_minutes > 0 else tc.steps >= COMPILE_MIN_STEPS
+
+
+def learning_rate_factor(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
+    """Linear warmup, then constant or cosine decay to zero at `horizon` (default `train.steps`)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    end = cfg.steps if horizon is None else horizon
+    progress = (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def adamw(model: nn.Module, device: torch.device, **kwargs: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where PyTorch has one: it updates every tensor in one pass, measured 4-5x
+    faster than foreach on CPU too."""
+    return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **kwargs)
+
+
+def compile_model(model: nn.Module, net: nn.Module, mode: str) -> nn.Module:
+    """`blocks`: one graph per MM-DiT block, compiled once and reused by every block of the same shape (short
+    first-run cost); `whole`: the whole denoiser as one graph (longer to compile, fewer launches)."""
+    match mode:
+        case "blocks":
+            for block in model.mmdit.blocks:
+                block.compile()
+            return net
+        case "whole":
+            return torch.compile(net)
+    return net
+
+
+def build_train_state(cfg: Config, device: torch.device, settings: StepSettings,
+                      horizon: Callable[[], int | None] = lambda: None,
+                      wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+                      model: nn.Module | None = None) -> TrainState:
+    """A fresh state for `cfg` on `device` (the caller seeds torch first: the weights come from its RNG).
+
+    `horizon()` is read at every scheduler step: the step the cosine decays to zero at (None: `train.steps`),
+    which a time budget may move. `wrap` adds data parallelism (DDP on Ray). `model` replaces the Denoiser (the
+    benchmarks' MM-DiT-only comparisons); it must take `(z_t, t, ids=, mask=)`."""
+    tc = cfg.train
+    model = (model or Denoiser(cfg)).to(device)
+    ema = EMA(model, tc.ema_decay)
+    optimizer = adamw(model, device, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, tc, horizon()))
+    net = compile_model(model, wrap(model), settings.compile)
+    return TrainState(model, net, ema, optimizer, scheduler, settings, tc.grad_clip, device)
+
+
+def train_step(state: TrainState, x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
+               eps: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on x0 (B,C,H,W) in [-1,1], prompt tokens ids/mask (B,L), t (B,), eps (B,C,H,W).
+
+    `step` is the number of steps already taken (the EMA's warm-up reads it). Returns the loss and the
+    pre-clip gradient norm, both 0-dim device tensors (no host sync)."""
+    with state.settings.autocast(state.device):
+        loss = flow_loss(partial(state.net, ids=ids, mask=mask), x0, eps, t)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.grad_clip or float("inf"))
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.ema.update(state.model, step)
+    return loss.detach(), grad_norm.detach()

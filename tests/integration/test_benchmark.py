@@ -1,0 +1,231 @@
+"""The benchmark runs and measures what it claims (a quick CPU smoke test; speed targets live in the job)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support import REPO_ROOT
+
+TINY = ["model.width=64", "model.depth=2", "model.num_heads=2", "model.patch_size=4"]
+
+
+
+
+def test_benchmark_job_prints_writes_and_logs_its_figures(mnist_parquet: Path, tmp_path: Path,
+                                                          mlflow_server: str) -> None:
+    pytest.importorskip("diffusers")
+    from mlflow.tracking import MlflowClient
+
+    proc = subprocess.run(
+        [sys.executable, "jobs/benchmark.py", "--config", "configs/mnist_tiny.yaml", "--batch", "4", "--iters", "1",
+         "--warmup", "0", "--sampling-images", "4", "--output", str(tmp_path / "b.json"),
+         "--tracking-uri", mlflow_server,
+         *[a for s in [*TINY, f"data.parquet_dir={mnist_parquet}", "sample.steps=2", "sample.guidance=2",
+                       "tracking.experiment=bench"]
+           for a in ("--set", s)]],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| sd3ray | False |" in proc.stdout and "| diffusers | False |" in proc.stdout
+    assert "sampling (2 Euler steps, CFG 2)" in proc.stdout and "data path" in proc.stdout
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert (tmp_path / "b.md").read_text().startswith("CPU")
+    run = MlflowClient(mlflow_server).get_run(proc.stdout.split("logged to MLflow run ")[1].split()[0])
+    sd3ray_row = written["rows"][0]
+    assert run.data.metrics["bench/sd3ray/images_per_s"] == pytest.approx(sd3ray_row["images_per_s"])
+    assert run.data.metrics["bench/sampling/images_per_s"] > 0
+    assert run.data.params["model.width"] == "64" and run.data.tags["sd3ray.kind"] == "benchmark"
+    artifacts = {a.path for a in MlflowClient(mlflow_server).list_artifacts(run.info.run_id, "benchmark")}
+    assert artifacts == {"benchmark/b.json", "benchmark/b.md"}
+
+
+def test_benchmark_job_rejects_a_bad_ray_overhead_config_before_timing(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "jobs/benchmark.py", "--ray-overhead", "configs/missing.yaml", "--no-tracking",
+         "--output", str(tmp_path / "b.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "--ray-overhead: config file configs/missing.yaml does not exist" in proc.stderr
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_ray_overhead_rows_compare_ray_with_local_mode(ray_head, micro_config, tmp_path: Path) -> None:
+    from benchmarks.ray_overhead import ray_overhead_config, ray_overhead_rows, stream_read_rows
+
+    cfg = ray_overhead_config(micro_config(), steps=8, output_dir=str(tmp_path / "bench"))
+    assert (cfg.train.steps, cfg.train.log_every, cfg.eval.num_samples) == (8, 4, 0)
+    local, beside, ray_row, streamed = ray_overhead_rows(
+        cfg, [("ray 1 worker × 1 CPU", 1, 1, "memory"), ("streamed", 1, 1, "stream")], local_beside_cluster=True)
+    assert local["vs_local"] == 1.0 and not local["ray"]
+    assert beside["setup"].endswith("Ray cluster up") and not beside["ray"]
+    assert ray_row["setup"] == "ray 1 worker × 1 CPU" and ray_row["ray"] and ray_row["loading"] == "memory"
+    assert streamed["loading"] == "stream" and streamed["ray"]
+    assert ray_row["vs_local"] == pytest.approx(ray_row["images_per_s"] / local["images_per_s"])
+    for row in (local, beside, ray_row, streamed):  # fixed cost: wall time less the 8 steps at the steady rate
+        assert row["fixed_s"] == pytest.approx(row["wall_s"] - 8 * 16 / row["images_per_s"])
+        assert 0 < row["fixed_s"] < row["wall_s"]
+    (read,) = stream_read_rows(cfg, [1])
+    assert read["rows"] == 60000  # one whole pass over MNIST's train split
+    assert (tmp_path / "bench" / "ray" / "bench-1x1-memory").is_dir()  # the Ray run wrote where the config says
+
+
+def test_interleaved_ray_rows_alternate_local_and_ray(ray_head, micro_config, tmp_path: Path) -> None:
+    from benchmarks.ray_overhead import interleaved_ray_rows, ray_overhead_config
+
+    cfg = ray_overhead_config(micro_config(), steps=4, output_dir=str(tmp_path / "bench"))
+    *pairs, median = interleaved_ray_rows(cfg, repeats=2)
+    assert [p["repeat"] for p in pairs] == [0, 1] and median["repeat"] == "median"
+    for pair in pairs:
+        assert pair["ray_vs_local"] == pytest.approx(pair["ray_images_per_s"] / pair["local_images_per_s"])
+    assert median["ray_vs_local"] == pytest.approx(sum(p["ray_vs_local"] for p in pairs) / 2)
+    assert {p.name for p in (tmp_path / "bench" / "ray").iterdir()} == {"bench-interleaved-0", "bench-interleaved-1"}
+
+
+
+def test_gpu_report_measures_every_part_with_tiny_settings(mnist_parquet: Path, tmp_path: Path) -> None:
+    """The GPU report's command, on CPU at toy sizes, so it is known to work before a GPU is at hand."""
+    pytest.importorskip("diffusers")
+    sets = [*TINY, f"data.parquet_dir={mnist_parquet}", "data.download=false", "train.batch_size=8",
+            "train.log_every=2", "train.eval_every=4", "eval.num_samples=20", "eval.batch_size=20", "sample.steps=2",
+            "data.num_val_images=16", "sample.guidance=2"]
+    proc = subprocess.run(
+        [sys.executable, "jobs/gpu_report.py", "--config", "configs/mnist_tiny.yaml", "--device", "cpu", "--batch", "2",
+         "--max-batch", "4", "--iters", "1", "--no-compile", "--minutes", "0.05", "--judge-guidance", "0,2",
+         "--output", str(tmp_path / "r.json"),
+         *[a for s in sets for a in ("--set", s)]],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["model"], r["compiled"]) for r in report["speed"]] == [("sd3ray", False), ("diffusers", False)]
+    assert [r["batch"] for r in report["mfu"]] == [2, 4] and not any(r["out_of_memory"] for r in report["mfu"])
+    quality = report["quality"]
+    # the wall-clock budget ended the run (a 3 s budget cannot reach the config's steps), after a final judgement;
+    # the stop keeps room for that judgement, so the run may end before the 3 s are up
+    assert 2 <= quality["steps"] < 2000 and quality["wall_minutes"] > 0
+    final = quality["evaluations"][-1]
+    assert final["step"] == quality["steps"] and 0 <= final["judge/prompt_accuracy"] <= 1
+    assert final["judge/fid_ratio"] == pytest.approx(final["judge/fid"] / final["judge/fid_floor"])
+    minutes = [e["minutes"] for e in quality["evaluations"]]
+    assert minutes == sorted(minutes)
+    # the final weights at each guidance, judged on the prompts and noise of the training-time judge: at the
+    # config's own guidance (set to 2 here) they are the final evaluation's samples again, to the last digit
+    by_guidance = quality["final_by_guidance"]
+    assert [r["guidance"] for r in by_guidance] == [0, 2]
+    for key in ("judge/fid", "judge/prompt_accuracy", "judge/diversity"):
+        assert by_guidance[1][key] == pytest.approx(final[key], rel=1e-6)
+    markdown = (tmp_path / "r.md").read_text()
+    assert markdown.startswith("# sd3ray GPU report: CPU") and "## Time to quality" in markdown
+    assert f"| {final['step']} |" in markdown
+    assert "Final weights of the run at each guidance" in markdown and "| 0 |" in markdown
+
+
+def test_gpu_report_levers_train_each_lever_and_judge_it_on_the_way(mnist_parquet: Path, tmp_path: Path) -> None:
+    """The levers part: every lever is its own run from scratch with its overrides, judged at the plan's steps and
+    at each guidance; a lever that changes the steps keeps its own length."""
+    from tests.support import MICRO
+
+    plan = {"config": "configs/mnist_tiny.yaml",
+            "base": [*MICRO, f"data.parquet_dir={mnist_parquet}", "eval.num_samples=20", "eval.batch_size=20",
+                     "sample.guidance=2"],
+            "steps": 4, "judge_every": 2, "guidances": [1, 2],
+            "levers": {"lr1e-3": ["train.lr=1e-3"], "lr1e-2-six": ["train.lr=1e-2", "train.steps=6"]}}
+    levers_file = tmp_path / "levers.yaml"
+    levers_file.write_text(yaml.safe_dump(plan, sort_keys=False))
+    proc = subprocess.run(
+        [sys.executable, "jobs/gpu_report.py", "--device", "cpu", "--parts", "levers", "--levers", str(levers_file),
+         "--output", str(tmp_path / "l.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    section = json.loads((tmp_path / "l.json").read_text())["levers"]
+    first, second = section["levers"]
+    assert (first["label"], first["steps"], second["label"], second["steps"]) == ("lr1e-3", 4, "lr1e-2-six", 6)
+    assert [e["step"] for e in first["evaluations"]] == [2, 4]
+    assert [e["step"] for e in second["evaluations"]] == [2, 4, 6]
+    # same seed and data, different learning rate: the runs' losses part at the first judgement already
+    assert first["evaluations"][0]["val/loss"] != second["evaluations"][0]["val/loss"]
+    assert [r["guidance"] for r in first["final_by_guidance"]] == [1, 2]
+    # at the config's guidance (2) the final weights give the last evaluation's samples again
+    assert first["final_by_guidance"][1]["judge/fid"] == pytest.approx(first["evaluations"][-1]["judge/fid"], rel=1e-6)
+    markdown = (tmp_path / "l.md").read_text()
+    assert "## Levers: configs/mnist_tiny.yaml" in markdown and "| lr1e-2-six | `train.lr=1e-2` `train.steps=6` | 6 |" \
+        in markdown
+
+    levers_file.write_text(yaml.safe_dump({**plan, "levers": {"typo": ["train.lrr=1"]}}))
+    proc = subprocess.run(
+        [sys.executable, "jobs/gpu_report.py", "--device", "cpu", "--parts", "levers", "--levers", str(levers_file),
+         "--output", str(tmp_path / "bad.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "lever 'typo'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad.json").exists()  # refused before any work
+
+
+def test_time_to_quality_per_step_trains_exactly_that_many_steps(mnist_parquet: Path, tmp_path: Path) -> None:
+    """--steps: quality per image seen; the run ends at the step count, not a clock, and the report names the
+    machine and the command."""
+    from tests.support import MICRO
+
+    micro = ["micro", *MICRO, f"data.parquet_dir={mnist_parquet}", "train.log_every=4", "eval.batch_size=20"]
+    proc = subprocess.run(
+        [sys.executable, "jobs/time_to_quality.py", "--steps", "8", "--num-samples", "20", "--output-dir",
+         str(tmp_path / "ttq"), "--no-tracking", "--setup", *micro],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads((tmp_path / "ttq" / "time_to_quality.json").read_text())
+    assert (row["budget_steps"], row["step"], row["images_seen"]) == (8, 8, 8 * 16)
+    report = (tmp_path / "ttq" / "time_to_quality.md").read_text()
+    assert report.startswith("CPU: ") and "--steps 8" in report and "| micro | 8 steps |" in report
+
+
+def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_config, mnist_parquet: Path,
+                                                                         tmp_path: Path) -> None:
+    """Two budgets of a micro model through the job: each is a fresh train.py process, stopped by its clock (not
+    its step count) with the learning rate decayed to zero at the end, judged, tabled and logged."""
+    from tests.support import MICRO
+
+    micro = ["micro", *MICRO, f"data.parquet_dir={mnist_parquet}", "train.steps=100000", "train.log_every=5",
+             "eval.num_samples=50", "eval.batch_size=50", "train.lr_decay_to_budget=true"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run(
+        [sys.executable, "jobs/time_to_quality.py", "--minutes", "0.25", "0.4", "--reserve-s", "6", "--num-samples",
+         "40", "--output-dir", str(tmp_path / "ttq"), "--tracking-uri", uri, "--setup", *micro],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "ttq" / "time_to_quality.json").read_text())
+    assert [(r["label"], r["budget_minutes"]) for r in rows] == [("micro", 0.25), ("micro", 0.4)]
+    short, long = rows
+    assert 5 <= short["step"] < long["step"] < 100000  # the clock ended both runs, the longer one later
+    for row in rows:
+        meta = json.loads((Path(row["checkpoint"]) / "meta.json").read_text())
+        # the cosine ended with the budget, not at train.steps (projected a log step ahead: one interval of slack)
+        assert meta["lr_horizon"] <= row["step"] + 5
+        assert row["train_seconds"] < 60 * row["budget_minutes"] < 60 * row["wall_minutes"] + 60
+        assert row["judge/fid_ratio"] == pytest.approx(row["judge/fid"] / row["judge/fid_floor"])
+    table = (tmp_path / "ttq" / "time_to_quality.md").read_text()
+    assert f"| micro | 0.4 min | {long['wall_minutes']:.2f} | {long['step']} |" in table
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                "attributes.run_name = 'time-to-quality'")
+    assert run.data.metrics["ttq/micro/0.4min/prompt_accuracy"] == pytest.approx(long["judge/prompt_accuracy"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "time_to_quality")}
+    assert artifacts == {"time_to_quality/time_to_quality.md", "time_to_quality/time_to_quality.json"}
+
+
+def test_step_speed_times_the_first_steps_and_the_steady_rate(mnist_parquet: Path) -> None:
+    """The step-speed benchmark's table for the eager fp32 and bf16 steps of a micro model (compiling is too slow
+    for a test), with the machine it ran on."""
+    from tests.support import MICRO
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.step_speed", "--modes", "none", "--precisions", "fp32,bf16",
+         "--warmup", "1", "--iters", "2",
+         *[a for s in [*MICRO, f"data.parquet_dir={mnist_parquet}"] for a in ("--set", s)]],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("CPU: ")
+    rows = {line.split("|")[2].strip(): line for line in proc.stdout.splitlines() if line.startswith("| none |")}
+    assert set(rows) == {"fp32", "bf16"}
+    first_s, images_per_s, ratio = (cell.strip() for cell in rows["fp32"].strip("|").split("|")[2:])
+    assert float(first_s) > 0 and float(images_per_s) > 0 and ratio == "1.00×"

@@ -1,0 +1,164 @@
+"""Ray Train on a real local cluster: job submission, a worker failure, and two-worker correctness.
+
+All fits share one Ray head (see conftest.ray_head); each is a few micro steps on CPU workers with gloo.
+"""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from sd3ray.cluster.trainer import build_trainer, check_resources, check_storage
+from sd3ray.cluster.worker import DebugHooks
+from tests.support import MICRO, REPO_ROOT
+
+
+def test_ray_job_submit_end_to_end(ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = [a for s in [*MICRO, f"data.parquet_dir={mnist_parquet}", f"tracking.uri={uri}",
+                        "tracking.experiment=job-submit", "train.eval_every=4", "train.ckpt_every=2"]
+            for a in ("--set", s)]
+    submit = subprocess.run(
+        ["ray", "job", "submit", "--address", ray_head["dashboard"], "--submission-id", "sd3ray-test-job",
+         "--working-dir", ".", "--", "python", "jobs/train.py", "--config", "configs/mnist_tiny.yaml",
+         "--workers", "2", "--cpu", "--steps", "4", "--name", "jobtest", "--storage-path", str(tmp_path / "storage"),
+         *sets],
+        cwd=REPO_ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=600)
+    status = subprocess.run(["ray", "job", "status", "--address", ray_head["dashboard"], "sd3ray-test-job"],
+                            env=ray_head["env"], capture_output=True, text=True, timeout=60)
+    assert "succeeded" in status.stdout.lower(), f"{submit.stdout[-4000:]}\n{submit.stderr[-2000:]}\n{status.stdout}"
+    assert "2 CPU worker(s) × 1 CPU on 1 node(s) (pack), global batch 32" in submit.stdout
+
+    checkpoints = sorted(p.name for p in (tmp_path / "storage/jobtest").glob("step_*"))
+    assert checkpoints[-1] == "step_00000004" and (tmp_path / "storage/jobtest/step_00000004/MANIFEST.json").is_file()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("job-submit").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["sd3ray.world_size"] == "2"
+    assert run.data.metrics["train/global_batch"] == 32 and "val/loss" in run.data.metrics
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "images")], "no sample grid logged"
+
+
+def _fit(cfg_overrides: list[str], mnist_parquet: Path, tmp_path: Path, name: str, workers: int,
+         debug: dict | None = None, **kwargs):
+    from sd3ray.config import load_config
+
+    replicas = tmp_path / f"{name}-replicas"
+    replicas.mkdir()
+    cfg = load_config(REPO_ROOT / "configs/mnist_tiny.yaml",
+                      [*MICRO, f"data.parquet_dir={mnist_parquet}", f"train.output_dir={tmp_path}", *cfg_overrides])
+    trainer = build_trainer(cfg, name, workers=workers, storage_path=str(tmp_path / "storage"),
+                            debug=DebugHooks(**{"save_replica_to": str(replicas), **(debug or {})}), **kwargs)
+    result = trainer.fit()
+    return result, [torch.load(replicas / f"rank{r}.pt") for r in range(workers)]
+
+
+def test_worker_failure_restarts_from_the_checkpoint_and_matches_an_uninterrupted_run(
+        ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["train.steps=4", "train.log_every=1", "train.ckpt_every=2", "train.eval_every=100",
+              f"tracking.uri={uri}"]
+    clean, clean_replicas = _fit([*common, "tracking.experiment=clean"], mnist_parquet, tmp_path, "clean", 2)
+    faulty, faulty_replicas = _fit([*common, "tracking.experiment=faulty"], mnist_parquet, tmp_path, "faulty", 2,
+                                   debug={"kill_after_checkpoint": 2}, max_failures=1)
+    assert clean.metrics["step"] == faulty.metrics["step"] == 4
+    for key, value in clean_replicas[0].items():
+        # same batches, same state after restoring step 2: the restarted run is bit-identical
+        assert torch.equal(value, faulty_replicas[0][key]), key
+        # DDP keeps replicas identical
+        assert torch.equal(clean_replicas[0][key], clean_replicas[1][key]), key
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("faulty").experiment_id])
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert steps == [1, 2, 3, 4]  # one MLflow run across the restart, no duplicated steps
+
+
+def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
+    common = ["train.steps=2", "train.log_every=1", "train.ckpt_every=2", "train.eval_every=100", "train.grad_clip=0"]
+    _, two = _fit([*common, "train.batch_size=8"], mnist_parquet, tmp_path, "two", 2, tracking=False)
+    _, one = _fit([*common, "train.batch_size=16"], mnist_parquet, tmp_path, "one", 1, tracking=False)
+    moved = 0
+    for key, value in one[0].items():
+        torch.testing.assert_close(two[0][key], value, atol=2e-5, rtol=1e-4, msg=key)
+        moved += int(not torch.equal(value, torch.zeros_like(value)))
+    assert moved > 10
+
+
+def test_impossible_requests_fail_fast_with_advice(ray_head, tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"--workers 16 needs 16 CPU\(s\) but the Ray cluster has 2"):
+        check_resources(16, use_gpu=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(RuntimeError, match="is not a writable folder"):
+        check_storage(str(blocker / "sub"))
+    with pytest.raises(RuntimeError, match="cannot be opened"):
+        check_storage("nosuchscheme://bucket/x")
+
+
+def _connect_in_a_fresh_process(env_overrides: dict[str, str]) -> subprocess.CompletedProcess:
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env_overrides
+    code = "from sd3ray.cluster.connect import connect; connect(timeout_s=3)"
+    return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_dead_ray_address_ends_in_seconds_naming_the_address_and_its_source() -> None:
+    from tests.support import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    proc = _connect_in_a_fresh_process({"RAY_ADDRESS": dead})
+    assert proc.returncode != 0
+    assert f"the Ray cluster at {dead} (from the RAY_ADDRESS environment variable) does not answer" in proc.stderr
+    assert "unset RAY_ADDRESS" in proc.stderr
+
+
+def test_a_stale_address_file_left_by_a_dead_cluster_is_named_with_the_way_out(tmp_path: Path) -> None:
+    from tests.support import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    address_file = tmp_path / "ray" / "ray_current_cluster"  # where `ray start --head` leaves it (RAY_TMPDIR/ray)
+    address_file.parent.mkdir()
+    address_file.write_text(dead)
+    proc = _connect_in_a_fresh_process({"RAY_TMPDIR": str(tmp_path)})
+    assert proc.returncode != 0
+    assert f"the Ray cluster at {dead} (from {address_file}, written by the last `ray start --head`" in proc.stderr
+    assert f"or delete {address_file}" in proc.stderr
+
+
+def test_streaming_workers_share_each_pass_and_a_restart_replays_the_interrupted_one(ray_head, tmp_path: Path) -> None:
+    """Two workers stream 96 numbered images (6 steps of global batch 16 per pass); rank 0 dies after the step-4
+    checkpoint. Before the failure the workers' batches are disjoint; after the restart (from step 4) the interrupted
+    pass starts over, and steps 5..10 are one whole pass: every image exactly once across the two workers."""
+    from sd3ray.config import load_config
+    from tests.support import numbered_set
+
+    root = numbered_set(tmp_path / "set", 96, shard_size=24)
+    micro = [o for o in MICRO if not o.startswith("data.")]
+    cfg = load_config(REPO_ROOT / "configs/shapes_tiny.yaml", [
+        *micro, f"data.parquet_dir={root}", "model.image_size=8", "model.patch_size=2", "train.batch_size=8",
+        "data.num_val_images=16", "data.shuffle_buffer=32", "train.steps=10", "train.log_every=1",
+        "train.ckpt_every=4", "train.eval_every=100", f"train.output_dir={tmp_path}"])
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    # 0.5 CPU per worker leaves one of the head's two CPUs to Ray Data's read and decode tasks
+    trainer = build_trainer(cfg, "streamed", workers=2, storage_path=str(tmp_path / "storage"), tracking=False,
+                            cpus_per_worker=0.5, max_failures=1,
+                            debug=DebugHooks(kill_after_checkpoint=4, record_samples_to=str(samples)))
+    assert set(trainer.datasets) == {"train"}  # the run streams: the trainer holds a Ray Dataset
+    result = trainer.fit()
+    assert result.metrics["step"] == 10
+    # rank -> attempts -> passes -> batches of labels
+    attempts = {rank: [[[[int(x) for x in line.split()] for line in one_pass.strip().splitlines()]
+                        for one_pass in attempt.split("pass\n")[1:]]
+                       for attempt in (samples / f"rank{rank}.txt").read_text().split("start\n")[1:]]
+                for rank in (0, 1)}
+    assert [[len(p) for p in attempt] for attempt in attempts[0]] == [[4], [6]]  # steps 1-4, then 5-10
+    first_attempt = [x for rank in (0, 1) for batch in attempts[rank][0][0][:4] for x in batch]
+    assert len(first_attempt) == 64 and len(set(first_attempt)) == 64  # the workers never shared an image
+    assert len(attempts[1][1]) == 1 and len(attempts[1][1][0]) == 6
+    replayed = sorted(x for rank in (0, 1) for batch in attempts[rank][1][0] for x in batch)
+    assert replayed == list(range(96))  # the resumed pass: all 96 images, each once, over the two workers

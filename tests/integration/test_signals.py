@@ -1,0 +1,70 @@
+"""Ctrl-C and SIGTERM in local mode, sent to a real jobs/train.py process: the run stops after the step in flight,
+saves, names the checkpoint to resume from and exits 130/143; a second signal exits at once."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sd3ray.checkpoint import latest_checkpoint, load_checkpoint, verify
+from tests.support import MICRO, REPO_ROOT
+
+
+def _command(parquet: Path, out: Path, name: str, steps: int, *extra: str) -> list[str]:
+    sets = [*MICRO, f"data.parquet_dir={parquet}", f"train.output_dir={out}", "train.log_every=5",
+            "train.ckpt_every=100000", "train.eval_every=100000", "train.lr_schedule=constant", "train.compile=none"]
+    return [sys.executable, "jobs/train.py", "--local", "--no-tracking", "--name", name, "--steps", str(steps),
+            *[a for s in sets for a in ("--set", s)], *extra]  # extra last: its --set wins
+
+
+def _start_and_wait_for_training(command: list[str]) -> subprocess.Popen:
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("step 10/") or not line:
+            return proc
+    proc.kill()
+    raise AssertionError("no training progress")
+
+
+def test_sigterm_saves_names_the_checkpoint_and_the_resumed_run_is_exact(mnist_parquet: Path,
+                                                                           tmp_path: Path) -> None:
+    proc = _start_and_wait_for_training(_command(mnist_parquet, tmp_path, "stopped", 100000))
+    os.kill(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "***" not in stderr
+    checkpoint = latest_checkpoint(tmp_path / "stopped" / "checkpoints")
+    stopped_at = load_checkpoint(checkpoint).step
+    assert f"SIGTERM: stopped at step {stopped_at} and saved {checkpoint}; continue with --resume {checkpoint}" \
+        in stderr
+    total = stopped_at + 7
+    resumed = subprocess.run(_command(mnist_parquet, tmp_path, "stopped", total, "--resume", str(checkpoint)),
+                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = subprocess.run(_command(mnist_parquet, tmp_path, "straight", total), cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "stopped" / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "checkpoints"))
+    assert a.step == b.step == total
+    for key in b.model:
+        assert torch.equal(a.model[key], b.model[key]), key
+
+
+def test_a_second_ctrl_c_exits_at_once_and_leaves_the_previous_checkpoint_intact(mnist_parquet: Path,
+                                                                                   tmp_path: Path) -> None:
+    sets = ["--set", "train.ckpt_every=5"]
+    proc = _start_and_wait_for_training(_command(mnist_parquet, tmp_path, "twice", 100000, *sets))
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "SIGINT received: stopping after this step" in stderr and "Traceback" not in stderr
+    checkpoint = latest_checkpoint(tmp_path / "twice" / "checkpoints")
+    assert checkpoint is not None and verify(checkpoint)["step"] >= 10  # complete, checksums and all

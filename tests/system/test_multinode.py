@@ -1,0 +1,305 @@
+"""The cluster path, live: a Ray head (127.0.0.2) and a worker node (127.0.0.3), each with one CPU so that two
+workers span both; an S3-compatible server (moto) holding the data and the checkpoints; the team MLflow server
+(infra/mlflow/serve.sh: PostgreSQL backend store, artifacts proxied to S3, basic auth); and a node that dies.
+
+Every server listens on loopback, is started here in its own process group, and is stopped by that group alone.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support import (
+    BUCKET,
+    MICRO,
+    REPO_ROOT,
+    free_port,
+    http_status,
+    ray_temp_dir,
+    start_in_own_session,
+    stop_process_group,
+    wait_until,
+)
+
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+ADMIN = ("admin", "multinode-Passw0rd")
+
+
+def _postgres_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
+    if found is None:
+        pytest.fail(f"PostgreSQL's {name} not found: apt-get install -y postgresql (.ci/run does)")
+    return str(found)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL on 127.0.0.1 (initdb in a temp folder; as the `postgres` user when run as root,
+    which PostgreSQL refuses to run as)."""
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    root = Path(tempfile.mkdtemp(prefix="sd3ray-pg-"))
+    if as_user:
+        shutil.chown(root, "postgres")
+    data, port, log = root / "data", free_port(), root / "postgres.log"
+    subprocess.run([*as_user, _postgres_bin("initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust"],
+                   check=True, capture_output=True, timeout=300)
+    server = start_in_own_session([*as_user, _postgres_bin("postgres"), "-D", str(data), "-p", str(port), "-k",
+                                   str(root), "-c", "listen_addresses=127.0.0.1"], dict(os.environ), log)
+    try:
+        def accepting() -> bool:
+            ready = [_postgres_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(port)]
+            return subprocess.run(ready, capture_output=True).returncode == 0
+
+        wait_until(accepting, server, log, "PostgreSQL")
+        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "-d", "postgres", "-c",
+                        "CREATE DATABASE mlflow"], check=True, capture_output=True, timeout=60)
+        yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        stop_process_group(server)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def team_mlflow(s3, postgres, tmp_path_factory: pytest.TempPathFactory):
+    """infra/mlflow/serve.sh: PostgreSQL backend store, artifacts proxied to the S3 server, basic auth."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("team-mlflow") / "server.log"
+    env = {**os.environ, **s3["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_S3_ENDPOINT_URL": s3["endpoint"], "MLFLOW_BACKEND_STORE_URI": postgres,
+           "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/mlflow", "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "multinode-test", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
+    server = start_in_own_session(["bash", str(REPO_ROOT / "infra/mlflow/serve.sh")], env, log)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: http_status(f"{uri}/health") == 200, server, log, "the team MLflow server")
+        yield uri
+    finally:
+        stop_process_group(server)
+
+
+class Cluster:
+    """A Ray head and worker nodes on loopback addresses, each `ray start --block` in its own process group."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root = root
+        self.port, self.dashboard_port = free_port(), free_port()
+        # every process of this cluster (Ray's own helpers too) joins it and no other Ray on the machine
+        self.env = {**env, "RAY_ADDRESS": f"{HEAD_IP}:{self.port}"}
+        self.temp_dirs: list[str] = []
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.nodes: dict[str, subprocess.Popen] = {}
+
+    def start_node(self, ip: str) -> None:
+        head = not self.nodes
+        log = self.root / f"node-{ip}.log"
+        # each node gets its own temp dir: nodes on one machine would otherwise share (and clean up) each
+        # other's runtime environments, which a real cluster's separate disks never do
+        self.temp_dirs.append(ray_temp_dir())
+        common = ["--block", "--num-cpus", "1", "--node-ip-address", ip, "--disable-usage-stats",
+                  "--dashboard-agent-listen-port", str(free_port()), "--temp-dir", self.temp_dirs[-1]]
+        if head:
+            command = ["ray", "start", "--head", *common, "--port", str(self.port), "--dashboard-host", "127.0.0.1",
+                       "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true"]
+        else:
+            command = ["ray", "start", *common, "--address", f"{HEAD_IP}:{self.port}"]
+        self.nodes[ip] = start_in_own_session(command, self.env, log)
+        wait_until(lambda: self.alive_nodes().count(ip) == 1, self.nodes[ip], log, f"Ray node {ip}")
+        if head:
+            wait_until(lambda: http_status(f"{self.dashboard}/api/version") == 200, self.nodes[ip], log,
+                       "the Ray job API")
+
+    def alive_nodes(self) -> list[str]:
+        import json
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.dashboard}/nodes?view=summary", timeout=5) as reply:
+                summary = json.load(reply)["data"]["summary"]
+        except (OSError, KeyError, ValueError):
+            return []
+        return [n["raylet"]["nodeManagerAddress"] for n in summary if n["raylet"]["state"] == "ALIVE"]
+
+    def kill_node(self, ip: str) -> None:
+        """A lost node: its raylet and every worker on it die at once, without cleanup."""
+        import signal
+
+        os.killpg(self.nodes[ip].pid, signal.SIGKILL)
+        self.nodes.pop(ip).wait(timeout=30)
+
+    def submit(self, *args: str, submission_id: str | None = None) -> subprocess.CompletedProcess:
+        """`ray job submit -- python jobs/train.py ARGS`; with a submission id it returns once the job is queued."""
+        queued = ["--no-wait", "--submission-id", submission_id] if submission_id else []
+        command = ["ray", "job", "submit", "--address", self.dashboard, "--working-dir", ".", *queued, "--",
+                   "python", "jobs/train.py", *args]
+        return subprocess.run(command, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=900)
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.nodes.values())):
+            stop_process_group(proc)
+        for temp_dir in self.temp_dirs:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, team_mlflow, tmp_path_factory: pytest.TempPathFactory):
+    """The nodes carry what a real cluster's nodes would: S3 credentials and the MLflow user's credentials."""
+    env = {**os.environ, **s3["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_TRACKING_USERNAME": ADMIN[0], "MLFLOW_TRACKING_PASSWORD": ADMIN[1]}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # set for the one-node tests; it forbids a second node
+    nodes = Cluster(tmp_path_factory.mktemp("cluster"), env)
+    try:
+        nodes.start_node(HEAD_IP)
+        nodes.start_node(WORKER_IP)
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3, mnist_root: Path) -> str:
+    """MNIST prepared once into the bucket: no node has a local copy."""
+    uri = s3["uri"]("data/mnist_parquet")
+    subprocess.run([sys.executable, "jobs/prepare_data.py", "--data-root", str(mnist_root), "--out", uri,
+                    "--no-download"], cwd=REPO_ROOT, env={**os.environ, **s3["env"]}, check=True, timeout=300)
+    return uri
+
+
+def _micro_args(*extra: str) -> list[str]:
+    return [a for s in [*MICRO, *extra] for a in ("--set", s)]
+
+
+def _logs(submission: subprocess.CompletedProcess) -> str:
+    return submission.stdout + submission.stderr
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    listed = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def _weights(s3, key: str) -> dict[str, torch.Tensor]:
+    body = s3["client"].get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)["model"]
+
+
+def _mlflow(team_mlflow: str, monkeypatch: pytest.MonkeyPatch):
+    """A client of the team server as its admin; the credentials leave the environment with the test."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+    return MlflowClient(team_mlflow)
+
+
+def test_two_nodes_train_from_s3_data_into_s3_checkpoints_and_the_team_mlflow_server(
+        cluster: Cluster, s3, s3_data: str, team_mlflow: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = s3["uri"]("runs")
+    run = cluster.submit("--config", "configs/mnist_tiny.yaml", "--workers", "2", "--cpu", "--placement", "spread",
+                         "--steps", "4", "--name", "spread", "--storage-path", storage, "--parquet-dir", s3_data,
+                         *_micro_args("train.log_every=1", "train.ckpt_every=2", "train.eval_every=2",
+                                      f"tracking.uri={team_mlflow}", "tracking.experiment=multinode"))
+    assert run.returncode == 0, _logs(run)[-5000:]
+    assert "2 CPU worker(s) × 1 CPU on 2 node(s) (spread)" in run.stdout
+    keys = _keys(s3, "runs/spread/")
+    for step in ("step_00000002", "step_00000004"):
+        assert f"runs/spread/{step}/MANIFEST.json" in keys and f"runs/spread/{step}/model.pt" in keys
+
+    client = _mlflow(team_mlflow, monkeypatch)
+    (found,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
+    assert found.info.status == "FINISHED"
+    assert sorted(found.data.tags["sd3ray.worker_nodes"].split(",")) == [HEAD_IP, WORKER_IP]  # one worker per node
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    grids = [a.path for a in client.list_artifacts(found.info.run_id, "images")]
+    assert grids and "checkpoint/model.pt" in [a.path for a in client.list_artifacts(found.info.run_id, "checkpoint")]
+    # artifacts went through the server into the bucket; the nodes hold no S3 credentials for MLflow
+    assert any(k.startswith("mlflow/") and k.endswith("model.pt") for k in _keys(s3, "mlflow/"))
+    assert http_status(f"{team_mlflow}/api/2.0/mlflow/experiments/search?max_results=1") == 401
+
+    # the checkpoint reads back from S3 for sampling ...
+    checkpoint = s3["uri"]("runs/spread/step_00000004")
+    samples = subprocess.run([sys.executable, "jobs/sample.py", "--checkpoint", checkpoint, "--prompt", "7",
+                              "--num-samples", "2", "--output", str(tmp_path / "samples"), "--device", "cpu"],
+                             cwd=REPO_ROOT, env={**os.environ, **s3["env"]}, capture_output=True, text=True,
+                             timeout=300)
+    assert samples.returncode == 0, samples.stderr[-3000:]
+    assert (tmp_path / "samples/samples.npz").is_file()
+
+    # ... and for resuming: the same --name continues the run from the newest checkpoint in the bucket
+    more = cluster.submit("--config", "configs/mnist_tiny.yaml", "--workers", "2", "--cpu", "--placement", "spread",
+                          "--steps", "6", "--name", "spread", "--storage-path", storage, "--parquet-dir", s3_data,
+                          *_micro_args("train.log_every=1", "train.ckpt_every=2", "train.eval_every=2",
+                                       f"tracking.uri={team_mlflow}", "tracking.experiment=multinode"))
+    assert more.returncode == 0, _logs(more)[-5000:]
+    assert "at step 4" in more.stdout and "runs/spread/step_00000006/MANIFEST.json" in _keys(s3, "runs/spread/")
+    (same,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
+    assert same.info.run_id == found.info.run_id
+    assert [m.step for m in client.get_metric_history(same.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_lost_node_is_replaced_and_the_run_ends_as_if_nothing_happened(
+        cluster: Cluster, s3, s3_data: str, team_mlflow: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = s3["uri"]("runs")
+    steps, every = 60, 10
+
+    def train(name: str, max_failures: int, submission_id: str | None = None) -> subprocess.CompletedProcess:
+        args = ["--config", "configs/mnist_tiny.yaml", "--workers", "2", "--cpu", "--placement", "spread",
+                "--steps", str(steps), "--name", name, "--storage-path", storage, "--parquet-dir", s3_data,
+                "--max-failures", str(max_failures),
+                *_micro_args("train.log_every=1", f"train.ckpt_every={every}", f"train.eval_every={steps}",
+                             f"tracking.uri={team_mlflow}", f"tracking.experiment={name}")]
+        return cluster.submit(*args, submission_id=submission_id)
+
+    clean = train("uninterrupted", max_failures=0)
+    assert clean.returncode == 0, _logs(clean)[-5000:]
+
+    job_id = f"sd3ray-lost-node-{os.getpid()}"
+    submitted = train("lost-node", max_failures=1, submission_id=job_id)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    deadline = time.time() + 600
+    while "runs/lost-node/step_00000010/MANIFEST.json" not in _keys(s3, "runs/lost-node/"):
+        assert time.time() < deadline, "the run never wrote its first checkpoint"
+        time.sleep(0.2)
+    cluster.kill_node(WORKER_IP)  # mid-run: the worker on it dies with the node
+    cluster.start_node("127.0.0.4")  # a replacement, as an autoscaler would bring
+    deadline = time.time() + 900
+    status = ""
+    while not any(s in status for s in ("succeeded", "failed", "stopped")):
+        assert time.time() < deadline, "the run did not finish after the node was replaced"
+        time.sleep(3)
+        status = subprocess.run(["ray", "job", "status", "--address", cluster.dashboard, job_id],
+                                env=cluster.env, capture_output=True, text=True, timeout=60).stdout.lower()
+    logs = subprocess.run(["ray", "job", "logs", "--address", cluster.dashboard, job_id],
+                          env=cluster.env, capture_output=True, text=True, timeout=60).stdout
+    assert "succeeded" in status, logs[-5000:]
+    assert "resumed from" in logs  # it restarted from a checkpoint in S3, not from scratch
+
+    final = f"step_{steps:08d}/model.pt"
+    expected, got = _weights(s3, f"runs/uninterrupted/{final}"), _weights(s3, f"runs/lost-node/{final}")
+    for key, value in expected.items():
+        assert torch.equal(value, got[key]), key  # bit-identical to the run that never lost a node
+    client = _mlflow(team_mlflow, monkeypatch)
+    (run,) = client.search_runs([client.get_experiment_by_name("lost-node").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, steps + 1))
+
+
+def test_a_local_storage_path_on_a_multi_node_cluster_is_refused_before_training(
+        cluster: Cluster, s3_data: str, tmp_path: Path) -> None:
+    local = tmp_path / "checkpoints"
+    run = cluster.submit("--config", "configs/mnist_tiny.yaml", "--workers", "2", "--cpu", "--steps", "2",
+                         "--name", "local", "--storage-path", str(local), "--parquet-dir", s3_data,
+                         *_micro_args(f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"))
+    logs = _logs(run)
+    assert run.returncode != 0
+    assert "every node must see" in logs and f"--storage-path {local} is on this machine's own disk" in logs
+    assert "is a SQLite file on this machine" in logs
+    assert not local.exists()  # refused before anything was written

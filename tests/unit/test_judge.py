@@ -1,0 +1,93 @@
+"""The judge and its metrics against known cases, and the paths that log them."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from sd3ray.evaluation.judge import Reference, eval_prompts, frechet_distance, judge_images, judge_outputs
+
+
+def test_judge_reaches_992_on_the_real_test_set(judge_reference: Reference, mnist_splits) -> None:
+    _, test = mnist_splits
+    preds, feats = judge_outputs(judge_reference.judge, test.images)
+    assert (preds == test.labels).double().mean() >= 0.992
+    assert feats.shape == (10000, 128)
+
+
+def test_judge_reads_shifted_digits(judge_reference: Reference, mnist_splits) -> None:
+    _, test = mnist_splits
+    shifted = torch.roll(test.images[:2000], shifts=(2, -2), dims=(2, 3))  # the 2-px margin allows this
+    preds, _ = judge_outputs(judge_reference.judge, shifted)
+    assert (preds == test.labels[:2000]).double().mean() >= 0.98
+
+
+def _held_out(mnist_splits, n: int = 1000):
+    """A random sample of real training digits that the floor's sample does not contain. (A contiguous slice
+    would not do: MNIST's training file is not shuffled by writer, and its last 1000 score 3× the floor.)"""
+    train, _ = mnist_splits
+    floor_sample = set(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].tolist())
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1)).tolist()
+    index = torch.tensor([i for i in order if i not in floor_sample][:n])
+    images, digits = train.images[index], train.labels[index]
+    return images, digits, [str(int(d)) for d in digits]
+
+
+def test_real_images_score_near_the_floor(judge_reference: Reference, mnist_splits) -> None:
+    images, digits, prompts = _held_out(mnist_splits)
+    m = judge_images(judge_reference, images, digits, prompts).metrics
+    assert m["judge/prompt_accuracy"] >= 0.99
+    assert m["judge/fid_ratio"] < 1.6, m
+    assert m["judge/diversity"] == pytest.approx(m["judge/diversity_real"], rel=0.1)
+
+
+def test_shuffled_labels_score_chance(judge_reference: Reference, mnist_splits) -> None:
+    images, digits, prompts = _held_out(mnist_splits)
+    shuffled = digits[torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))]
+    accuracy = judge_images(judge_reference, images, shuffled, prompts).metrics["judge/prompt_accuracy"]
+    assert 0.05 < accuracy < 0.16
+
+
+def test_a_single_repeated_image_scores_a_huge_fid(judge_reference: Reference, mnist_splits) -> None:
+    images, digits, prompts = _held_out(mnist_splits)
+    m = judge_images(judge_reference, images[:1].repeat(1000, 1, 1, 1), digits, prompts).metrics
+    assert m["judge/fid_ratio"] > 50 and m["judge/diversity"] == 0
+
+
+def test_frechet_distance_matches_the_sqrtm_reference() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(500, 6)), rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6)) + 1.5
+    mu_a, mu_b, ca, cb = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * linalg.sqrtm(ca @ cb).real)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_eval_prompts_balance_digits_and_forms() -> None:
+    prompts, digits = eval_prompts(40)
+    assert torch.equal(torch.bincount(digits), torch.full((10,), 4))
+    assert prompts[:3] == ["0", "1", "2"] and prompts[10:12] == ["zero", "one"]
+
+
+def test_training_logs_judge_metrics_and_a_confusion_matrix(micro_config, tmp_path: Path, judge_reference) -> None:
+    from sd3ray.tracking.protocol import NullTracker
+    from sd3ray.training.context import LocalContext
+    from sd3ray.training.loop import train
+
+    logged: dict[str, list] = {"metrics": [], "images": []}
+
+    class Recorder(NullTracker):
+        def log_metrics(self, metrics, step):
+            logged["metrics"].append((step, metrics))
+
+        def log_image(self, key, image, step):
+            logged["images"].append((key, step, image.shape))
+
+    cfg = micro_config("train.steps=2", "train.eval_every=2", "eval.num_samples=20")
+    train(cfg, LocalContext(tmp_path, torch.device("cpu")), Recorder())
+    judged = [m for _, m in logged["metrics"] if "judge/prompt_accuracy" in m]
+    assert judged and {"judge/fid", "judge/fid_floor", "judge/accuracy_word", "judge/diversity"} <= set(judged[0])
+    assert ("confusion", 2) in [(k, s) for k, s, _ in logged["images"]]
+    assert ("samples", 2) in [(k, s) for k, s, _ in logged["images"]]
