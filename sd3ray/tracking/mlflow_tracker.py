@@ -21,6 +21,7 @@ from sd3ray.tracking.outbox import IMAGE_WEIGHT, Outbox, Write, is_permanent
 from sd3ray.tracking.protocol import NullTracker, Tracker
 from sd3ray.tracking.system_metrics import SystemSampler
 
+UNDELIVERED_FILE = "undelivered.jsonl"  # in train.output_dir/mlflow-undelivered/RUN_ID/
 PROGRESS_METRIC = "train/loss"  # its last logged step marks how far a resumed run had logged
 # MLflow 3's UI opens an experiment by its kind; untagged ones it may take for GenAI (traces, prompts)
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -167,7 +168,8 @@ class MlflowTracker:
         if step > self._logged_through:
             image, run_id = np.array(image, copy=True), self.run_id
             self._put(Write(lambda: self.client.log_image(run_id, image, key=key, step=step),
-                            f"image {key} of step {step}", IMAGE_WEIGHT, record={"image": key, "step": step}))
+                            f"image {key} of step {step}", IMAGE_WEIGHT, record={"image": key, "step": step},
+                            image=image))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file or folder; a copy is taken now, since the caller may delete it before it goes out."""
@@ -261,7 +263,9 @@ class MlflowTracker:
         if undelivered:
             saved = save_undelivered(undelivered, self._spool)
             print(f"sd3ray: warning: {redact(self.uri)} did not take {len(undelivered)} write(s) of run {run_id} "
-                  f"within tracking.flush_timeout_s={self.flush_timeout_s:g}; they are saved in {saved}", flush=True)
+                  f"within tracking.flush_timeout_s={self.flush_timeout_s:g}; they are saved in {saved}. Send them "
+                  f"when the server is back: python jobs/replay_tracking.py {saved.parent} --tracking-uri "
+                  f"{redact(self.uri)}", flush=True)
         elif self._spool is not None and self._spool.is_dir():
             shutil.rmtree(self._spool, ignore_errors=True)
 
@@ -327,12 +331,18 @@ def spool_copy(source: Path, folder: Path) -> Path:
 
 
 def save_undelivered(writes: list[Write], folder: Path) -> Path:
-    """Write what the server never took to folder/undelivered.jsonl (one JSON record per write, in order)."""
+    """Write what the server never took to folder/undelivered.jsonl (one JSON record per write, in order; an image's
+    pixels go beside it as .npy), for `jobs/replay_tracking.py` to send later."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "undelivered.jsonl"
+    path = folder / UNDELIVERED_FILE
     with open(path, "a") as f:
         for write in writes:
-            f.write(json.dumps(write.record or {"what": write.what}) + "\n")
+            record = dict(write.record or {"what": write.what})
+            if write.image is not None:
+                image_file = folder / f"image-{time.time_ns()}.npy"
+                np.save(image_file, np.asarray(write.image), allow_pickle=False)
+                record["image_file"] = image_file.name
+            f.write(json.dumps(record) + "\n")
     return path
 
 

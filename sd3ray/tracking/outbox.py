@@ -30,6 +30,7 @@ class Write:
     what: str
     weight: int = 1
     record: dict[str, Any] | None = None  # what the write carries, in JSON, to save if it is never delivered
+    image: Any = None  # an image's pixels (uint8 array), saved beside the record if it is never delivered
 
 
 def is_permanent(exc: BaseException) -> bool:

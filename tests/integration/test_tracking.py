@@ -106,6 +106,48 @@ def test_writes_made_while_the_server_is_down_arrive_after_it_restarts(restartab
     assert any(path.startswith("images/samples+step+15+") for path in _artifacts(client, run_id, "images"))
 
 
+def test_writes_the_server_never_took_are_replayed_later_exactly_once(restartable_server, micro_config, tmp_path,
+                                                                     capsys) -> None:
+    import subprocess
+    import sys
+
+    from tests.support import REPO_ROOT
+
+    uri, stop, start = restartable_server
+    cfg = micro_config()
+    tracker = MlflowTracker(uri, "replay", "replay", flush_timeout_s=1.0, retry_s=0.2)
+    run_id = tracker.start(cfg)
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.flush()
+    stop()  # and it never comes back while the run lasts
+    for step in range(2, 6):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    tracker.log_image("samples", np.full((8, 8, 3), 7, dtype=np.uint8), 5)
+    tracker.set_tags({"sd3ray.note": "sent later"})
+    (tmp_path / "report.md").write_text("# report\n")
+    tracker.log_artifact(tmp_path / "report.md")
+    tracker.finish()
+    folder = Path(cfg.train.output_dir).resolve() / "mlflow-undelivered" / run_id
+    replay = [sys.executable, "jobs/replay_tracking.py", str(folder), "--tracking-uri", uri]
+    assert f"python jobs/replay_tracking.py {folder} --tracking-uri {uri}" in capsys.readouterr().out  # the warning
+
+    down = subprocess.run(replay, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert down.returncode == 1 and "unreachable" in down.stderr and "Traceback" not in down.stderr
+    start()
+    sent = subprocess.run(replay, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert sent.returncode == 0 and f"run {run_id}" in sent.stdout and "sent" in sent.stdout, sent.stderr
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4, 5]
+    assert run.info.status == "FINISHED" and run.data.tags["sd3ray.note"] == "sent later"
+    files = _artifacts(client, run_id)
+    assert "report.md" in files and any(f.startswith("images/samples+step+5+") for f in files), files
+
+    again = subprocess.run(replay, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing left to send" in again.stdout, again.stderr
+    assert len(client.get_metric_history(run_id, "train/loss")) == 5  # nothing twice
+
+
 def test_a_training_run_outlives_a_server_restart(restartable_server, mnist_parquet: Path, tmp_path: Path) -> None:
     """jobs/train.py keeps training while the server is down; every logged step reaches the server."""
     import os
