@@ -13,6 +13,7 @@ import os
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import ray
 import ray.train
@@ -20,6 +21,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from sd3ray.cluster.connect import OwnCluster, connect, lean_for_own_cluster
+from sd3ray.cluster.stop import relayed_stop
 from sd3ray.cluster.worker import PRINT_PATCH_ENV, DebugHooks, Placement, train_worker
 from sd3ray.config import Config, to_dict
 from sd3ray.data.prepare import prepare_dataset
@@ -28,6 +30,7 @@ from sd3ray.errors import ResourceError, StorageError
 from sd3ray.storage import check_shared, is_uri, join, redact, resolve_tracking_uri
 from sd3ray.tracking.mlflow_tracker import check_reachable, source_tags
 from sd3ray.training.run_lock import run_lock
+from sd3ray.training.signals import Interrupted, signal_name
 
 
 def _absolute_paths(cfg: Config) -> Config:
@@ -59,7 +62,16 @@ def check_resources(workers: int, use_gpu: bool, cpus_per_worker: int = 1, reser
                                 f"{have:g} ({held}). Lower --workers or --cpus-per-worker, use --cpu, or add nodes.")
 
 
-class OwnClusterTrainer(TorchTrainer):
+class Sd3rayTrainer(TorchTrainer):
+    """A TorchTrainer that leaves SIGINT to sd3ray. Ray Train's own handler aborts the workers at once, losing the
+    work since the last checkpoint; sd3ray's (`sd3ray.cluster.stop`) stops them after a step and a checkpoint.
+    `_register_sigint_handler` is Ray's private hook; where a Ray version lacks it, Ray's handler runs as before."""
+
+    def _register_sigint_handler(self, controller: Any) -> None:
+        return None
+
+
+class OwnClusterTrainer(Sd3rayTrainer):
     """A TorchTrainer without Ray Train's placement-group cleaner, for the cluster this driver started.
 
     The cleaner is a detached actor that polls the State API every second, to remove the run's placement group if
@@ -76,9 +88,10 @@ class OwnClusterTrainer(TorchTrainer):
 def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None,
                   max_failures: int = 0, tracking: bool = True, callbacks: list | None = None,
                   debug: DebugHooks | None = None, cpus_per_worker: float = 1,
-                  placement: Placement = "PACK") -> TorchTrainer:
+                  placement: Placement = "PACK", stop_flag: Any = None) -> TorchTrainer:
     """A TorchTrainer for `cfg` whose checkpoints go to storage_path/name. `placement` SPREAD puts workers on as
-    many nodes as it can (one per node where there are enough); PACK, Ray's default, fills a node first."""
+    many nodes as it can (one per node where there are enough); PACK, Ray's default, fills a node first.
+    `stop_flag` relays the driver's signals to the workers (sd3ray.cluster.stop)."""
     cfg = _absolute_paths(cfg)
     storage = storage_path or default_storage(cfg)
     # Train V2 hands each worker's print() to a logger that writes to stderr and, because Ray wraps the worker's
@@ -87,13 +100,14 @@ def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = Fals
     uri = resolve_tracking_uri(cfg.tracking.uri)
     loop_config = {"cfg": to_dict(cfg), "tracking": tracking, "tracking_uri": uri,
                    "run_storage": join(storage, name), "debug": asdict(debug or DebugHooks()),
-                   "source_tags": source_tags()}  # the driver's job, not the worker's Ray entry point
+                   "source_tags": source_tags(),  # the driver's job, not the worker's Ray entry point
+                   "stop_flag": stop_flag}
     datasets = None
     if streams(cfg):  # Ray Data reads and decodes; Ray Train splits the stream over the workers
         from sd3ray.cluster.ray_data import TRAIN_DATASET, train_dataset
 
         datasets = {TRAIN_DATASET: train_dataset(cfg)}
-    trainer_cls = TorchTrainer
+    trainer_cls: type[TorchTrainer] = Sd3rayTrainer
     if OwnCluster.started:
         lean_for_own_cluster()
         trainer_cls = OwnClusterTrainer
@@ -162,18 +176,23 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
     reserve = STREAM_CPUS if streams(cfg) else 0
     cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers, use_gpu, reserve)
     check_resources(workers, use_gpu, cpus_per_worker, reserve)
-    trainer = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking,
-                            cpus_per_worker=cpus_per_worker, placement=placement)
     print(redact(f"sd3ray: Ray Train run '{name}': {workers} {'GPU' if use_gpu else 'CPU'} worker(s) × "
                  f"{cpus_per_worker} CPU on {nodes} "
                  f"node(s) ({placement.lower()}), global batch {cfg.train.batch_size * workers}; "
                  f"checkpoints -> {join(storage, name)}; "
                  f"MLflow -> {resolve_tracking_uri(cfg.tracking.uri) if tracking else 'off'}"), flush=True)
     # one driver per run name: a folder takes an OS lock; object storage has none to take (docs/distributed.md)
-    with contextlib.nullcontext() if is_uri(storage) else run_lock(Path(storage) / name):
-        result = trainer.fit()
+    with contextlib.nullcontext() if is_uri(storage) else run_lock(Path(storage) / name), \
+            relayed_stop() as (stop, flag):
+        result = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking,
+                               cpus_per_worker=cpus_per_worker, placement=placement, stop_flag=flag).fit()
     metrics = result.metrics or {}
     final = join(join(storage, name), Path(result.checkpoint.path).name) if result.checkpoint else None
+    if stop.requested is not None:
+        kept = f"its newest checkpoint is {final}; run the same command again to continue from it" if final \
+            else "nothing was saved yet"
+        raise Interrupted(redact(f"{signal_name(stop.requested)}: stopped at step {metrics.get('step')} and "
+                                 f"{kept}"), stop.requested)
     print(redact(f"sd3ray: done at step {metrics.get('step')}; val/loss {metrics.get('val/loss')}; checkpoint "
                  f"{final}"), flush=True)
     return result

@@ -23,6 +23,7 @@ from ray.train import Checkpoint
 from torch import nn
 
 from sd3ray.checkpoint import CheckpointData, out_of_space, upload_checkpoint, write_checkpoint
+from sd3ray.cluster.stop import StopWatcher
 from sd3ray.config import Config, from_dict
 from sd3ray.data.streaming import Batch
 from sd3ray.errors import Sd3rayError
@@ -30,6 +31,7 @@ from sd3ray.storage import join, open_folder
 from sd3ray.tracking.mlflow_tracker import make_tracker
 from sd3ray.tracking.protocol import NullTracker
 from sd3ray.training.loop import train
+from sd3ray.training.signals import Interrupted
 
 Placement = Literal["PACK", "SPREAD"]
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
@@ -48,7 +50,7 @@ class DebugHooks:
 class RayContext:
     """RunContext for a Ray Train worker."""
 
-    def __init__(self, run_storage: str, debug: DebugHooks = DebugHooks()) -> None:
+    def __init__(self, run_storage: str, debug: DebugHooks = DebugHooks(), stop_flag: Any = None) -> None:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -59,6 +61,7 @@ class RayContext:
         self.launched_at = None
         self._restored: tempfile.TemporaryDirectory | None = None
         self.run_tags = {"sd3ray.worker_nodes": ",".join(self._node_of_each_rank())}
+        self._stop = StopWatcher(stop_flag) if stop_flag is not None else None
 
     def _node_of_each_rank(self) -> list[str]:
         """Rank r's node address at index r: where the workers landed, recorded with the run."""
@@ -100,7 +103,11 @@ class RayContext:
         return self._all_reduce(value, dist.ReduceOp.MAX)
 
     def stop_signal(self) -> int | None:
-        return None  # a worker is stopped by Ray Train; the driver's signals are Ray's to handle
+        """The signal the driver relayed, agreed on by every rank (the largest seen), so all stop at one step."""
+        if self._stop is None:
+            return None  # a Tune trial: Tune stops it
+        seen = torch.tensor([self._stop.requested or 0], device=self.device)
+        return int(self.all_reduce_max(seen).item()) or None
 
     def resume_from(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()
@@ -154,12 +161,14 @@ def train_worker(config: dict[str, Any]) -> None:
     """Per-worker entry point: rebuild the Config, then run the shared loop."""
     cfg = from_dict(config["cfg"])
     debug = DebugHooks(**config.get("debug", {}))
-    ctx = RayContext(config["run_storage"], debug)
+    ctx = RayContext(config["run_storage"], debug, config.get("stop_flag"))
     ctx.run_tags.update(config.get("source_tags", {}))
     tracking = config["tracking"] and ctx.is_main
     tracker = make_tracker(cfg, enabled=True, uri=config["tracking_uri"]) if tracking else NullTracker()
     try:
         result = train(cfg, ctx, tracker)
+    except Interrupted:
+        return  # stopped on the driver's signal, checkpoint reported: a clean end, not a failure to retry
     except Sd3rayError as exc:
         # An explained error needs no stack: Ray logs what the worker raised, and the driver prints the message.
         raise exc.with_traceback(None) from None

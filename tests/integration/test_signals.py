@@ -68,3 +68,74 @@ def test_a_second_ctrl_c_exits_at_once_and_leaves_the_previous_checkpoint_intact
     assert "SIGINT received: stopping after this step" in stderr and "Traceback" not in stderr
     checkpoint = latest_checkpoint(tmp_path / "twice" / "checkpoints")
     assert checkpoint is not None and verify(checkpoint)["step"] >= 10  # complete, checksums and all
+
+
+def _ray_command(parquet: Path, out: Path, name: str, steps: int, workers: int = 1) -> list[str]:
+    sets = [*MICRO, f"data.parquet_dir={parquet}", f"train.output_dir={out}", "train.log_every=5",
+            "train.ckpt_every=100000", "train.eval_every=100000", "train.lr_schedule=constant", "train.compile=none"]
+    return ["python", "jobs/train.py", "--cpu", "--workers", str(workers), "--no-tracking", "--name", name,
+            "--steps", str(steps), "--storage-path", str(out / "storage"), *[a for s in sets for a in ("--set", s)]]
+
+
+def test_sigterm_to_the_ray_driver_stops_the_workers_after_a_checkpoint(ray_head, mnist_parquet: Path,
+                                                                       tmp_path: Path) -> None:
+    """SIGTERM reaches the driver only (its workers are the cluster's processes), which relays it to the worker."""
+    env = ray_head["env"]
+    command = [sys.executable, *_ray_command(mnist_parquet, tmp_path, "ray-stopped", 100000)[1:]]
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not any("step 10/" in line for line in lines[-1:]):  # a worker's line
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+    os.kill(proc.pid, signal.SIGTERM)
+    output = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, output[-4000:]
+    assert "Traceback" not in output and "SIGTERM received at time" not in output and "***" not in output
+    checkpoint = latest_checkpoint(tmp_path / "storage" / "ray-stopped")
+    stopped_at = load_checkpoint(checkpoint).step
+    assert stopped_at >= 10
+    assert (f"sd3ray: SIGTERM: stopped at step {stopped_at} and its newest checkpoint is {checkpoint}; run the same "
+            f"command again to continue from it") in output, output[-4000:]
+
+    resumed = subprocess.run([*command[:command.index("--steps") + 1], str(stopped_at + 5),
+                              *command[command.index("--steps") + 2:]], cwd=REPO_ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"done at step {stopped_at + 5}" in resumed.stdout
+    assert load_checkpoint(latest_checkpoint(tmp_path / "storage" / "ray-stopped")).step == stopped_at + 5
+
+
+def test_ray_job_stop_stops_both_workers_at_one_step_with_a_checkpoint(ray_head, mnist_parquet: Path,
+                                                                        tmp_path: Path) -> None:
+    """`ray job stop` sends SIGTERM to the job's driver; both workers agree on the step and report its checkpoint.
+    RAY_JOB_STOP_WAIT_TIME_S gives the job time to save before Ray's SIGKILL (3 s by default)."""
+    job = "sd3ray-signal-job"
+    runtime_env = '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}'
+    submit = subprocess.run(
+        ["ray", "job", "submit", "--address", ray_head["dashboard"], "--submission-id", job, "--no-wait",
+         "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
+         *_ray_command(mnist_parquet, tmp_path, "job-stopped", 100000, workers=2)],
+        cwd=REPO_ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=120)
+    assert submit.returncode == 0, submit.stderr[-3000:]
+
+    def logs() -> str:
+        return subprocess.run(["ray", "job", "logs", "--address", ray_head["dashboard"], job], env=ray_head["env"],
+                              capture_output=True, text=True, timeout=60).stdout
+
+    deadline = time.monotonic() + 300
+    while "step 10/" not in logs():
+        assert time.monotonic() < deadline, logs()[-4000:]
+        time.sleep(2)
+    subprocess.run(["ray", "job", "stop", "--address", ray_head["dashboard"], job], env=ray_head["env"],
+                   capture_output=True, text=True, timeout=300, check=True)
+    output = logs()
+    checkpoint = latest_checkpoint(tmp_path / "storage" / "job-stopped")
+    assert checkpoint is not None, output[-4000:]
+    stopped_at = verify(checkpoint)["step"]
+    assert f"sd3ray: SIGTERM: stopped at step {stopped_at} and its newest checkpoint is {checkpoint}" in output, \
+        output[-4000:]
+    assert "Traceback" not in output
