@@ -96,21 +96,41 @@ def ray_temp_dir() -> str:
 def stop_process_group(proc, grace_s: float = 20.0) -> None:
     """Stop a server the tests started in its own session, and everything it started, by its process group only:
     never `ray stop` or a kill by name, which would end every Ray process on the machine."""
+    stop_process_groups([proc], grace_s)
+
+
+def stop_process_groups(procs: list, grace_s: float = 20.0) -> None:
+    """Stop several such servers at once: each gets SIGTERM together, so their shutdowns overlap, then SIGKILL
+    whatever is left of a group after `grace_s`."""
     import signal
     import subprocess
 
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        pending = []
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+                pending.append(proc)
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + wait
+        for proc in pending:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        time.sleep(1)  # a group may outlive its leader for a moment
+        procs = [proc for proc in pending if _group_alive(proc.pid)]
+        if not procs:
             return
-        try:
-            proc.wait(timeout=wait)
-            # the group may outlive its leader for a moment: give the rest the same signal's chance, then check
-            time.sleep(1)
-            os.killpg(proc.pid, 0)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            continue
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 BUCKET = "sd3ray"

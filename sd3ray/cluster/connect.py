@@ -4,7 +4,10 @@ no preemption watcher. A cluster that does not answer fails fast with what to do
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +78,25 @@ def lean_for_own_cluster() -> None:
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")  # Ray propagates it from the driver to the controller
 
 
+TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextlib.contextmanager
+def quiet_token_notices(own_cluster: bool) -> Iterator[None]:
+    """A cluster this driver starts turns on Ray's token auth and says so in two log lines on every run (the token
+    is kept in ~/.ray/auth_token; docs/distributed.md says when a later `ray start` needs it). They are left out
+    of the console, so Ray's one start-up line is "Started a local Ray instance"."""
+    if not own_cluster:
+        yield
+        return
+    setup_logger, drop = logging.getLogger(TOKEN_SETUP_LOGGER), logging.Filter("sd3ray.never")
+    setup_logger.addFilter(drop)  # a filter with another name passes no record
+    try:
+        yield
+    finally:
+        setup_logger.removeFilter(drop)
+
+
 def connect(timeout_s: float = 10.0) -> None:
     """Join $RAY_ADDRESS / the cluster a `ray job submit` runs on / the one `ray start` left, or start a local one.
 
@@ -91,7 +113,8 @@ def connect(timeout_s: float = 10.0) -> None:
             f"the Ray cluster at {address} (from {source}) does not answer within {timeout_s:g} s. Start it again, "
             f"point RAY_ADDRESS at a live cluster, or run on a fresh local cluster: unset RAY_ADDRESS{stale_file}.")
     try:
-        ray.init(address=address, **({} if address else local_cluster_options()))
+        with quiet_token_notices(own_cluster=address is None):
+            ray.init(address=address, **({} if address else local_cluster_options()))
         OwnCluster.started = address is None
     except ConnectionError as exc:
         raise ClusterUnreachable(f"cannot join the Ray cluster at {address} (from {source}): {exc}") from exc

@@ -25,7 +25,7 @@ from sd3ray.cluster.stop import relayed_stop
 from sd3ray.cluster.worker import PRINT_PATCH_ENV, DebugHooks, Placement, train_worker
 from sd3ray.config import Config, to_dict
 from sd3ray.data.prepare import prepare_dataset
-from sd3ray.data.streaming import describe_choice, streams
+from sd3ray.data.streaming import streams
 from sd3ray.errors import ResourceError, StorageError
 from sd3ray.storage import check_shared, is_uri, join, redact, resolve_tracking_uri
 from sd3ray.tracking.mlflow_tracker import check_reachable, source_tags
@@ -119,11 +119,19 @@ def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = Fals
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, placement_strategy=placement,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
-            name=name, storage_path=storage, callbacks=callbacks,
+            name=name, storage_path=storage, callbacks=callbacks, **quiet_train_logs(),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
+
+
+def quiet_train_logs() -> dict[str, Any]:
+    """Ray Train's INFO lines (resource requests, the worker group, every report's full metrics) are for Ray's log
+    files, not the console, where sd3ray's own lines say what happens. `LoggingConfig` is Ray Train's public API;
+    a Ray version without it keeps its console as it was."""
+    logging_config = getattr(ray.train, "LoggingConfig", None)
+    return {"logging_config": logging_config(log_level="WARNING")} if logging_config else {}
 
 
 def check_storage(storage: str) -> None:
@@ -171,7 +179,6 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     check_storage(storage)
     prepare_dataset(cfg)  # once, here: the workers only read it
-    print(describe_choice(cfg), flush=True)
     # a streaming run's reading tasks need a CPU the training workers leave free, or the stream never starts
     reserve = STREAM_CPUS if streams(cfg) else 0
     cpus_per_worker = cpus_per_worker or default_cpus_per_worker(workers, use_gpu, reserve)

@@ -5,8 +5,10 @@ the run context over Ray Train (rank and world size, DDP, checkpoints reported t
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -157,8 +159,21 @@ def die_like_a_lost_node(step: int) -> None:
     os._exit(1)
 
 
+REPORT_LOG_MODULE = "ray.train.v2._internal.execution.context"
+
+
+def quiet_report_lines() -> None:
+    """Ray Train logs every report with its full metrics at INFO, from a logger named by its file path, so the
+    `ray.train` level sd3ray sets (`LoggingConfig`) misses it; this worker's copy of it goes to WARNING. Where a Ray
+    version has no such logger, nothing changes."""
+    logger = getattr(sys.modules.get(REPORT_LOG_MODULE), "logger", None)
+    if isinstance(logger, logging.Logger):
+        logger.setLevel(logging.WARNING)
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Per-worker entry point: rebuild the Config, then run the shared loop."""
+    quiet_report_lines()
     cfg = from_dict(config["cfg"])
     debug = DebugHooks(**config.get("debug", {}))
     ctx = RayContext(config["run_storage"], debug, config.get("stop_flag"))

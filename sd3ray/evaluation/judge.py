@@ -107,8 +107,8 @@ def train_judge(train: ImageSet, epochs: int = JUDGE_EPOCHS, batch_size: int = 1
             schedule.step()
             step += 1
             if step % 200 == 0:
-                print(f"judge: step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f}s)",
-                      flush=True)
+                elapsed = time.perf_counter() - started
+                print(f"sd3ray: judge: step {step}/{steps} loss {loss.item():.4f} ({elapsed:.0f}s)", flush=True)
     return judge.eval().requires_grad_(False)
 
 
@@ -121,7 +121,7 @@ def load_judge(train: ImageSet, device: torch.device | str = "cpu") -> Judge:
     if path.is_file():
         judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
-        print(f"judge: training on {len(train)} real digits (cached afterwards at {path})", flush=True)
+        print(f"sd3ray: judge: training on {len(train)} real digits (cached afterwards at {path})", flush=True)
         judge = train_judge(train)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

@@ -21,6 +21,11 @@ from sd3ray.tracking.outbox import IMAGE_WEIGHT, Outbox, Write, is_permanent
 from sd3ray.tracking.protocol import NullTracker, Tracker
 from sd3ray.tracking.system_metrics import SystemSampler
 
+# MLflow's INFO lines (creating database tables, validating the model's input example) and its artifact progress
+# bars would land between the training lines; set before mlflow is first imported, and a user's own setting wins.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 UNDELIVERED_FILE = "undelivered.jsonl"  # in train.output_dir/mlflow-undelivered/RUN_ID/
 PROGRESS_METRIC = "train/loss"  # its last logged step marks how far a resumed run had logged
 # MLflow 3's UI opens an experiment by its kind; untagged ones it may take for GenAI (traces, prompts)

@@ -10,6 +10,7 @@ started by its process group, never by `ray stop`.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,13 @@ def test_readme_commands_work_in_the_order_a_new_user_types_them(mnist_parquet: 
     # the cluster sd3ray started runs no placement-group cleaner, whose failed State API polls filled the console
     assert "PlacementGroupCleaner" not in first.stdout + first.stderr
     assert (home / ".ray/auth_token").is_file()  # what makes the next section need RAY_AUTH_MODE=token
+    # a quiet console: every line is sd3ray's (a worker's behind Ray's "(RayTrainWorker pid=N)" prefix) or Ray's one
+    # start-up line, and none repeats
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line) for line in (first.stdout + first.stderr).splitlines() if line.strip()]
+    bare = [re.sub(r"^\(\w+ pid=\d+(, ip=[\d.]+)?\) ", "", line) for line in lines]
+    foreign = [line for line in bare if not line.startswith(("sd3ray: ", "step "))]
+    assert len(foreign) == 1 and foreign[0].endswith("Started a local Ray instance."), "\n".join(foreign)
+    assert len(set(bare)) == len(bare), "a console line repeats:\n" + "\n".join(bare)
     params = next(line for line in first.stdout.splitlines() if "MM-DiT" in line)
     worker_line = params[params.index("sd3ray: "):]
     assert (first.stdout + first.stderr).count(worker_line) == 1, "a worker's console line was printed twice"
