@@ -29,7 +29,7 @@ import yaml
 
 from sd3ray.config import Config, config_hash, flatten, from_dict, to_yaml
 from sd3ray.errors import Sd3rayError, StorageError
-from sd3ray.storage import redact
+from sd3ray.storage import read_json, redact
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
@@ -145,18 +145,22 @@ def save_checkpoint(root: Path, data: CheckpointData, keep: int | None = None) -
 def verify(directory: Path) -> dict[str, Any]:
     """Raise CheckpointError unless every file in the manifest is present and intact; return meta."""
     directory = Path(directory)
+    if directory.is_file():
+        raise CheckpointError(f"checkpoint {directory} is a file; a checkpoint is a folder (step_XXXXXXXX) holding "
+                              f"{MANIFEST}, e.g. runs/NAME/checkpoints/step_00001000")
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint {directory} does not exist")
     if not (directory / MANIFEST).is_file():
         raise CheckpointError(f"{directory} is not a complete checkpoint ({MANIFEST} missing: the write never "
                               f"finished). Resume from an earlier one, e.g. --resume latest")
-    manifest = json.loads((directory / MANIFEST).read_text())
+    earlier = "resume from or sample an earlier checkpoint"
+    manifest = read_json(directory / MANIFEST, "checkpoint manifest", earlier, CheckpointError)
     for name, expected in manifest.items():
         path = directory / name
         if not path.is_file() or path.stat().st_size != expected["size"] or _sha256(path) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {directory} is corrupt: {name} is missing or does not match its "
                                   f"checksum. Resume from an earlier checkpoint")
-    return json.loads((directory / "meta.json").read_text())
+    return read_json(directory / "meta.json", "checkpoint metadata", earlier, CheckpointError)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

@@ -393,9 +393,16 @@ def resolve_shipped(path: str | Path) -> Path:
 def read_yaml_file(path: str | Path, what: str, shipped: str) -> dict[str, Any]:
     """A YAML mapping from a file; a missing file, malformed YAML or a non-mapping is a ConfigError."""
     p = resolve_shipped(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} {p} is a folder; name a YAML file in it (the shipped ones are {shipped})")
     if not p.is_file():
         raise ConfigError(f"{what} {p} does not exist; the shipped ones are {shipped}")
-    data = parse_yaml(p.read_text(), f"{what} {p}") or {}
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {p} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8 "
+                          f"YAML") from None
+    data = parse_yaml(text, f"{what} {p}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {p} must hold a mapping of sections (e.g. `train:`), not a {type(data).__name__}")
     return data

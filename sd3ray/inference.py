@@ -71,13 +71,14 @@ def download_folder(uri: str, destination: Path) -> Path:
     """Copy a folder at a URI (s3://bucket/runs/NAME/step_00001000?endpoint_override=...) to `destination`."""
     import pyarrow.fs as pafs
 
-    from sd3ray.storage import open_folder
+    from sd3ray.storage import location_errors, open_folder
 
-    fs, root = open_folder(uri)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise CheckpointError(f"--checkpoint {uri}: no such folder")
-    destination.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(root, str(destination), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    with location_errors(uri, "read the checkpoint at"):
+        fs, root = open_folder(uri)
+        if fs.get_file_info(root).type != pafs.FileType.Directory:
+            raise CheckpointError(f"--checkpoint {redact(uri)}: no such folder")
+        destination.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(root, str(destination), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return destination
 
 

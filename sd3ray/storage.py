@@ -15,13 +15,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
-from sd3ray.errors import DataError, Sd3rayError, TrackingError
+from sd3ray.errors import DataError, Sd3rayError, StorageError, TrackingError
 
 # -------------------------------------------------------------- Locations: a local folder or a URI pyarrow opens
 
@@ -58,6 +63,41 @@ def open_folder(location: str | Path) -> tuple[pafs.FileSystem, str]:
 
 def is_file(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
+
+
+@contextlib.contextmanager
+def location_errors(location: str | Path, doing: str) -> Iterator[None]:
+    """While `doing` something at `location`, an error of the filesystem or object store (pyarrow's OSError or
+    ArrowException, the OS's OSError) becomes one StorageError naming the location, what failed and what to check;
+    sd3ray's own errors pass through."""
+    try:
+        yield
+    except Sd3rayError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        remote = " (its endpoint, bucket and credentials)" if is_uri(location) else ""
+        raise StorageError(f"cannot {doing} {redact(str(location))}: {redact(reason)}. Check that the location "
+                           f"exists and is reachable{remote}") from None
+
+
+def read_user_text(path: Path, what: str) -> str:
+    """A text file the user wrote (captions, prompts), decoded as UTF-8, or one DataError naming it and the byte
+    where decoding failed."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") \
+            from None
+
+
+def read_json(path: Path, what: str, fix: str, error: type[Sd3rayError]) -> Any:
+    """A JSON file sd3ray wrote (a manifest, metadata), or one `error` naming the file and `fix` when it is
+    damaged: cut short, edited by hand, or not JSON at all."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{what} {path} is damaged ({exc}); {fix}") from None
 
 
 # ------------------------------------------------------------------------------------------- Credentials in URIs

@@ -21,7 +21,7 @@ import torch
 
 from sd3ray.config import Config
 from sd3ray.errors import DataError
-from sd3ray.storage import is_file, open_folder
+from sd3ray.storage import is_file, location_errors, open_folder
 
 SPLITS = ("train", "test")
 
@@ -133,12 +133,18 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 
 
 def read_metadata(parquet_dir: str | Path) -> dict:
-    fs, root = open_folder(parquet_dir)
-    if not is_file(fs, f"{root}/metadata.json"):
-        raise DataError(f"no Parquet image set at {parquet_dir} (metadata.json missing). Create it with "
-                        f"`python jobs/prepare_data.py --data-root DIR --out {parquet_dir}`")
-    with fs.open_input_stream(f"{root}/metadata.json") as f:
-        return json.loads(f.read())
+    with location_errors(parquet_dir, "read the image set at"):
+        fs, root = open_folder(parquet_dir)
+        if not is_file(fs, f"{root}/metadata.json"):
+            raise DataError(f"no Parquet image set at {parquet_dir} (metadata.json missing). Create it with "
+                            f"`python jobs/prepare_data.py --data-root DIR --out {parquet_dir}`")
+        with fs.open_input_stream(f"{root}/metadata.json") as f:
+            raw = f.read()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{parquet_dir}/metadata.json is damaged ({exc}); rebuild the set: python "
+                        f"jobs/prepare_data.py --out {parquet_dir} (with the --source it was made from)") from None
 
 
 def upload_image_set(local_dir: Path, location: str) -> None:

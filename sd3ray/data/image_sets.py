@@ -25,7 +25,7 @@ import numpy as np
 
 from sd3ray.data.format import ShardWriter, read_metadata, upload_image_set
 from sd3ray.errors import DataError
-from sd3ray.storage import is_uri
+from sd3ray.storage import is_uri, read_user_text
 
 CHUNK = 1024  # images decoded per write: bounds memory, not speed
 
@@ -38,8 +38,9 @@ def read_captions(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
         raise DataError(f"captions file {path} not found")
     pairs: list[tuple[str, str]] = []
+    text = read_user_text(path, "captions file")
     if path.suffix == ".jsonl":
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -49,11 +50,10 @@ def read_captions(path: Path) -> list[tuple[str, str]]:
                 raise DataError(f"{path} line {number} is not a JSON object with \"file\" and \"caption\" "
                                 f"({exc})") from exc
     elif path.suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if not {"file", "caption"} <= set(reader.fieldnames or []):
-                raise DataError(f"{path} needs a header row with the columns file,caption; has {reader.fieldnames}")
-            pairs = [(row["file"], row["caption"]) for row in reader]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if not {"file", "caption"} <= set(reader.fieldnames or []):
+            raise DataError(f"{path} needs a header row with the columns file,caption; has {reader.fieldnames}")
+        pairs = [(row["file"], row["caption"]) for row in reader]
     else:
         raise DataError(f"captions file {path} must end in .csv (columns file,caption) or .jsonl")
     if not pairs:

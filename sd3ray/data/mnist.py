@@ -17,7 +17,7 @@ import numpy as np
 
 from sd3ray.data.format import SPLITS, upload_image_set, write_split
 from sd3ray.errors import DataError
-from sd3ray.storage import is_file, is_uri, open_folder
+from sd3ray.storage import is_file, is_uri, location_errors, open_folder
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -102,8 +102,10 @@ def ensure_parquet(parquet_dir: str | Path, raw_root: str | Path, image_size: in
 
     Drivers call this once, before any worker starts (`prepare_dataset`); the training loop only reads
     (`load_splits`), so N workers never race to convert the same files."""
-    fs, root = open_folder(parquet_dir)
-    if is_file(fs, f"{root}/metadata.json"):
+    with location_errors(parquet_dir, "open the image set at"):
+        fs, root = open_folder(parquet_dir)
+        prepared = is_file(fs, f"{root}/metadata.json")
+    if prepared:
         return parquet_dir
     if is_uri(parquet_dir):
         return prepare_mnist(raw_root, parquet_dir, image_size, download)

@@ -11,14 +11,20 @@ from pathlib import Path
 from sd3ray.config import Config
 from sd3ray.data.mnist import ensure_parquet
 from sd3ray.errors import DataError
-from sd3ray.storage import is_file, is_uri, open_folder
+from sd3ray.storage import is_file, is_uri, location_errors, open_folder
 
 
 def prepare_dataset(cfg: Config) -> str | Path:
     """The driver's step: make sure `data.parquet_dir` holds the image set, building it on first use from
     `data.source` (MNIST or the synthetic shapes); a `prepared` set must exist already."""
-    fs, root = open_folder(cfg.data.parquet_dir)
-    if cfg.data.source == "mnist" or is_file(fs, f"{root}/metadata.json"):
+    where = cfg.data.parquet_dir
+    if not is_uri(where) and Path(where).is_file():
+        raise DataError(f"data.parquet_dir (--parquet-dir) {where} is a file; it names the folder of an image set "
+                        f"(metadata.json and Parquet shards), made on first use or by jobs/prepare_data.py")
+    with location_errors(where, "open the image set at"):
+        fs, root = open_folder(where)
+        prepared = is_file(fs, f"{root}/metadata.json")
+    if cfg.data.source == "mnist" or prepared:
         return ensure_parquet(cfg.data.parquet_dir, cfg.data.raw_root, cfg.model.image_size, cfg.data.download)
     if cfg.data.source == "prepared":
         raise DataError(f"no image set at {cfg.data.parquet_dir}; make it first with jobs/prepare_data.py "
