@@ -1,6 +1,6 @@
-"""infra/ checked offline: KubeRay manifests against KubeRay's own CRD schemas (made strict) and controller rules,
-Kubernetes objects with kubernetes-validate --strict, `ray up` configs with Ray's validation, the Dockerfiles with
-hadolint, YAML with yamllint; every check is shown to catch a planted mistake. The MLflow launcher runs for real."""
+"""infra/ checked by the tools that run beside it: `ray up` configs with Ray's validation, the jobs the manifests'
+entrypoints name, the Dockerfiles with hadolint, YAML with yamllint (each shown to catch a planted mistake), and the
+team MLflow server's launcher, run for real."""
 
 from __future__ import annotations
 
@@ -15,24 +15,12 @@ import yaml
 
 from infra.validate import (
     INFRA,
-    KUBERAY_KINDS,
-    crd_dir,
     documents,
     entrypoint_errors,
     ray_up_errors,
 )
+from tests.infra_cases import CLUSTER_CONFIGS
 from tests.support import REPO_ROOT, free_port, http_status, start_in_own_session, stop_process_group, wait_until
-
-needs_crds = pytest.mark.skipif(
-    crd_dir() is None, reason="KubeRay CRDs not found: put KubeRay v1.7.0's ray.io_rayjobs.yaml and "
-    "ray.io_rayclusters.yaml (ray-operator/config/crd/bases/) in ../shared/kuberay-crds or $SD3RAY_KUBERAY_CRDS")
-
-MANIFESTS = sorted(p for p in (INFRA / "k8s").rglob("*.yaml") if p.name != "kustomization.yaml")
-KUBERAY_DOCS = [(p, d) for p in MANIFESTS for d in documents(p) if d["kind"] in KUBERAY_KINDS]
-CORE_DOCS = [(p, d) for p in MANIFESTS for d in documents(p) if d["kind"] not in KUBERAY_KINDS]
-CLUSTER_CONFIGS = sorted((INFRA / "cluster").glob("*.yaml"))
-
-
 
 
 def test_entrypoints_must_name_a_job_with_flags_and_config_it_accepts() -> None:

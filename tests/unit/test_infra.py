@@ -1,6 +1,6 @@
-"""infra/ checked offline: KubeRay manifests against KubeRay's own CRD schemas (made strict) and controller rules,
-Kubernetes objects with kubernetes-validate --strict, `ray up` configs with Ray's validation, the Dockerfiles with
-hadolint, YAML with yamllint; every check is shown to catch a planted mistake. The MLflow launcher runs for real."""
+"""infra/ checked offline, in this process: KubeRay manifests against KubeRay's own CRD schemas (made strict) and
+controller rules, Kubernetes objects with kubernetes-validate --strict, the image's contents and the one Ray version;
+every check is shown to catch a planted mistake."""
 
 from __future__ import annotations
 
@@ -15,26 +15,16 @@ import yaml
 
 from infra.validate import (
     INFRA,
-    KUBERAY_KINDS,
     all_errors,
     controller_errors,
     core_errors,
-    crd_dir,
     documents,
     kuberay_errors,
     kuberay_schema,
     kustomization_errors,
     pinned_ray_version,
 )
-
-needs_crds = pytest.mark.skipif(
-    crd_dir() is None, reason="KubeRay CRDs not found: put KubeRay v1.7.0's ray.io_rayjobs.yaml and "
-    "ray.io_rayclusters.yaml (ray-operator/config/crd/bases/) in ../shared/kuberay-crds or $SD3RAY_KUBERAY_CRDS")
-
-MANIFESTS = sorted(p for p in (INFRA / "k8s").rglob("*.yaml") if p.name != "kustomization.yaml")
-KUBERAY_DOCS = [(p, d) for p in MANIFESTS for d in documents(p) if d["kind"] in KUBERAY_KINDS]
-CORE_DOCS = [(p, d) for p in MANIFESTS for d in documents(p) if d["kind"] not in KUBERAY_KINDS]
-CLUSTER_CONFIGS = sorted((INFRA / "cluster").glob("*.yaml"))
+from tests.infra_cases import CLUSTER_CONFIGS, CORE_DOCS, KUBERAY_DOCS, needs_crds
 
 
 def _ids(pairs: list[tuple[Path, dict]]) -> list[str]:
