@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -137,7 +138,8 @@ class MlflowTracker:
                 self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             return experiment.experiment_id
         try:
-            return self.client.create_experiment(self.experiment, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.uri,
+                                                 self.experiment), tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
         except MlflowException:
             if experiment := self.client.get_experiment_by_name(self.experiment):
                 return experiment.experiment_id
@@ -273,6 +275,18 @@ class MlflowTracker:
                   f"{redact(self.uri)}", flush=True)
         elif self._spool is not None and self._spool.is_dir():
             shutil.rmtree(self._spool, ignore_errors=True)
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts. With a SQLite file, MLflow's default is `./mlruns` of whatever
+    folder the process runs in, so one store's artifacts scatter over every folder a job was started from; here
+    they go beside the database, in `mlartifacts/EXPERIMENT` (the folder `mlflow server` uses by default). A server
+    or another database keeps its own default (None)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    folder = re.sub(r"[^\w.-]+", "_", experiment).strip("._") or "experiment"
+    return (Path(uri[len(prefix):]).resolve().parent / "mlartifacts" / folder).as_uri()
 
 
 def source_tags(argv0: str | None = None) -> dict[str, str]:

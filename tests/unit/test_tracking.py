@@ -1,4 +1,4 @@
-"""Training against a real MLflow server over HTTP, then reading back what a person would look at."""
+"""The tracking store: URIs resolved, a dead server named, and where a local store keeps its artifacts."""
 
 from pathlib import Path
 
@@ -20,3 +20,24 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path: Path, monkeypatch: pytes
     assert resolve_tracking_uri("") == f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
     assert resolve_tracking_uri("") == "http://example:5000"
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_its_database_not_in_the_working_folder(
+        tmp_path: Path, micro_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from sd3ray.tracking.mlflow_tracker import MlflowTracker
+
+    elsewhere = tmp_path / "started-here"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    tracker = MlflowTracker(uri, "a b/c", "artifacts")
+    run_id = tracker.start(micro_config())
+    (tmp_path / "note.txt").write_text("kept")
+    tracker.log_artifact(tmp_path / "note.txt")
+    tracker.finish()
+    assert list(elsewhere.iterdir()) == []  # no ./mlruns where the job happened to start
+    assert (tmp_path / "store" / "mlartifacts" / "a_b_c" / run_id / "artifacts" / "note.txt").read_text() == "kept"
+    assert "note.txt" in [a.path for a in MlflowClient(uri).list_artifacts(run_id)]
