@@ -1,10 +1,11 @@
-"""Ctrl-C, SIGTERM and `ray job stop` under Ray, as in local mode: the run stops after the step in flight, saves,
-and the driver names the checkpoint to resume from and exits 130 or 143.
+"""Ctrl-C, SIGTERM and `ray job stop` under Ray, as in local mode: the run stops within a few steps, saves, and the
+driver names the checkpoint to resume from and exits 130 or 143.
 
 The signal reaches the driver only (Ray's workers are not its children), so the driver relays it: a small actor
 holds the first signal received, and each worker polls it from a thread. Every rank must stop at the same step, to
-report the same checkpoint, so the ranks agree on the largest signal seen (`RayContext.stop_signal`). Ray Train's
-own SIGINT handler, which aborts the workers without a checkpoint, is left out (`Sd3rayTrainer`).
+report the same checkpoint, so several ranks agree on the largest signal seen every few steps
+(`RayContext.stop_signal`). Ray Train's own SIGINT handler, which aborts the workers without a checkpoint, is left
+out (`Sd3rayTrainer`).
 """
 
 from __future__ import annotations

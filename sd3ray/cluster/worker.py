@@ -37,6 +37,7 @@ from sd3ray.training.signals import Interrupted
 
 Placement = Literal["PACK", "SPREAD"]
 PRINT_PATCH_ENV = "RAY_TRAIN_ENABLE_PRINT_PATCH"
+STOP_AGREE_EVERY = 10  # steps between the ranks' agreement on a relayed signal (sd3ray.cluster.stop)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class RayContext:
         self._restored: tempfile.TemporaryDirectory | None = None
         self.run_tags = {"sd3ray.worker_nodes": ",".join(self._node_of_each_rank())}
         self._stop = StopWatcher(stop_flag) if stop_flag is not None else None
+        self._stop_checks = 0
 
     def _node_of_each_rank(self) -> list[str]:
         """Rank r's node address at index r: where the workers landed, recorded with the run."""
@@ -105,9 +107,15 @@ class RayContext:
         return self._all_reduce(value, dist.ReduceOp.MAX)
 
     def stop_signal(self) -> int | None:
-        """The signal the driver relayed, agreed on by every rank (the largest seen), so all stop at one step."""
+        """The signal the driver relayed. One worker reads its own flag; several agree on the largest one seen, so
+        all stop at one step, with a collective every STOP_AGREE_EVERY steps only (it syncs the host)."""
         if self._stop is None:
             return None  # a Tune trial: Tune stops it
+        if self.world_size == 1:
+            return self._stop.requested
+        self._stop_checks += 1  # every rank calls this once a step, so the counts agree
+        if self._stop_checks % STOP_AGREE_EVERY:
+            return None
         seen = torch.tensor([self._stop.requested or 0], device=self.device)
         return int(self.all_reduce_max(seen).item()) or None
 
