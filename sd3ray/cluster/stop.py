@@ -11,6 +11,7 @@ out (`Sd3rayTrainer`).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -73,4 +74,4 @@ class StopWatcher:
                 self.requested = ray.get(self._flag.get.remote(), timeout=30)
             except Exception:  # the driver and its flag are gone
                 return
-            threading.Event().wait(self._every_s)
+            time.sleep(self._every_s)
