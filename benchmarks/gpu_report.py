@@ -34,7 +34,7 @@ from sd3ray.config import Config, ConfigError, apply_overrides, from_dict, load_
 from sd3ray.data.format import read_split
 from sd3ray.data.prepare import prepare_dataset
 from sd3ray.evaluation.flops import peak_tflops, train_step_flops
-from sd3ray.evaluation.judge import Reference, judge_settings, load_judge
+from sd3ray.evaluation.judge import Reference, is_judge_metric, judge_settings, load_judge
 from sd3ray.inference import load_ema_model
 from sd3ray.tracking.protocol import NullTracker
 from sd3ray.training.context import LocalContext
@@ -112,10 +112,10 @@ class JudgementRecorder(NullTracker):
         self.evaluations: list[dict[str, float]] = []
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if "val/loss" in metrics:
+        if "loss/val" in metrics:
             self.evaluations.append({"step": step, "minutes": (time.monotonic() - self.started) / 60,
-                                     **{k: v for k, v in metrics.items() if k.startswith(("val/loss", "judge/"))
-                                        and "/accuracy_" not in k}})
+                                     **{k: v for k, v in metrics.items()
+                                        if k == "loss/val" or (is_judge_metric(k) and "/accuracy_" not in k)}})
 
 
 def quality_config(cfg: Config, minutes: float, output_dir: str) -> Config:
@@ -270,9 +270,9 @@ def to_markdown(header: dict[str, Any], sections: dict[str, Any]) -> str:
                   "| step | minutes | val loss | prompt accuracy | cFID | floor | cFID / floor |",
                   "|---|---|---|---|---|---|---|"]
         for e in quality["evaluations"]:
-            lines.append(f"| {e['step']} | {e['minutes']:.1f} | {e['val/loss']:.4f} | "
-                         f"{_fmt(e.get('judge/prompt_accuracy'), '.3f')} | {_fmt(e.get('judge/fid'), '.2f')} | "
-                         f"{_fmt(e.get('judge/fid_floor'), '.2f')} | {_fmt(e.get('judge/fid_ratio'), '.2f')} |")
+            lines.append(f"| {e['step']} | {e['minutes']:.1f} | {e['loss/val']:.4f} | "
+                         f"{_fmt(e.get('samples/accuracy'), '.3f')} | {_fmt(e.get('val/cfid'), '.2f')} | "
+                         f"{_fmt(e.get('val/cfid_floor'), '.2f')} | {_fmt(e.get('samples/cfid_ratio'), '.2f')} |")
         lines += guidance_table(quality.get("final_by_guidance") or [], "the run")
         lines.append("")
     if section := sections.get("levers"):
@@ -288,9 +288,10 @@ def to_markdown(header: dict[str, Any], sections: dict[str, Any]) -> str:
             if lever["skipped"]:
                 lines.append(f"| {lever['label']} | {overrides} | not run (time) | | | | | |")
             for e in lever.get("evaluations", []):
-                lines.append(f"| {lever['label']} | {overrides} | {e['step']} | {e['val/loss']:.4f} | "
-                             f"{_fmt(e.get('judge/prompt_accuracy'), '.3f')} | {_fmt(e.get('judge/fid'), '.1f')} | "
-                             f"{_fmt(e.get('judge/fid_ratio'), '.2f')} | {_fmt(e.get('judge/diversity'), '.2f')} |")
+                lines.append(f"| {lever['label']} | {overrides} | {e['step']} | {e['loss/val']:.4f} | "
+                             f"{_fmt(e.get('samples/accuracy'), '.3f')} | {_fmt(e.get('val/cfid'), '.1f')} | "
+                             f"{_fmt(e.get('samples/cfid_ratio'), '.2f')} | "
+                             f"{_fmt(e.get('samples/diversity'), '.2f')} |")
         lines.append("")
         for lever in levers:
             lines += guidance_table(lever.get("final_by_guidance") or [], f"lever {lever['label']}")
@@ -304,6 +305,6 @@ def guidance_table(rows: list[dict[str, float]], what: str) -> list[str]:
     lines = ["", f"Final weights of {what} at each guidance ({rows[0]['steps']} sampler steps):", "",
              "| guidance | prompt accuracy | cFID | cFID / floor | diversity (real) |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['guidance']:g} | {r['judge/prompt_accuracy']:.3f} | {r['judge/fid']:.1f} | "
-                     f"{r['judge/fid_ratio']:.2f} | {r['judge/diversity']:.2f} ({r['judge/diversity_real']:.2f}) |")
+        lines.append(f"| {r['guidance']:g} | {r['samples/accuracy']:.3f} | {r['val/cfid']:.1f} | "
+                     f"{r['samples/cfid_ratio']:.2f} | {r['samples/diversity']:.2f} ({r['val/diversity_real']:.2f}) |")
     return lines

@@ -81,9 +81,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
              "cFID/floor | diversity (real) |", "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['label']} | {budget_label(r)} | {r['wall_minutes']:.2f} | {r['step']} | "
-                     f"{r['images_seen'] / r['train_seconds']:.0f} | {r['judge/prompt_accuracy']:.3f} | "
-                     f"{r['judge/fid']:.2f} | {r['judge/fid_floor']:.2f} | {r['judge/fid_ratio']:.2f} | "
-                     f"{r['judge/diversity']:.2f} ({r['judge/diversity_real']:.2f}) |")
+                     f"{r['images_seen'] / r['train_seconds']:.0f} | {r['samples/accuracy']:.3f} | "
+                     f"{r['val/cfid']:.2f} | {r['val/cfid_floor']:.2f} | {r['samples/cfid_ratio']:.2f} | "
+                     f"{r['samples/diversity']:.2f} ({r['val/diversity_real']:.2f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,5 +95,5 @@ def ttq_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
                                           else f"{r['budget_minutes']:g}min")
         metrics.update({f"{prefix}/wall_minutes": r["wall_minutes"], f"{prefix}/steps": float(r["step"])})
         metrics.update({f"{prefix}/{key.split('/')[-1]}": r[key] for key in
-                        ("judge/prompt_accuracy", "judge/fid", "judge/fid_floor", "judge/fid_ratio")})
+                        ("samples/accuracy", "val/cfid", "val/cfid_floor", "samples/cfid_ratio")})
     return metrics

@@ -24,7 +24,14 @@ import torch
 from sd3ray.cli import add_guidance_args, add_tracking_args, job_parser, non_negative_float, positive_int, run_job
 from sd3ray.data.format import read_split
 from sd3ray.evaluation.figures import line_plot
-from sd3ray.evaluation.judge import Reference, judge_settings, load_judge, log_judged_settings, markdown_table
+from sd3ray.evaluation.judge import (
+    Reference,
+    is_judge_metric,
+    judge_settings,
+    load_judge,
+    log_judged_settings,
+    markdown_table,
+)
 from sd3ray.inference import load_ema_model, with_guidance
 from sd3ray.training.context import default_device
 
@@ -59,7 +66,7 @@ def main() -> int:
     table = markdown_table(rows)
     print(f"\ncheckpoint step {step}, {args.num_samples} samples per setting\n\n{table}")
     series = {f"{s} steps": ([r["guidance"] for r in rows if r["steps"] == s],
-                             [r["judge/prompt_accuracy"] for r in rows if r["steps"] == s]) for s in args.steps}
+                             [r["samples/accuracy"] for r in rows if r["steps"] == s]) for s in args.steps}
     plot = line_plot(series, "guidance scale", "prompt accuracy", f"step {step}")
     with tempfile.TemporaryDirectory() as tmp:
         out = args.output or Path(tmp)
@@ -90,8 +97,8 @@ def record_on_model_version(model_uri: str, tracking_uri: str, cfg, rows: list[d
     shipped = [r for r in rows if r["guidance"] == cfg.sample.guidance and r["steps"] == cfg.sample.steps]
     row = (shipped or rows)[0]
     setting = f"guidance {row['guidance']:g}, {row['steps']} {sampler} steps, {num_samples} samples"
-    record_scores(client, name, version, row, setting)
-    print(f"recorded on {name} version {version}: prompt accuracy {row['judge/prompt_accuracy']:.3f} ({setting})")
+    record_scores(client, name, version, {k: v for k, v in row.items() if is_judge_metric(k)}, setting)
+    print(f"recorded on {name} version {version}: prompt accuracy {row['samples/accuracy']:.3f} ({setting})")
     if alias:
         moved, before = promote_if_better(client, name, version, alias)
         print(f"{alias}: {'now' if moved else 'stays'} {name} version {version if moved else before}"

@@ -49,13 +49,13 @@ def main() -> int:
         rows.append({"step": data.step, "train_minutes": seconds / 60, **row})
     print("| step | train min | prompt acc | cFID | floor | cFID/floor |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['step']} | {r['train_minutes']:.1f} | {r['judge/prompt_accuracy']:.3f} | {r['judge/fid']:.2f} | "
-              f"{r['judge/fid_floor']:.2f} | {r['judge/fid_ratio']:.2f} |")
+        print(f"| {r['step']} | {r['train_minutes']:.1f} | {r['samples/accuracy']:.3f} | {r['val/cfid']:.2f} | "
+              f"{r['val/cfid_floor']:.2f} | {r['samples/cfid_ratio']:.2f} |")
     out = args.output or args.run_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "curve.json").write_text(json.dumps(rows, indent=2))
     minutes = [r["train_minutes"] for r in rows]
-    plot = line_plot({"prompt accuracy": (minutes, [r["judge/prompt_accuracy"] for r in rows])},
+    plot = line_plot({"prompt accuracy": (minutes, [r["samples/accuracy"] for r in rows])},
                      "training minutes", "prompt accuracy", f"{args.run_dir.name} ({args.num_samples} samples)")
     from PIL import Image
 

@@ -150,7 +150,7 @@ def sweep_file(tmp_path: Path, mnist_parquet: Path, name: str, widths: list[int]
         "overrides": [*MICRO, f"data.parquet_dir={mnist_parquet}", "train.steps=6", "train.eval_every=2",
                       "train.ckpt_every=2", "train.log_every=2", f"train.output_dir={tmp_path / 'runs'}",
                       f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.experiment={name}"],
-        "name": name, "storage_path": str(tmp_path / "tune"), "metric": "val/loss", "mode": "min",
+        "name": name, "storage_path": str(tmp_path / "tune"), "metric": "loss/val", "mode": "min",
         "widths": widths, "head_dim": 16,
         "schemes": [{"scheme": "uniform"}, {"scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}],
         **extra,

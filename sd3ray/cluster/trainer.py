@@ -28,7 +28,7 @@ from sd3ray.data.prepare import prepare_dataset
 from sd3ray.data.streaming import streams
 from sd3ray.errors import ResourceError, StorageError
 from sd3ray.storage import check_shared, is_uri, join, redact, resolve_tracking_uri
-from sd3ray.tracking.mlflow_tracker import check_reachable, source_tags
+from sd3ray.tracking.mlflow_tracker import check_reachable, review_hint, source_tags
 from sd3ray.training.run_lock import run_lock
 from sd3ray.training.signals import Interrupted, signal_name
 
@@ -200,6 +200,8 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
             else "nothing was saved yet"
         raise Interrupted(redact(f"{signal_name(stop.requested)}: stopped at step {metrics.get('step')} and "
                                  f"{kept}"), stop.requested)
-    print(redact(f"sd3ray: done at step {metrics.get('step')}; val/loss {metrics.get('val/loss')}; checkpoint "
-                 f"{final}"), flush=True)
+    print(redact(f"sd3ray: done at step {metrics.get('step')}; loss/val {metrics.get('loss/val')}; checkpoint "
+                 f"{final}; MLflow run {metrics.get('mlflow_run_id')}"), flush=True)
+    if tracking and metrics.get("mlflow_run_id"):
+        print(review_hint(cfg.tracking.uri, metrics["mlflow_run_id"]), flush=True)
     return result

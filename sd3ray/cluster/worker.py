@@ -127,7 +127,7 @@ class RayContext:
         return Path(checkpoint.to_directory(self._restored.name))
 
     def save_and_report(self, data: CheckpointData | None, metrics: dict[str, Any]) -> str | None:
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}  # the run id is a str
         if data is None:
             ray.train.report(scalars)
             return None

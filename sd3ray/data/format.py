@@ -132,6 +132,21 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def dataset_digest(parquet_dir: str | Path) -> str:
+    """A short fingerprint of an image set: its metadata.json and every shard's name and size, which change when
+    the set is rebuilt from other images, read without reading the shards themselves (cheap on object storage)."""
+    import hashlib
+
+    meta = read_metadata(parquet_dir)
+    fs, root = open_folder(parquet_dir)
+    names = [name for split in meta["splits"].values() for name in split["shards"]]
+    with location_errors(parquet_dir, "read the image set at"):
+        sizes = [info.size for info in fs.get_file_info([f"{root}/{name}" for name in names])]
+    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    digest.update(json.dumps(list(zip(names, sizes))).encode())
+    return digest.hexdigest()[:16]
+
+
 def read_metadata(parquet_dir: str | Path) -> dict:
     with location_errors(parquet_dir, "read the image set at"):
         fs, root = open_folder(parquet_dir)

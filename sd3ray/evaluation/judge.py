@@ -31,7 +31,8 @@ from sd3ray.errors import DataError
 from sd3ray.evaluation.figures import confusion_image
 from sd3ray.inference import generate
 from sd3ray.model import Denoiser
-from sd3ray.tracking.protocol import Tracker
+from sd3ray.storage import is_uri
+from sd3ray.tracking.protocol import EVAL_SECONDS, Tracker
 
 JUDGE_VERSION = "cnn-v1"
 JUDGE_EPOCHS = 3
@@ -193,6 +194,20 @@ class Reference:
         return self._floors[n]
 
 
+# The judge's metric keys, named for the order MLflow's UI shows them in: sections by the key's prefix,
+# alphabetically, and a section only for a prefix some metric has (images join the section of their prefix).
+# `samples/` (prompt accuracy, the cFID ratio, diversity, then the grid and confusion images) follows `loss/`; the
+# raw numbers and the per-digit accuracies come after, under `val/`.
+HEADLINE_PREFIX, DETAIL_PREFIXES = "samples/", ("val/accuracy_", "val/cfid", "val/diversity")
+# the same for every evaluation of a run (they depend on the reference set and the sample count only): MLflow params
+CONSTANT_METRICS = ("val/cfid_floor", "val/diversity_real")
+
+
+def is_judge_metric(key: str) -> bool:
+    return key.startswith((HEADLINE_PREFIX, *DETAIL_PREFIXES)) and key != EVAL_SECONDS
+
+
+
 def judge_images(reference: Reference, images: torch.Tensor, digits: torch.Tensor, prompts: list[str]) -> JudgeReport:
     """Score uint8 images that were prompted with `prompts` asking for `digits` (N,)."""
     preds, feats = judge_outputs(reference.judge, images)
@@ -200,16 +215,16 @@ def judge_images(reference: Reference, images: torch.Tensor, digits: torch.Tenso
     word = torch.tensor([is_word_prompt(p) for p in prompts])
     fid = frechet_distance(feats.numpy(), reference.test_features.numpy())
     floor = reference.floor(len(images))
-    metrics = {"judge/prompt_accuracy": correct.mean().item(), "judge/fid": fid, "judge/fid_floor": floor,
-               "judge/fid_ratio": fid / max(floor, 1e-12)}
+    metrics = {"samples/accuracy": correct.mean().item(), "val/cfid": fid, "val/cfid_floor": floor,
+               "samples/cfid_ratio": fid / max(floor, 1e-12)}
     if word.any() and (~word).any():
-        metrics["judge/accuracy_word"] = correct[word].mean().item()
-        metrics["judge/accuracy_numeral"] = correct[~word].mean().item()
+        metrics["val/accuracy_word"] = correct[word].mean().item()
+        metrics["val/accuracy_numeral"] = correct[~word].mean().item()
     for d in range(10):
         if (chosen := digits == d).any():
-            metrics[f"judge/accuracy_{d}"] = correct[chosen].mean().item()
-    metrics["judge/diversity"] = per_digit_diversity(feats, digits)
-    metrics["judge/diversity_real"] = reference.real_diversity
+            metrics[f"val/accuracy_{d}"] = correct[chosen].mean().item()
+    metrics["samples/diversity"] = per_digit_diversity(feats, digits)
+    metrics["val/diversity_real"] = reference.real_diversity
     confusion = np.zeros((10, 10), np.int64)
     np.add.at(confusion, (digits.numpy(), preds.numpy()), 1)
     return JudgeReport(metrics, confusion)
@@ -236,7 +251,7 @@ class SampleJudge:
     def __call__(self, model: Denoiser, step: int) -> JudgeReport:
         images = generate(model, self.prompts, self.cfg, EVAL_SEED, self.device, batch_size=self.cfg.eval.batch_size)
         report = judge_images(self.reference, images, self.digits, self.prompts)
-        report.images["confusion"] = confusion_image(report.confusion, f"step {step}")
+        report.images["samples/confusion"] = confusion_image(report.confusion, f"step {step}")
         return report
 
 
@@ -257,8 +272,8 @@ def judge_settings(model: Denoiser, cfg: Config, reference: Reference, guidances
             report = judge_images(reference, images, digits, prompts)
             rows.append({"guidance": guidance, "steps": num_steps, **report.metrics,
                          "seconds": time.perf_counter() - started})
-            print(f"guidance {guidance:g} steps {num_steps}: accuracy {report.metrics['judge/prompt_accuracy']:.3f} "
-                  f"FID {report.metrics['judge/fid']:.2f} (floor {report.metrics['judge/fid_floor']:.2f})", flush=True)
+            print(f"guidance {guidance:g} steps {num_steps}: accuracy {report.metrics['samples/accuracy']:.3f} "
+                  f"FID {report.metrics['val/cfid']:.2f} (floor {report.metrics['val/cfid_floor']:.2f})", flush=True)
     return rows
 
 
@@ -266,10 +281,10 @@ def markdown_table(rows: list[dict[str, float]]) -> str:
     header = "| guidance | steps | prompt acc | numeral | word | cFID | floor | cFID/floor | diversity (real) | s |"
     lines = [header, "|" + "---|" * 10]
     for r in rows:
-        numeral, word = r.get("judge/accuracy_numeral", float("nan")), r.get("judge/accuracy_word", float("nan"))
-        lines.append(f"| {r['guidance']:g} | {r['steps']} | {r['judge/prompt_accuracy']:.3f} | {numeral:.3f} | "
-                     f"{word:.3f} | {r['judge/fid']:.2f} | {r['judge/fid_floor']:.2f} | {r['judge/fid_ratio']:.2f} | "
-                     f"{r['judge/diversity']:.2f} ({r['judge/diversity_real']:.2f}) | {r['seconds']:.0f} |")
+        numeral, word = r.get("val/accuracy_numeral", float("nan")), r.get("val/accuracy_word", float("nan"))
+        lines.append(f"| {r['guidance']:g} | {r['steps']} | {r['samples/accuracy']:.3f} | {numeral:.3f} | "
+                     f"{word:.3f} | {r['val/cfid']:.2f} | {r['val/cfid_floor']:.2f} | {r['samples/cfid_ratio']:.2f} | "
+                     f"{r['samples/diversity']:.2f} ({r['val/diversity_real']:.2f}) | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -279,13 +294,15 @@ def log_judged_settings(tracker: Tracker, cfg: Config, checkpoint: str, step: in
     it), so the UI shows it beside that run without touching the training run's own metrics or status."""
     meta_path = Path(checkpoint) / "meta.json"
     training_run = json.loads(meta_path.read_text()).get("mlflow_run_id") if meta_path.is_file() else checkpoint
-    tags = {"sd3ray.evaluated_checkpoint": str(checkpoint), "sd3ray.evaluated_step": str(step)}
+    where = checkpoint if is_uri(str(checkpoint)) or str(checkpoint).startswith("models:/") else \
+        str(Path(checkpoint).resolve())
+    tags = {"sd3ray.evaluated_checkpoint": where, "sd3ray.evaluated_step": str(step)}
     run_id = tracker.start(cfg, None, tags=tags, run_name=f"evaluate-step{step}", parent_run_id=training_run or "")
     for row in rows:
         prefix = f"eval/g{row['guidance']:g}_s{row['steps']}"
-        tracker.log_metrics({f"{prefix}/{k.split('/')[-1]}": v for k, v in row.items() if k.startswith("judge/")},
+        tracker.log_metrics({f"{prefix}/{k.split('/')[-1]}": v for k, v in row.items() if is_judge_metric(k)},
                             step)
-    tracker.log_image("eval_accuracy_vs_guidance", plot, step)
+    tracker.log_image("samples/accuracy_vs_guidance", plot, step)
     tracker.log_artifact(files, "evaluation")
     tracker.finish("FINISHED")
     return run_id

@@ -71,5 +71,5 @@ def validation_losses(model: Denoiser, val: ValidationSet, batch_size: int = 256
         totals += losses * (stop - start)
     per_level = (totals / len(val.prompts)).tolist()
     metrics = {f"val/loss_t{level:.3f}": loss for level, loss in zip(val.levels.tolist(), per_level)}
-    metrics["val/loss"] = sum(per_level) / len(per_level)
+    metrics["loss/val"] = sum(per_level) / len(per_level)
     return metrics

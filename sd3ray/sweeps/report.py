@@ -15,7 +15,7 @@ from sd3ray.evaluation.figures import line_plot
 from sd3ray.sweeps.spec import SchemeSpec, SweepSpec, base_config, trial_label
 from sd3ray.tracking.protocol import Tracker
 
-SUMMARY_METRICS = ("val/loss", "judge/prompt_accuracy", "judge/fid_ratio")
+SUMMARY_METRICS = ("loss/val", "samples/accuracy", "samples/cfid_ratio")
 
 
 def summarize(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
@@ -84,7 +84,7 @@ def best_grids(tracker: Tracker, rows: list[dict[str, Any]]) -> np.ndarray:
             best.setdefault(row["scheme"], row)
     panels = []
     for scheme, row in best.items():
-        grid = tracker.latest_child_image(row["trial"], "samples")
+        grid = tracker.latest_child_image(row["trial"], "samples/grid")
         if grid is not None:
             panels.append((f"{scheme}\n{row['trial']}", grid))
     if not panels:

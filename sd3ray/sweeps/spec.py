@@ -23,7 +23,13 @@ from sd3ray.config import (
     load_config,
     read_yaml_file,
 )
+from sd3ray.evaluation.judge import is_judge_metric
 from sd3ray.storage import is_uri
+
+# metric keys as sweep files named them before they were grouped for MLflow's UI (docs/tracking.md)
+RENAMED_METRICS = {"val/loss": "loss/val", "train/loss": "loss/train", "judge/prompt_accuracy": "samples/accuracy",
+                   "judge/fid_ratio": "samples/cfid_ratio", "judge/fid": "val/cfid",
+                   "judge/diversity": "samples/diversity"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class SweepSpec:
     storage_path: str = "runs/tune"
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = 1  # grid: repeats of the grid; random/optuna: total trials
-    metric: str = "val/loss"
+    metric: str = "loss/val"
     mode: Literal["min", "max"] = "min"
     widths: tuple[int, ...] = (64, 128)
     head_dim: int = 32  # heads = width / head_dim: heads scale with width
@@ -94,7 +100,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, config_over
     if base.train.ckpt_every % base.train.eval_every:
         raise ConfigError(f"train.ckpt_every ({base.train.ckpt_every}) must be a multiple of train.eval_every "
                           f"({base.train.eval_every}) in a sweep, so every report carries {spec.metric}")
-    if spec.metric.startswith("judge/") and base.eval.num_samples == 0:
+    if spec.metric in RENAMED_METRICS:
+        raise ConfigError(f"metric {spec.metric} is now called {RENAMED_METRICS[spec.metric]}: write metric: "
+                          f"{RENAMED_METRICS[spec.metric]} in {path}")
+    if is_judge_metric(spec.metric) and base.eval.num_samples == 0:
         raise ConfigError(f"metric {spec.metric} needs the judge: set eval.num_samples > 0 in overrides")
     check_asha(spec.asha, base.train.steps)
     if is_uri(spec.storage_path):

@@ -4,6 +4,7 @@ rank 0 holds one (other ranks get a NullTracker).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -11,16 +12,22 @@ import shutil
 import subprocess
 import time
 import urllib.request
+import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sd3ray.config import Config, config_hash, flatten, to_yaml
-from sd3ray.errors import TrackingError
-from sd3ray.storage import redact, resolve_tracking_uri
+from sd3ray.data.format import dataset_digest
+from sd3ray.errors import Sd3rayError, TrackingError
+from sd3ray.storage import is_uri, redact, resolve_tracking_uri
 from sd3ray.tracking.outbox import IMAGE_WEIGHT, Outbox, Write, is_permanent
 from sd3ray.tracking.protocol import NullTracker, Tracker
 from sd3ray.tracking.system_metrics import SystemSampler
+
+if TYPE_CHECKING:
+    from mlflow.entities import DatasetInput
 
 # MLflow's INFO lines (creating database tables, validating the model's input example) and its artifact progress
 # bars would land between the training lines; set before mlflow is first imported, and a user's own setting wins.
@@ -28,9 +35,13 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 UNDELIVERED_FILE = "undelivered.jsonl"  # in train.output_dir/mlflow-undelivered/RUN_ID/
-PROGRESS_METRIC = "train/loss"  # its last logged step marks how far a resumed run had logged
+PROGRESS_METRIC = "loss/train"  # its last logged step marks how far a resumed run had logged
 # MLflow 3's UI opens an experiment by its kind; untagged ones it may take for GenAI (traces, prompts)
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# ...but MLflow 3.17's UI follows the browser's GenAI / Model training switch (GenAI by default) whatever the tag
+# says; a link that carries this opens the training view and the browser remembers it
+TRAINING_VIEW = "workflowType=machine_learning"
+UI_PORT = 5000  # `mlflow ui`'s default
 SYSTEM_PROGRESS_METRIC = "system/cpu_utilization_percentage"
 
 
@@ -74,6 +85,7 @@ class MlflowTracker:
         self._spool: Path | None = None  # undelivered writes and artifact copies wait here
         self._sampler: SystemSampler | None = None
         self._system_step = 0  # the next system-metrics step (a resumed run continues its series)
+        self._params: set[str] = set()  # keys this run holds already: params cannot change once logged
 
     def start(self, cfg: Config, run_id: str | None = None, tags: dict[str, str] | None = None,
               run_name: str | None = None, parent_run_id: str | None = None) -> str | None:
@@ -108,6 +120,7 @@ class MlflowTracker:
             self._logged_through = max((m.step for m in history), default=-1)
             system = self.client.get_metric_history(run_id, SYSTEM_PROGRESS_METRIC)
             self._system_step = max((m.step for m in system), default=-1) + 1
+            self._params = set(self.client.get_run(run_id).data.params)
             return run_id
         all_tags = {"sd3ray.config_hash": config_hash(cfg), "mlflow.source.git.commit": git_commit(),
                     **source_tags(), **(tags or {})}
@@ -125,7 +138,14 @@ class MlflowTracker:
         params = [Param(k, redact(str(v))) for k, v in flatten(cfg).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        self._params = {param.key for param in params}
         self.client.log_text(run.info.run_id, redact(to_yaml(cfg)), "config.yaml")
+        try:
+            dataset = dataset_input(cfg.data.parquet_dir)
+        except Sd3rayError:  # no set there yet (a sweep's parent run opens before its trials prepare it)
+            dataset = None
+        if dataset is not None:
+            self.client.log_inputs(run.info.run_id, datasets=[dataset])
         return run.info.run_id
 
     def _experiment_id(self) -> str:
@@ -170,6 +190,18 @@ class MlflowTracker:
         run_id = self.run_id
         self._put(Write(lambda: self.client.log_batch(run_id, metrics=batch), f"metrics of step {step}",
                         record={"step": step, "timestamp": now, "metrics": {m.key: m.value for m in batch}}))
+
+    def log_params(self, params: dict[str, float | int | str]) -> None:
+        """Params not logged yet (a resumed run has its first logging's); MLflow refuses to change a param."""
+        fresh = {k: str(v) for k, v in params.items() if k not in self._params}
+        if not fresh:
+            return
+        self._params.update(fresh)
+        from mlflow.entities import Param
+
+        run_id, batch = self.run_id, [Param(k, v) for k, v in fresh.items()]
+        self._put(Write(lambda: self.client.log_batch(run_id, params=batch), f"params {', '.join(fresh)}",
+                        record={"params": fresh}))
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         if step > self._logged_through:
@@ -246,7 +278,8 @@ class MlflowTracker:
         runs = self._child_runs(child_run_name)
         if not runs:
             return None
-        prefix = f"images/{key}+step+"  # MlflowClient.log_image's file names: KEY+step+STEP+timestamp+uuid.png
+        # MlflowClient.log_image's file names: KEY+step+STEP+timestamp+uuid.png, with KEY's "/" written as "~"
+        prefix = f"images/{key.replace('/', '~')}+step+"
         images = [a.path for a in self.client.list_artifacts(runs[0].info.run_id, "images")
                   if a.path.startswith(prefix) and a.path.endswith(".png")]
         if not images:
@@ -275,6 +308,48 @@ class MlflowTracker:
                   f"{redact(self.uri)}", flush=True)
         elif self._spool is not None and self._spool.is_dir():
             shutil.rmtree(self._spool, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the folder of every run's leftovers goes when it holds none
+                self._spool.parent.rmdir()
+
+
+def dataset_input(parquet_dir: str) -> DatasetInput:
+    """The image set as the run's MLflow dataset input (name, digest, source, schema): the runs table's Dataset
+    column and its filter then tell which data each run trained on."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import ColSpec, Schema
+
+    location = parquet_dir if is_uri(parquet_dir) else str(Path(parquet_dir).resolve())
+    name = Path(location.split("?", 1)[0].rstrip("/")).name or "images"
+    with warnings.catch_warnings():  # a local folder matches MLflow's local source twice, and it says so
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(redact(location))
+    schema = Schema([ColSpec("binary", "image"), ColSpec("integer", "label"), ColSpec("string", "caption")])
+    dataset = MetaDataset(source, name=name, digest=dataset_digest(parquet_dir), schema=schema)
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")])
+
+
+def ui_url(base: str, experiment_id: str, run_id: str | None = None, tab: str = "") -> str:
+    """The MLflow UI's page of an experiment (or one of its runs, on `tab`: model-metrics, artifacts, ...) in its
+    training view."""
+    page = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + (f"/{tab}" if tab else "")
+    return f"{base.rstrip('/')}/{page}?{TRAINING_VIEW}"
+
+
+def review_hint(uri: str, run_id: str) -> str:
+    """One console line: where the run is and how to open it, as a command and a link (the training view)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(uri)
+    try:
+        experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    except Exception:  # the store is away: the run id still finds it later
+        return f"sd3ray: MLflow run {run_id} at {redact(uri)}"
+    if uri.startswith(("http://", "https://")):
+        return f"sd3ray: review it at {ui_url(redact(uri), experiment_id, run_id)}"
+    return (f"sd3ray: review it: mlflow ui --backend-store-uri {uri} --port {UI_PORT}, then open "
+            f"{ui_url(f'http://127.0.0.1:{UI_PORT}', experiment_id, run_id)}")
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

@@ -11,6 +11,11 @@ import numpy as np
 
 from sd3ray.config import Config
 
+# MLflow's UI shows a run's metrics in sections by the key's prefix, alphabetically, and a section only for a prefix
+# some metric has (an image joins its prefix's section). `samples/` holds the grids; this metric, logged at every
+# evaluation, gives them their section even when no judge scores the samples.
+EVAL_SECONDS = "samples/seconds"  # what sampling (and judging) took at an eval step
+
 
 class Tracker(Protocol):
     """Everything sd3ray records, and the one thing it reads back. A backend implements these and nothing else:
@@ -24,6 +29,11 @@ class Tracker(Protocol):
         to `cfg.tracking`'s; a child run lives beside its parent. Returns the run id (None if nothing records)."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_params(self, params: dict[str, float | int | str]) -> None:
+        """Values that stay the same for the whole run (the global batch, the judge's FID floor), logged once as
+        params beside the config's rather than as flat charts; logging a value again is a no-op."""
+
     def log_image(self, key: str, image: np.ndarray, step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
@@ -57,6 +67,7 @@ class NullTracker:
         return run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_params(self, params: dict[str, float | int | str]) -> None: ...
     def log_image(self, key: str, image: np.ndarray, step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...

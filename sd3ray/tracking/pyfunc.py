@@ -12,6 +12,7 @@ model is logged as code (`pyfunc_entry.py`), not as a pickle: loading it runs sd
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import pandas as pd
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config
 
-MODEL_NAME = "model"  # the logged model's name within its run
+ENTRY_FILE = Path(__file__).resolve().with_name("pyfunc_entry.py")
 CHECKPOINT_ARTIFACT = "checkpoint"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # sd3ray/, shipped whole as the model's code
 # what serving in a fresh environment installs (`mlflow models serve` without --env-manager local)
@@ -73,6 +74,12 @@ def signature(cfg: Config):
                             ParamSpec("guidance_high", "double", float(s.guidance_interval[1]))]))
 
 
+def model_name(run_name: str) -> str:
+    """The logged model's name, after its run: MLflow's model list then tells one run's model from another's.
+    MLflow refuses / : . % and quotes in it."""
+    return "sd3ray-" + (re.sub(r"[/:.%\"'\s]+", "_", run_name).strip("_") or "model")
+
+
 def log_pyfunc_model(tracking_uri: str, run_id: str, cfg: Config, step: int, ema: dict, registered_model: str = ""):
     """Log the EMA weights of run `run_id` as its pyfunc model (registered as `registered_model` when given).
     Returns MLflow's ModelInfo (`model_uri`, `registered_model_version`)."""
@@ -80,13 +87,38 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, cfg: Config, step: int, ema
     import pandas as pd
 
     mlflow.set_tracking_uri(tracking_uri)
+    run_name = mlflow.MlflowClient().get_run(run_id).info.run_name or ""
     with tempfile.TemporaryDirectory(prefix="sd3ray-model-") as tmp:
         checkpoint = write_checkpoint(Path(tmp) / CHECKPOINT_ARTIFACT, CheckpointData(step, cfg, {}, ema),
                                       weights_only=True)
         with mlflow.start_run(run_id=run_id):
-            return mlflow.pyfunc.log_model(
-                name=MODEL_NAME, python_model=str(Path(__file__).resolve().with_name("pyfunc_entry.py")),
+            info = mlflow.pyfunc.log_model(
+                name=model_name(run_name), python_model=str(ENTRY_FILE),
                 artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
                 code_paths=[str(PACKAGE_DIR)], signature=signature(cfg), pip_requirements=REQUIREMENTS,
                 input_example=pd.DataFrame({"prompt": ["7", "seven"]}), step=step,
                 registered_model_name=registered_model or None)
+        clean_mlmodel(info.model_id, Path(tmp))
+    return info
+
+
+def clean_mlmodel(model_id: str, scratch: Path) -> None:
+    """Rewrite the logged MLmodel without the paths of the machine that logged it: MLflow records where the
+    models-from-code file and the checkpoint were copied from (a checkout, a temporary folder), and reads neither
+    back: it loads the copies inside the model, the code file by its base name (`_load_context_model_and_signature`)
+    and the artifacts by their relative `path`. What a user reads then names nothing that is gone."""
+    import mlflow
+    import yaml
+
+    client = mlflow.MlflowClient()
+    location = client.get_logged_model(model_id).artifact_location.rstrip("/")
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/MLmodel",
+                                                     dst_path=str(scratch / "mlmodel")))
+    spec = yaml.safe_load(local.read_text())
+    flavor = spec.get("flavors", {}).get("python_function", {})
+    if "model_code_path" in flavor:
+        flavor["model_code_path"] = Path(flavor["model_code_path"]).name
+    for artifact in flavor.get("artifacts", {}).values():
+        artifact.pop("uri", None)
+    local.write_text(yaml.safe_dump(spec, sort_keys=False))
+    client.log_model_artifact(model_id, str(local))

@@ -8,8 +8,10 @@ from typing import Any
 
 from sd3ray.errors import Sd3rayError
 
-RANKING_METRIC = "judge/prompt_accuracy"  # higher wins; ties go to the lower classifier-FID ratio
-TIE_BREAKER = "judge/fid_ratio"
+RANKING_METRIC = "samples/accuracy"  # higher wins; ties go to the lower classifier-FID ratio
+TIE_BREAKER = "samples/cfid_ratio"
+# versions judged before the metric keys were named for the UI's order carry these tags instead
+LEGACY_KEYS = {RANKING_METRIC: "judge/prompt_accuracy", TIE_BREAKER: "judge/fid_ratio"}
 VERSION_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 
 
@@ -35,19 +37,28 @@ def model_version(client: Any, model_uri: str) -> tuple[str, str]:
 def record_scores(client: Any, name: str, version: str, scores: dict[str, float], setting: str) -> None:
     """The judge's scores as tags of the model version, with the sampler setting they were measured at."""
     for key, value in scores.items():
-        if key.startswith("judge/"):
-            client.set_model_version_tag(name, version, key, f"{value:.6g}")
+        client.set_model_version_tag(name, version, key, f"{value:.6g}")
     client.set_model_version_tag(name, version, "judge/setting", setting)
 
 
 def beats(candidate: dict[str, str], incumbent: dict[str, str]) -> bool:
     """Whether a version's recorded scores beat another's: higher prompt accuracy, then lower FID ratio."""
-    if RANKING_METRIC not in incumbent:
+    if score(incumbent, RANKING_METRIC) is None:
         return True
-    a, b = float(candidate[RANKING_METRIC]), float(incumbent[RANKING_METRIC])
+    a, b = score(candidate, RANKING_METRIC), score(incumbent, RANKING_METRIC)
     if a != b:
-        return a > b
-    return float(candidate.get(TIE_BREAKER, "inf")) < float(incumbent.get(TIE_BREAKER, "inf"))
+        return a is not None and a > b
+    def ratio(tags: dict[str, str]) -> float:
+        value = score(tags, TIE_BREAKER)
+        return float("inf") if value is None else value
+
+    return ratio(candidate) < ratio(incumbent)
+
+
+def score(tags: dict[str, str], key: str) -> float | None:
+    """A version's recorded score under its key, or the key it was recorded under before; None if unjudged."""
+    value = tags.get(key, tags.get(LEGACY_KEYS.get(key, ""), None))
+    return None if value is None else float(value)
 
 
 def promote_if_better(client: Any, name: str, version: str, alias: str) -> tuple[bool, str | None]:

@@ -73,7 +73,7 @@ def _mark_sent(folder: Path, count: int) -> None:
 
 def sender(client: Any, run_id: str, folder: Path) -> Callable[[dict[str, Any]], str | None]:
     """A function that sends one saved record to the run and returns None, or returns why it cannot be sent."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
 
     def send(record: dict[str, Any]) -> str | None:
         if "metrics" in record:
@@ -91,6 +91,8 @@ def sender(client: Any, run_id: str, folder: Path) -> Callable[[dict[str, Any]],
                 return f"artifact {copy.name} (its saved copy {copy} is gone)"
             log = client.log_artifacts if copy.is_dir() else client.log_artifact
             log(run_id, str(copy), record.get("artifact_path"))
+        elif "params" in record:
+            client.log_batch(run_id, params=[Param(k, v) for k, v in record["params"].items()])
         elif "tags" in record:
             for key, value in record["tags"].items():
                 client.set_tag(run_id, key, value)

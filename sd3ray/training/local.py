@@ -8,7 +8,7 @@ import torch
 
 from sd3ray.config import Config
 from sd3ray.data.prepare import prepare_dataset
-from sd3ray.tracking.mlflow_tracker import make_tracker
+from sd3ray.tracking.mlflow_tracker import make_tracker, review_hint
 from sd3ray.training.context import LocalContext, default_device, process_launched_at, resolve_resume
 from sd3ray.training.loop import TrainResult, train
 from sd3ray.training.run_lock import run_lock
@@ -29,4 +29,6 @@ def run_local(cfg: Config, name: str | None, default_name: str, resume: str | No
                            keep=cfg.train.keep_checkpoints, launched_at=process_launched_at(), stop=stop)
         result = train(cfg, ctx, make_tracker(cfg, enabled=tracking))
     print(f"sd3ray: done at step {result.step}; checkpoint {result.checkpoint}; MLflow run {result.run_id}")
+    if result.run_id:
+        print(review_hint(cfg.tracking.uri, result.run_id), flush=True)
     return result

@@ -28,11 +28,12 @@ from sd3ray.data.streaming import StreamedBatches, describe_choice, streams
 from sd3ray.errors import Sd3rayError
 from sd3ray.evaluation.figures import make_grid
 from sd3ray.evaluation.flops import peak_tflops, train_step_flops
-from sd3ray.evaluation.judge import SampleJudge, is_digit_data
+from sd3ray.evaluation.judge import CONSTANT_METRICS, SampleJudge, is_digit_data
 from sd3ray.evaluation.validation import GRID_SEED, ValidationSet, validation_losses
 from sd3ray.inference import generate
 from sd3ray.model import Denoiser, count_parameters
-from sd3ray.tracking.protocol import Tracker
+from sd3ray.storage import is_uri
+from sd3ray.tracking.protocol import EVAL_SECONDS, Tracker
 from sd3ray.training.context import RunContext
 from sd3ray.training.machine import peak_memory_gib
 from sd3ray.training.signals import Interrupted, signal_name
@@ -192,14 +193,17 @@ def validate_and_judge(ema_model: Denoiser, val: ValidationSet, cfg: Config, dev
                   step: int, judge: SampleJudge | None) -> dict[str, float]:
     """Rank 0: fixed-t validation loss, the sample grid, and judge metrics with a confusion matrix."""
     metrics = validation_losses(ema_model, val)
+    started = time.perf_counter()
     grid = generate(ema_model, val.grid_prompts, cfg, GRID_SEED, device)
-    tracker.log_image("samples", make_grid(grid), step)
+    tracker.log_image("samples/grid", make_grid(grid), step)
     if judge is not None:
         report = judge(ema_model, step)
         metrics.update(report.metrics)
         for key, image in report.images.items():
             tracker.log_image(key, image, step)
-    tracker.log_metrics(metrics, step)
+    metrics[EVAL_SECONDS] = time.perf_counter() - started
+    tracker.log_params({key: metrics[key] for key in CONSTANT_METRICS if key in metrics})
+    tracker.log_metrics({k: v for k, v in metrics.items() if k not in CONSTANT_METRICS}, step)
     return metrics
 
 
@@ -226,14 +230,19 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
         horizon.resume(step, meta.get("lr_horizon"))
     run_id, seconds_before = meta.get("mlflow_run_id"), float(meta.get("train_seconds", 0.0))
     run_id = tracker.start(cfg, run_id, tags={"sd3ray.world_size": str(ctx.world_size), **ctx.run_tags})
+    run_ref = {"mlflow_run_id": run_id} if run_id else {}  # in every report: the Ray driver names the run at the end
     if ctx.is_main:
         mmdit_m, text_m = count_parameters(model.mmdit) / 1e6, count_parameters(model.text_encoder) / 1e6
         print(f"sd3ray: {mmdit_m:.2f}M MM-DiT + {text_m:.2f}M text params | {ctx.world_size} worker(s) × batch "
               f"{tc.batch_size} on {device} ({torch.get_num_threads()} threads{niceness()}) | from step {step}",
               flush=True)
         print(f"sd3ray: step {settings.reason}", flush=True)
-    tracker.log_metrics({"train/global_batch": batches.global_batch}, step)
+    tracker.log_params({"global_batch": batches.global_batch})
     val = ValidationSet.build(test_set, cfg, device) if ctx.is_main else None
+    if val is not None and step == 0:
+        # the untrained model's grid: MLflow's image card opens at step 0, so it shows a grid at once (and the
+        # slider's far end the latest one) rather than "No image logged at this step"
+        tracker.log_image("samples/grid", make_grid(generate(ema.model, val.grid_prompts, cfg, GRID_SEED, device)), 0)
     judged = ctx.is_main and cfg.eval.num_samples > 0 and is_digit_data(test_set)
     judge = SampleJudge(cfg, train_set or read_split(cfg.data.parquet_dir, "train"), test_set, device) \
         if judged else None
@@ -260,7 +269,8 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     def stop_on_signal(signum: int, at_step: int, last_saved: int, last: str | None) -> NoReturn:
         """Save unless the last checkpoint is under a log interval old, then end the run naming what to resume."""
         if at_step - last_saved >= tc.log_every or (last is None and at_step > 0):
-            last = ctx.save_and_report(checkpoint_data(at_step), {**metrics, **evaluated, "step": at_step}) or last
+            report = {**metrics, **evaluated, **run_ref, "step": at_step}
+            last = ctx.save_and_report(checkpoint_data(at_step), report) or last
             kept = f"saved {last}"
         else:
             kept = f"kept the checkpoint of step {last_saved}, less than train.log_every={tc.log_every} steps old" \
@@ -282,7 +292,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                         f"loss is {mean_loss} at step {step}; stopped before saving. The last good checkpoint is "
                         f"{checkpoint or 'none (no checkpoint yet)'}. Lower train.lr or raise train.warmup_steps.")
                 lr = scheduler.get_last_lr()[0]
-                metrics = {"train/loss": mean_loss, "train/lr": lr, "train/grad_norm": (grad_sum / count).item()}
+                metrics = {"loss/train": mean_loss, "train/lr": lr, "train/grad_norm": (grad_sum / count).item()}
                 now = time.monotonic()
                 # reduced over ranks (max), so every rank projects the same stop and learning rate
                 clocks = torch.tensor([now - started, now - budget_started, eval_s + save_s], dtype=torch.float64)
@@ -301,7 +311,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
             if plan.report:
                 save_started = time.monotonic()
                 data = checkpoint_data(step) if plan.checkpoint and ctx.is_main else None
-                checkpoint = ctx.save_and_report(data, {**metrics, **evaluated, "step": step}) or checkpoint
+                checkpoint = ctx.save_and_report(data, {**metrics, **evaluated, **run_ref, "step": step}) or checkpoint
                 if plan.checkpoint:
                     save_s, saved_step = max(save_s, time.monotonic() - save_started), step
                 progress.restart(step)
@@ -346,8 +356,9 @@ def restore(path: Path, cfg: Config, model: Denoiser, ema: EMA, optimizer, sched
 
 def finish_run(cfg: Config, tracker: Tracker, model: Denoiser, ema: EMA, step: int, checkpoint: str | None) -> None:
     """Record where the full checkpoint lives and, per tracking.log_checkpoints, upload the final weights."""
-    if checkpoint:
-        tracker.set_tags({"sd3ray.checkpoint_uri": checkpoint})
+    if checkpoint:  # absolute: the tag is read from other folders and machines than the one that trained
+        tracker.set_tags({"sd3ray.checkpoint_uri": checkpoint if is_uri(checkpoint) else
+                          str(Path(checkpoint).resolve())})
     if cfg.tracking.log_model:
         tracker.log_model(cfg, step, ema.model.state_dict(), cfg.tracking.registered_model)
     if cfg.tracking.log_checkpoints == "none":

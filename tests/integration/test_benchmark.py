@@ -105,15 +105,15 @@ def test_gpu_report_measures_every_part_with_tiny_settings(mnist_parquet: Path, 
     # the stop keeps room for that judgement, so the run may end before the 3 s are up
     assert 2 <= quality["steps"] < 2000 and quality["wall_minutes"] > 0
     final = quality["evaluations"][-1]
-    assert final["step"] == quality["steps"] and 0 <= final["judge/prompt_accuracy"] <= 1
-    assert final["judge/fid_ratio"] == pytest.approx(final["judge/fid"] / final["judge/fid_floor"])
+    assert final["step"] == quality["steps"] and 0 <= final["samples/accuracy"] <= 1
+    assert final["samples/cfid_ratio"] == pytest.approx(final["val/cfid"] / final["val/cfid_floor"])
     minutes = [e["minutes"] for e in quality["evaluations"]]
     assert minutes == sorted(minutes)
     # the final weights at each guidance, judged on the prompts and noise of the training-time judge: at the
     # config's own guidance (set to 2 here) they are the final evaluation's samples again, to the last digit
     by_guidance = quality["final_by_guidance"]
     assert [r["guidance"] for r in by_guidance] == [0, 2]
-    for key in ("judge/fid", "judge/prompt_accuracy", "judge/diversity"):
+    for key in ("val/cfid", "samples/accuracy", "samples/diversity"):
         assert by_guidance[1][key] == pytest.approx(final[key], rel=1e-6)
     markdown = (tmp_path / "r.md").read_text()
     assert markdown.startswith("# sd3ray GPU report: CPU") and "## Time to quality" in markdown
@@ -143,10 +143,10 @@ def test_gpu_report_levers_train_each_lever_and_judge_it_on_the_way(mnist_parque
     assert [e["step"] for e in first["evaluations"]] == [2, 4]
     assert [e["step"] for e in second["evaluations"]] == [2, 4, 6]
     # same seed and data, different learning rate: the runs' losses part at the first judgement already
-    assert first["evaluations"][0]["val/loss"] != second["evaluations"][0]["val/loss"]
+    assert first["evaluations"][0]["loss/val"] != second["evaluations"][0]["loss/val"]
     assert [r["guidance"] for r in first["final_by_guidance"]] == [1, 2]
     # at the config's guidance (2) the final weights give the last evaluation's samples again
-    assert first["final_by_guidance"][1]["judge/fid"] == pytest.approx(first["evaluations"][-1]["judge/fid"], rel=1e-6)
+    assert first["final_by_guidance"][1]["val/cfid"] == pytest.approx(first["evaluations"][-1]["val/cfid"], rel=1e-6)
     markdown = (tmp_path / "l.md").read_text()
     assert "## Levers: configs/mnist_tiny.yaml" in markdown and "| lr1e-2-six | `train.lr=1e-2` `train.steps=6` | 6 |" \
         in markdown
@@ -199,7 +199,7 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
         # the cosine ended with the budget, not at train.steps (projected a log step ahead: one interval of slack)
         assert meta["lr_horizon"] <= row["step"] + 5
         assert row["train_seconds"] < 60 * row["budget_minutes"] < 60 * row["wall_minutes"] + 60
-        assert row["judge/fid_ratio"] == pytest.approx(row["judge/fid"] / row["judge/fid_floor"])
+        assert row["samples/cfid_ratio"] == pytest.approx(row["val/cfid"] / row["val/cfid_floor"])
     table = (tmp_path / "ttq" / "time_to_quality.md").read_text()
     assert f"| micro | 0.4 min | {long['wall_minutes']:.2f} | {long['step']} |" in table
 
@@ -208,7 +208,7 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                 "attributes.run_name = 'time-to-quality'")
-    assert run.data.metrics["ttq/micro/0.4min/prompt_accuracy"] == pytest.approx(long["judge/prompt_accuracy"])
+    assert run.data.metrics["ttq/micro/0.4min/prompt_accuracy"] == pytest.approx(long["samples/accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "time_to_quality")}
     assert artifacts == {"time_to_quality/time_to_quality.md", "time_to_quality/time_to_quality.json"}
 

@@ -104,7 +104,7 @@ def test_readme_commands_work_in_the_order_a_new_user_types_them(mnist_parquet: 
             "base_config": "configs/mnist_tiny.yaml", "name": "first-sweep", "storage_path": str(tmp_path / "tune"),
             "overrides": [*MICRO, f"train.output_dir={tmp_path / 'runs'}", "train.steps=4", "train.eval_every=2",
                           "train.ckpt_every=2", "train.log_every=2"],
-            "metric": "val/loss", "mode": "min", "widths": [32], "head_dim": 16, "schemes": [{"scheme": "uniform"}],
+            "metric": "loss/val", "mode": "min", "widths": [32], "head_dim": 16, "schemes": [{"scheme": "uniform"}],
             "asha": {"enabled": False}}))
         tune = _run([sys.executable, "jobs/tune.py", "--config", str(sweep), "--parquet-dir", str(mnist_parquet)],
                     {**cluster, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"})

@@ -36,7 +36,7 @@ def test_ray_job_submit_end_to_end(ray_head, mnist_parquet: Path, tmp_path: Path
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("job-submit").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["sd3ray.world_size"] == "2"
-    assert run.data.metrics["train/global_batch"] == 32 and "val/loss" in run.data.metrics
+    assert run.data.params["global_batch"] == "32" and "loss/val" in run.data.metrics
     assert [a.path for a in client.list_artifacts(run.info.run_id, "images")], "no sample grid logged"
 
 
@@ -70,7 +70,7 @@ def test_worker_failure_restarts_from_the_checkpoint_and_matches_an_uninterrupte
         assert torch.equal(clean_replicas[0][key], clean_replicas[1][key]), key
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("faulty").experiment_id])
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")]
     assert steps == [1, 2, 3, 4]  # one MLflow run across the restart, no duplicated steps
 
 

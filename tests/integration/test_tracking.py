@@ -33,7 +33,7 @@ def test_training_run_round_trips_through_a_real_server(mlflow_server: str, micr
     assert run.info.status == "FINISHED" and run.info.run_name == "micro"
     assert run.data.params["model.width"] == "32" and run.data.params["flow.scheme"] == "logit_normal"
     assert len(run.data.tags["sd3ray.config_hash"]) == 12 and "sd3ray.checkpoint_uri" in run.data.tags
-    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [2, 4]
+    assert [m.step for m in client.get_metric_history(result.run_id, "loss/train")] == [2, 4]
     # what the MLflow UI shows: a model-training experiment, the source and user, system metrics
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.user"]
@@ -41,7 +41,7 @@ def test_training_run_round_trips_through_a_real_server(mlflow_server: str, micr
     cpu = [m.step for m in client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")]
     assert cpu and cpu == list(range(len(cpu))), cpu
     assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
-    assert {"val/loss", "val/loss_t0.062", "train/lr", "train/grad_norm", "train/images_per_s"} <= set(run.data.metrics)
+    assert {"loss/val", "val/loss_t0.062", "train/lr", "train/grad_norm", "train/images_per_s"} <= set(run.data.metrics)
     files = _artifacts(client, result.run_id)
     assert "config.yaml" in files and "checkpoint/model.pt" in files and "checkpoint/MANIFEST.json" in files
     grids = [f for f in files if f.startswith("images/") and f.endswith(".png")]
@@ -53,7 +53,7 @@ def test_training_run_round_trips_through_a_real_server(mlflow_server: str, micr
     resumed = train(micro_config(*common, "train.steps=6"), LocalContext(tmp_path / "run", torch.device("cpu"), first),
                     MlflowTracker(mlflow_server, "test-roundtrip"))
     assert resumed.run_id == result.run_id
-    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [2, 4, 6]
+    assert [m.step for m in client.get_metric_history(result.run_id, "loss/train")] == [2, 4, 6]
     resumed_cpu = [m.step for m in client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")]
     assert resumed_cpu[:len(cpu)] == cpu and resumed_cpu == sorted(set(resumed_cpu))  # the series goes on
     assert latest_checkpoint(tmp_path / "run/checkpoints").name == "step_00000006"
@@ -87,11 +87,11 @@ def test_writes_made_while_the_server_is_down_arrive_after_it_restarts(restartab
     tracker = MlflowTracker(uri, "outage", "outage", retry_s=0.5)
     run_id = tracker.start(micro_config())
     for step in range(1, 6):
-        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+        tracker.log_metrics({"loss/train": 1.0 / step}, step)
     stop()
     began = time.monotonic()
     for step in range(6, 16):
-        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+        tracker.log_metrics({"loss/train": 1.0 / step}, step)
     tracker.log_image("samples", np.zeros((8, 8, 3), dtype=np.uint8), 15)
     tracker.set_tags({"sd3ray.note": "written while the server was down"})
     assert time.monotonic() - began < 10, "logging waited on a stopped server"
@@ -100,7 +100,7 @@ def test_writes_made_while_the_server_is_down_arrive_after_it_restarts(restartab
 
     client = MlflowClient(uri)
     run = client.get_run(run_id)
-    history = client.get_metric_history(run_id, "train/loss")
+    history = client.get_metric_history(run_id, "loss/train")
     assert [m.step for m in history] == list(range(1, 16))  # every step once, none lost
     assert run.info.status == "FINISHED" and run.data.tags["sd3ray.note"] == "written while the server was down"
     assert any(path.startswith("images/samples+step+15+") for path in _artifacts(client, run_id, "images"))
@@ -117,11 +117,11 @@ def test_writes_the_server_never_took_are_replayed_later_exactly_once(restartabl
     cfg = micro_config()
     tracker = MlflowTracker(uri, "replay", "replay", flush_timeout_s=1.0, retry_s=0.2)
     run_id = tracker.start(cfg)
-    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.log_metrics({"loss/train": 1.0}, 1)
     tracker.flush()
     stop()  # and it never comes back while the run lasts
     for step in range(2, 6):
-        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+        tracker.log_metrics({"loss/train": 1.0 / step}, step)
     tracker.log_image("samples", np.full((8, 8, 3), 7, dtype=np.uint8), 5)
     tracker.set_tags({"sd3ray.note": "sent later"})
     (tmp_path / "report.md").write_text("# report\n")
@@ -138,14 +138,14 @@ def test_writes_the_server_never_took_are_replayed_later_exactly_once(restartabl
     assert sent.returncode == 0 and f"run {run_id}" in sent.stdout and "sent" in sent.stdout, sent.stderr
     client = MlflowClient(uri)
     run = client.get_run(run_id)
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4, 5]
+    assert [m.step for m in client.get_metric_history(run_id, "loss/train")] == [1, 2, 3, 4, 5]
     assert run.info.status == "FINISHED" and run.data.tags["sd3ray.note"] == "sent later"
     files = _artifacts(client, run_id)
     assert "report.md" in files and any(f.startswith("images/samples+step+5+") for f in files), files
 
     again = subprocess.run(replay, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing left to send" in again.stdout, again.stderr
-    assert len(client.get_metric_history(run_id, "train/loss")) == 5  # nothing twice
+    assert len(client.get_metric_history(run_id, "loss/train")) == 5  # nothing twice
 
 
 def test_a_training_run_outlives_a_server_restart(restartable_server, mnist_parquet: Path, tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_a_training_run_outlives_a_server_restart(restartable_server, mnist_parq
         client = MlflowClient(uri)
         deadline = time.monotonic() + 300
         while not ((experiment := client.get_experiment_by_name("outage"))
-                   and client.search_runs([experiment.experiment_id], "metrics.`train/loss` > 0")):
+                   and client.search_runs([experiment.experiment_id], "metrics.`loss/train` > 0")):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         stop()
@@ -187,6 +187,6 @@ def test_a_training_run_outlives_a_server_restart(restartable_server, mnist_parq
     output = log.read_text()
     assert "is unreachable" in output and output.count("\nstep ") > stopped_at, output[-3000:]
     run = client.search_runs([client.get_experiment_by_name("outage").experiment_id])[0]
-    history = client.get_metric_history(run.info.run_id, "train/loss")
+    history = client.get_metric_history(run.info.run_id, "loss/train")
     assert [m.step for m in history] == list(range(log_every, steps + 1, log_every)), output[-3000:]
     assert run.info.status == "FINISHED"

@@ -221,7 +221,7 @@ def test_two_nodes_train_from_s3_data_into_s3_checkpoints_and_the_team_mlflow_se
     (found,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
     assert found.info.status == "FINISHED"
     assert sorted(found.data.tags["sd3ray.worker_nodes"].split(",")) == [HEAD_IP, WORKER_IP]  # one worker per node
-    assert [m.step for m in client.get_metric_history(found.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(found.info.run_id, "loss/train")] == [1, 2, 3, 4]
     grids = [a.path for a in client.list_artifacts(found.info.run_id, "images")]
     assert grids and "checkpoint/model.pt" in [a.path for a in client.list_artifacts(found.info.run_id, "checkpoint")]
     # artifacts went through the server into the bucket; the nodes hold no S3 credentials for MLflow
@@ -246,7 +246,7 @@ def test_two_nodes_train_from_s3_data_into_s3_checkpoints_and_the_team_mlflow_se
     assert "at step 4" in more.stdout and "runs/spread/step_00000006/MANIFEST.json" in _keys(s3, "runs/spread/")
     (same,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
     assert same.info.run_id == found.info.run_id
-    assert [m.step for m in client.get_metric_history(same.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(same.info.run_id, "loss/train")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_lost_node_is_replaced_and_the_run_ends_as_if_nothing_happened(
@@ -292,7 +292,7 @@ def test_a_lost_node_is_replaced_and_the_run_ends_as_if_nothing_happened(
         assert torch.equal(value, got[key]), key  # bit-identical to the run that never lost a node
     client = _mlflow(team_mlflow, monkeypatch)
     (run,) = client.search_runs([client.get_experiment_by_name("lost-node").experiment_id])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, steps + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")] == list(range(1, steps + 1))
 
 
 def test_a_local_storage_path_on_a_multi_node_cluster_is_refused_before_training(

@@ -38,22 +38,22 @@ def _held_out(mnist_splits, n: int = 1000):
 def test_real_images_score_near_the_floor(judge_reference: Reference, mnist_splits) -> None:
     images, digits, prompts = _held_out(mnist_splits)
     m = judge_images(judge_reference, images, digits, prompts).metrics
-    assert m["judge/prompt_accuracy"] >= 0.99
-    assert m["judge/fid_ratio"] < 1.6, m
-    assert m["judge/diversity"] == pytest.approx(m["judge/diversity_real"], rel=0.1)
+    assert m["samples/accuracy"] >= 0.99
+    assert m["samples/cfid_ratio"] < 1.6, m
+    assert m["samples/diversity"] == pytest.approx(m["val/diversity_real"], rel=0.1)
 
 
 def test_shuffled_labels_score_chance(judge_reference: Reference, mnist_splits) -> None:
     images, digits, prompts = _held_out(mnist_splits)
     shuffled = digits[torch.randperm(len(digits), generator=torch.Generator().manual_seed(0))]
-    accuracy = judge_images(judge_reference, images, shuffled, prompts).metrics["judge/prompt_accuracy"]
+    accuracy = judge_images(judge_reference, images, shuffled, prompts).metrics["samples/accuracy"]
     assert 0.05 < accuracy < 0.16
 
 
 def test_a_single_repeated_image_scores_a_huge_fid(judge_reference: Reference, mnist_splits) -> None:
     images, digits, prompts = _held_out(mnist_splits)
     m = judge_images(judge_reference, images[:1].repeat(1000, 1, 1, 1), digits, prompts).metrics
-    assert m["judge/fid_ratio"] > 50 and m["judge/diversity"] == 0
+    assert m["samples/cfid_ratio"] > 50 and m["samples/diversity"] == 0
 
 
 def test_frechet_distance_matches_the_sqrtm_reference() -> None:
@@ -76,18 +76,25 @@ def test_training_logs_judge_metrics_and_a_confusion_matrix(micro_config, tmp_pa
     from sd3ray.training.context import LocalContext
     from sd3ray.training.loop import train
 
-    logged: dict[str, list] = {"metrics": [], "images": []}
+    logged: dict[str, list] = {"metrics": [], "images": [], "params": []}
 
     class Recorder(NullTracker):
         def log_metrics(self, metrics, step):
             logged["metrics"].append((step, metrics))
+
+        def log_params(self, params):
+            logged["params"].append(params)
 
         def log_image(self, key, image, step):
             logged["images"].append((key, step, image.shape))
 
     cfg = micro_config("train.steps=2", "train.eval_every=2", "eval.num_samples=20")
     train(cfg, LocalContext(tmp_path, torch.device("cpu")), Recorder())
-    judged = [m for _, m in logged["metrics"] if "judge/prompt_accuracy" in m]
-    assert judged and {"judge/fid", "judge/fid_floor", "judge/accuracy_word", "judge/diversity"} <= set(judged[0])
-    assert ("confusion", 2) in [(k, s) for k, s, _ in logged["images"]]
-    assert ("samples", 2) in [(k, s) for k, s, _ in logged["images"]]
+    judged = [m for _, m in logged["metrics"] if "samples/accuracy" in m]
+    assert judged and {"val/cfid", "samples/cfid_ratio", "val/accuracy_word", "samples/diversity"} <= set(judged[0])
+    # what is the same at every evaluation is a param, not a flat chart
+    params = {k: v for p in logged["params"] for k, v in p.items()}
+    assert {"val/cfid_floor", "val/diversity_real", "global_batch"} <= set(params)
+    assert not any({"val/cfid_floor", "val/diversity_real", "global_batch"} & set(m) for _, m in logged["metrics"])
+    assert ("samples/confusion", 2) in [(k, s) for k, s, _ in logged["images"]]
+    assert ("samples/grid", 2) in [(k, s) for k, s, _ in logged["images"]]

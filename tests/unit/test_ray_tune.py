@@ -23,6 +23,6 @@ def test_sweep_specs_that_would_starve_tune_of_its_metric_are_refused(tmp_path, 
     with pytest.raises(ConfigError, match="must be a multiple of train.eval_every"):
         load_sweep(path, ["overrides=[train.eval_every=4, train.ckpt_every=2]"])
     with pytest.raises(ConfigError, match="needs the judge"):
-        load_sweep(path, ["metric=judge/prompt_accuracy"])
+        load_sweep(path, ["metric=samples/accuracy"])
     with pytest.raises(ConfigError, match="schemes\\[0\\].scheme: 'gauss' is not allowed"):
         load_sweep(path, ["schemes=[{scheme: gauss}]"])

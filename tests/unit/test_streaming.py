@@ -78,12 +78,14 @@ def test_colour_set_trains_locally_through_the_stream_and_logs_colour_grids(tmp_
     result = train(cfg, LocalContext(tmp_path / "run", torch.device("cpu")), make_tracker(cfg))
     assert result.step == 200
     client = MlflowClient(uri)
-    losses = [m.value for m in sorted(client.get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)]
+    losses = [m.value for m in sorted(client.get_metric_history(result.run_id, "loss/train"), key=lambda m: m.step)]
     assert len(losses) == 10 and np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2]), losses
     grids = sorted(a.path for a in client.list_artifacts(result.run_id, "images")
                    if a.path.startswith("images/samples") and a.path.endswith(".png"))
-    assert len(grids) == 2, grids  # at steps 100 and 200
-    local = client.download_artifacts(result.run_id, grids[-1], str(tmp_path / "grid"))
+    steps = sorted(int(path.split("+step+")[1].split("+")[0]) for path in grids)
+    assert steps == [0, 100, 200], grids  # the untrained model's, then at each evaluation
+    latest = next(path for path in grids if "+step+200+" in path)
+    local = client.download_artifacts(result.run_id, latest, str(tmp_path / "grid"))
     from PIL import Image
 
     grid = np.asarray(Image.open(local))

@@ -20,8 +20,8 @@ class StepRecorder(NullTracker):
         self.losses: list[tuple[int, float]] = []
 
     def log_metrics(self, metrics, step):
-        if "train/loss" in metrics:
-            self.losses.append((step, metrics["train/loss"]))
+        if "loss/train" in metrics:
+            self.losses.append((step, metrics["loss/train"]))
 
 
 class CrashAfterCheckpoint(LocalContext):
@@ -60,7 +60,7 @@ def test_loss_falls_on_real_mnist(micro_config, tmp_path: Path) -> None:
     losses = [loss for _, loss in recorder.losses]
     assert result.step == 60 and len(losses) == 6
     assert losses[-1] < 0.6 * losses[0], losses
-    assert math.isfinite(result.metrics["val/loss"])
+    assert math.isfinite(result.metrics["loss/val"])
 
 
 def test_crash_and_resume_gives_identical_weights(micro_config, tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_wall_clock_budget_stops_cleanly_with_a_checkpoint(micro_config, tmp_pat
                        "train.eval_every=1000")
     result = _train(cfg, tmp_path)
     assert result.step == 2 and load_checkpoint(Path(result.checkpoint)).step == 2
-    assert "val/loss" in result.metrics  # the final evaluation ran
+    assert "loss/val" in result.metrics  # the final evaluation ran
 
 
 def test_learning_rate_schedule() -> None:
