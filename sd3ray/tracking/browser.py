@@ -1,0 +1,149 @@
+"""Headless Chromium over the DevTools protocol: enough to open MLflow's UI as a person would, read what it shows
+and save screenshots. It drives the machine's own browser (Debian: `apt-get install -y chromium`); nothing is
+downloaded. Only the UI review (`jobs/review_ui.py`) and its test use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sd3ray.errors import TrackingError
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+
+
+def find_browser(explicit: str | None = None) -> str:
+    """The Chromium to drive: `explicit`, $SD3RAY_BROWSER, or the first of BROWSERS on PATH."""
+    for name in (explicit, os.environ.get("SD3RAY_BROWSER"), *BROWSERS):
+        if name and (found := shutil.which(name)):
+            return found
+    raise TrackingError("no Chromium found (looked for " + ", ".join(BROWSERS) + "); install it (Debian: apt-get "
+                        "install -y chromium) or name it with --browser / $SD3RAY_BROWSER")
+
+
+class Browser:
+    """One headless Chromium with one page. `with Browser() as page: page.open(url); page.screenshot(path)`."""
+
+    def __init__(self, executable: str | None = None, width: int = 1600, height: int = 1000,
+                 start_timeout_s: float = 60.0) -> None:
+        self.executable, self.width, self.height = find_browser(executable), width, height
+        self.start_timeout_s = start_timeout_s
+        self._ids = itertools.count(1)
+        self._loop = asyncio.new_event_loop()
+
+    def __enter__(self) -> Browser:
+        self._profile = Path(tempfile.mkdtemp(prefix="sd3ray-browser-"))
+        flags = ["--headless=new", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+                 "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+                 f"--user-data-dir={self._profile}", f"--window-size={self.width},{self.height}"]
+        if os.geteuid() == 0:  # Chromium refuses to run as root inside its sandbox
+            flags.append("--no-sandbox")
+        self._proc = subprocess.Popen([self.executable, *flags, "about:blank"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self._loop.run_until_complete(self._connect())
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if getattr(self, "_session", None) is not None:
+            self._loop.run_until_complete(self._close())
+        if self._proc.poll() is None:  # the browser and its helpers share its session's process group
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._loop.close()
+        shutil.rmtree(self._profile, ignore_errors=True)
+
+    async def _connect(self) -> None:
+        import aiohttp
+
+        port_file = self._profile / "DevToolsActivePort"  # Chromium writes its port here once it listens
+        deadline = time.monotonic() + self.start_timeout_s
+        while not port_file.is_file() or not port_file.read_text().strip():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise TrackingError(f"{self.executable} did not start a DevTools endpoint within "
+                                    f"{self.start_timeout_s:g} s")
+            await asyncio.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        self._session = aiohttp.ClientSession()
+        async with self._session.put(f"http://127.0.0.1:{port}/json/new?about:blank") as reply:
+            target = json.loads(await reply.text())
+        self._ws = await self._session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0)
+        await self._call("Page.enable")
+        await self._call("Emulation.setDeviceMetricsOverride", width=self.width, height=self.height,
+                         deviceScaleFactor=1, mobile=False)
+
+    async def _close(self) -> None:
+        await self._ws.close()
+        await self._session.close()
+        self._session = None
+
+    async def _call(self, method: str, **params: Any) -> dict:
+        call_id = next(self._ids)
+        await self._ws.send_str(json.dumps({"id": call_id, "method": method, "params": params}))
+        while True:  # events arrive between replies; the page's own are not needed here
+            message = json.loads((await self._ws.receive()).data)
+            if message.get("id") == call_id:
+                if "error" in message:
+                    raise TrackingError(f"the browser refused {method}: {message['error'].get('message')}")
+                return message.get("result", {})
+
+    def call(self, method: str, **params: Any) -> dict:
+        return self._loop.run_until_complete(self._call(method, **params))
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (awaited when it is a promise)."""
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        if "exceptionDetails" in result:
+            raise TrackingError(f"the page could not evaluate {expression[:80]!r}: "
+                                f"{result['exceptionDetails'].get('text')}")
+        return result["result"].get("value")
+
+    def open(self, url: str) -> None:
+        """Load `url` afresh. A link into a single-page app that differs only after '#' would otherwise be a
+        same-page navigation, which the app may overwrite with a redirect it still has pending."""
+        self.call("Page.navigate", url="about:blank")
+        self.call("Page.navigate", url=url)
+
+    def wait_for(self, expression: str, what: str, timeout_s: float = 60.0) -> Any:
+        """Poll `expression` until it is truthy; its value. A page that never shows `what` is an error naming it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if value := self.evaluate(expression):
+                return value
+            if time.monotonic() > deadline:
+                raise TrackingError(f"the page did not show {what} within {timeout_s:g} s "
+                                    f"(at {self.evaluate('location.href')})")
+            time.sleep(0.25)
+
+    def click(self, x: float, y: float) -> None:
+        """A left click at page coordinates (CSS pixels), as the mouse makes it: move, press, release."""
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
+    def text(self) -> str:
+        return self.evaluate("document.body ? document.body.innerText : ''") or ""
+
+    def screenshot(self, path: Path) -> Path:
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        return path
