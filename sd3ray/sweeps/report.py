@@ -28,8 +28,10 @@ def summarize(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
         params, metrics = config["params"], result.metrics or {}
         reached = metrics.get("step", 0)
         status = "failed" if result.error else ("finished" if reached >= steps else "stopped early")
-        row = {"trial": trial_label(params), "width": params["width"], "scheme": SchemeSpec(**params["scheme"]).label,
-               "status": status, "step": reached, spec.metric: metrics.get(spec.metric)}
+        row = {"trial": trial_label(params), "width": params["width"], "scheme": SchemeSpec(**params["scheme"]).label}
+        row.update({dim.key: params.get("set", {}).get(dim.key) for dim in spec.space})
+        row.update({"seed": params["seed"]} if "seed" in params else {})
+        row.update({"status": status, "step": reached, spec.metric: metrics.get(spec.metric)})
         row.update({k: metrics.get(k) for k in SUMMARY_METRICS})
         row["error"] = str(result.error).strip().splitlines()[-1][:300] if result.error else ""
         rows.append(row)

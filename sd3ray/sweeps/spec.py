@@ -59,6 +59,23 @@ class AshaSpec:
     reduction_factor: int = 2
 
 
+Distribution = Literal["grid", "choice", "uniform", "loguniform", "randint"]
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One free-form dimension of `space:`: a dotted config key and its values (a list: grid) or a Tune
+    distribution over them (`{choice: [...]}`, `{uniform: [a, b]}`, `{loguniform: [a, b]}`, `{randint: [a, b]}`)."""
+
+    key: str
+    values: tuple[Any, ...]
+    kind: Distribution = "grid"
+
+    @property
+    def label(self) -> str:
+        return self.key.rsplit(".", 1)[-1]
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     """configs/tune_*.yaml: the base training config plus the dimensions to sweep."""
@@ -77,6 +94,9 @@ class SweepSpec:
     depths: tuple[int, ...] = ()
     learning_rates: tuple[float, ...] = ()
     shifts: tuple[float, ...] = ()
+    # any other config key: `space: {sample.guidance: [1.5, 2.5], train.lr: {loguniform: [1e-4, 1e-3]}}`
+    space: tuple[Dimension, ...] = ()
+    seeds: int = 1  # repeat every point with train.seed = 0 .. seeds-1
     workers_per_trial: int = 1
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -90,8 +110,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, config_over
     training config (the jobs' data flags)."""
     from dataclasses import replace
 
-    data = read_yaml_file(path, "sweep file", "configs/tune_*.yaml")
-    spec = build_dataclass(SweepSpec, apply_overrides(data, overrides or []))
+    data = apply_overrides(read_yaml_file(path, "sweep file", "configs/tune_*.yaml"), overrides or [])
+    if isinstance(data.get("space"), dict):
+        data["space"] = [dimension_dict(key, value) for key, value in data["space"].items()]
+    spec = build_dataclass(SweepSpec, data)
     spec = replace(spec, overrides=(*spec.overrides, *config_overrides))
     if not spec.widths or not spec.schemes:
         raise ConfigError("widths and schemes: give at least one value each")
@@ -105,11 +127,67 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, config_over
                           f"{RENAMED_METRICS[spec.metric]} in {path}")
     if is_judge_metric(spec.metric) and base.eval.num_samples == 0:
         raise ConfigError(f"metric {spec.metric} needs the judge: set eval.num_samples > 0 in overrides")
+    check_space(spec)
     check_asha(spec.asha, base.train.steps)
     if is_uri(spec.storage_path):
         raise ConfigError(f"storage_path {spec.storage_path}: a sweep keeps its trials in a folder (on a cluster, a "
                           f"shared volume every node mounts); object-store URIs are for training runs' --storage-path")
     return spec
+
+
+DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+
+
+def dimension_dict(key: Any, value: Any) -> dict[str, Any]:
+    """A `space:` entry as a Dimension's fields: a list is a grid, a one-key mapping a Tune distribution."""
+    if isinstance(value, list):
+        return {"key": key, "values": value, "kind": "grid"}
+    if isinstance(value, dict) and len(value) == 1 and next(iter(value)) in DISTRIBUTIONS:
+        kind, values = next(iter(value.items()))
+        if not isinstance(values, list):
+            raise ConfigError(f"space: {key}: {kind} takes a list, e.g. {{{kind}: [1, 2]}}")
+        return {"key": key, "values": values, "kind": kind}
+    raise ConfigError(f"space: {key}: expected a list of values or one of {{choice: [...]}}, {{uniform: [a, b]}}, "
+                      f"{{loguniform: [a, b]}}, {{randint: [a, b]}}; got {value!r}")
+
+
+# the keys the named dimensions set: sweeping one of them in `space:` too would make the trial's label lie
+NAMED_KEYS = {"model.width": "widths", "model.num_heads": "widths (heads follow width / head_dim)",
+              "flow.scheme": "schemes", "flow.logit_mean": "schemes", "flow.logit_std": "schemes",
+              "flow.mode_scale": "schemes", "model.depth": "depths", "train.lr": "learning_rates",
+              "flow.shift": "shifts", "train.seed": "seeds"}
+
+
+def check_space(spec: SweepSpec) -> None:
+    """Every `space:` key must be a config key that takes every value it may get; the same one-line errors as
+    `--set KEY=VALUE`, naming the key."""
+    if spec.seeds < 1:
+        raise ConfigError(f"seeds ({spec.seeds}) must be at least 1")
+    named = {"model.depth": spec.depths, "train.lr": spec.learning_rates, "flow.shift": spec.shifts,
+             "train.seed": spec.seeds > 1}
+    seen = set()
+    for dim in spec.space:
+        if dim.key in seen:
+            raise ConfigError(f"space: {dim.key} is given twice")
+        seen.add(dim.key)
+        if dim.key in NAMED_KEYS and named.get(dim.key, True):
+            raise ConfigError(f"space: {dim.key} is swept by {NAMED_KEYS[dim.key]}: give its values there")
+        if not dim.values:
+            raise ConfigError(f"space: {dim.key}: give at least one value")
+        if dim.kind in ("uniform", "loguniform", "randint"):
+            if len(dim.values) != 2 or not all(isinstance(v, (int, float)) for v in dim.values) \
+                    or not dim.values[0] < dim.values[1]:
+                raise ConfigError(f"space: {dim.key}: {dim.kind} takes [low, high] with low < high; got "
+                                  f"{list(dim.values)}")
+            if dim.kind == "loguniform" and dim.values[0] <= 0:
+                raise ConfigError(f"space: {dim.key}: loguniform needs low > 0; got {dim.values[0]}")
+            if dim.kind == "randint" and not all(isinstance(v, int) for v in dim.values):
+                raise ConfigError(f"space: {dim.key}: randint takes integer bounds; got {list(dim.values)}")
+        for value in dim.values:  # the config checks the key and the value's type, as for --set
+            try:
+                load_config(spec.base_config, [*spec.overrides, f"{dim.key}={json.dumps(value)}"])
+            except ConfigError as exc:
+                raise ConfigError(f"space: {exc}") from None
 
 
 def check_asha(asha: AshaSpec, steps: int) -> None:
@@ -131,9 +209,10 @@ def trial_overrides(params: dict[str, Any], head_dim: int) -> list[str]:
     if width % head_dim:
         raise ConfigError(f"width {width} is not a multiple of head_dim {head_dim}: heads would not divide it")
     out += [f"flow.{k}={v}" for k, v in params["scheme"].items()]
-    for key, name in (("depth", "model.depth"), ("lr", "train.lr"), ("shift", "flow.shift")):
+    for key, name in (("depth", "model.depth"), ("lr", "train.lr"), ("shift", "flow.shift"), ("seed", "train.seed")):
         if key in params:
             out.append(f"{name}={params[key]}")
+    out += [f"{key}={json.dumps(value)}" for key, value in params.get("set", {}).items()]
     return out
 
 
@@ -142,6 +221,11 @@ def trial_label(params: dict[str, Any]) -> str:
     for key in ("depth", "lr", "shift"):
         if key in params:
             label += f"-{key}{params[key]:g}"
+    for key, value in params.get("set", {}).items():
+        label += f"-{key.rsplit('.', 1)[-1]}{value:.3g}" if isinstance(value, float) else \
+            f"-{key.rsplit('.', 1)[-1]}{value}"
+    if "seed" in params:
+        label += f"-seed{params['seed']}"
     return label
 
 
@@ -156,7 +240,14 @@ def search_space(spec: SweepSpec) -> dict[str, Any]:
         if values:
             dims[key] = list(values)
     pick = tune.grid_search if spec.search == "grid" else tune.choice
-    return {"params": {k: pick(v) for k, v in dims.items()}}
+    params: dict[str, Any] = {k: pick(v) for k, v in dims.items()}
+    distributions = {"grid": pick, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
+                     "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
+    if spec.space:
+        params["set"] = {dim.key: distributions[dim.kind](list(dim.values)) for dim in spec.space}
+    if spec.seeds > 1:  # every point, seeds times, whatever the search
+        params["seed"] = tune.grid_search(list(range(spec.seeds)))
+    return {"params": params}
 
 
 def spec_dict(spec: SweepSpec) -> dict[str, Any]:
