@@ -110,12 +110,17 @@ class JudgementRecorder(NullTracker):
         super().__init__()
         self.started = started
         self.evaluations: list[dict[str, float]] = []
+        self.constants: dict[str, float] = {}  # the judge's floor and the real data's diversity (params)
+
+    def log_params(self, params: dict[str, float | int | str]) -> None:
+        self.constants.update({k: float(v) for k, v in params.items() if is_judge_metric(k)})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if "loss/val" in metrics:
             self.evaluations.append({"step": step, "minutes": (time.monotonic() - self.started) / 60,
                                      **{k: v for k, v in metrics.items()
-                                        if k == "loss/val" or (is_judge_metric(k) and "/accuracy_" not in k)}})
+                                        if k == "loss/val" or (is_judge_metric(k) and "/accuracy_" not in k)},
+                                     **self.constants})
 
 
 def quality_config(cfg: Config, minutes: float, output_dir: str) -> Config:

@@ -208,7 +208,7 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
                                 "attributes.run_name = 'time-to-quality'")
-    assert run.data.metrics["ttq/micro/0.4min/prompt_accuracy"] == pytest.approx(long["samples/accuracy"])
+    assert run.data.metrics["ttq/micro/0.4min/accuracy"] == pytest.approx(long["samples/accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "time_to_quality")}
     assert artifacts == {"time_to_quality/time_to_quality.md", "time_to_quality/time_to_quality.json"}
 

@@ -123,12 +123,17 @@ def test_the_printed_link_opens_the_training_view_on_the_loss_then_the_grids(cop
     from sd3ray.tracking.ui_review import review_run
 
     uri, run_id = copied_store["uri"], copied_store["run_id"]
-    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
-    review = review_run(uri, experiment_id, run_id, tmp_path / "shots")
-    assert review.problems(latest_step=STEPS) == [], review
-    assert review.sections[:2] == ["loss", "samples"] and review.sections.index("train") < review.sections.index("val")
-    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in review.screenshots)
+    # README's command: it exits 1 on any problem (GenAI view, another first chart, no grid, not the latest)
+    job = subprocess.run([sys.executable, str(REPO_ROOT / "jobs/review_ui.py"), run_id, "--tracking-uri", uri,
+                          "--out", str(tmp_path / "shots")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    assert job.returncode == 0, job.stdout + job.stderr[-3000:]
+    assert (f"experiment opens in the training view; sections loss, samples, train, val, Model metrics; first chart "
+            f"loss/train; grid shown at open, step {STEPS} after one click") in job.stdout
+    shots = job.stdout.split("sd3ray: screenshots ")[1].split()
+    assert len(shots) == 4 and all(Path(s).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for s in shots)
     # the check can fail: MLflow's own link, without the training view, opens the GenAI one
+    experiment_id = MlflowClient(uri).get_run(run_id).info.experiment_id
     plain = review_run(uri, experiment_id, run_id, tmp_path / "plain",
                        experiment_link=ui_url(uri, experiment_id).split("?")[0])
-    assert plain.experiment_view == "genai"
+    assert plain.experiment_view == "genai" and "genai view" in " ".join(plain.problems())
