@@ -29,4 +29,4 @@ def test_evaluate_job_prints_a_table_and_logs_a_nested_run(micro_config, tmp_pat
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("eval-test").experiment_id],
                               f"tags.mlflow.parentRunId = '{result.run_id}'")
-    assert len(runs) == 1 and "eval/g3_s2/prompt_accuracy" in runs[0].data.metrics
+    assert len(runs) == 1 and "eval/g3_s2/accuracy" in runs[0].data.metrics
