@@ -45,7 +45,8 @@ def test_training_run_round_trips_through_a_real_server(mlflow_server: str, micr
     files = _artifacts(client, result.run_id)
     assert "config.yaml" in files and "checkpoint/model.pt" in files and "checkpoint/MANIFEST.json" in files
     grids = [f for f in files if f.startswith("images/") and f.endswith(".png")]
-    assert {f.split("+")[2] for f in grids if f.startswith("images/samples+step+")} == {"2", "4"}, grids
+    # the untrained model's grid at step 0 (MLflow's image card opens there), then one per evaluation
+    assert sorted(int(f.split("+")[2]) for f in grids if f.startswith("images/samples~grid+step+")) == [0, 2, 4], grids
 
     # Resume from the step-2 checkpoint: the same MLflow run continues, with no duplicated steps.
     first = sorted((tmp_path / "run/checkpoints").iterdir())[0]
@@ -57,6 +58,9 @@ def test_training_run_round_trips_through_a_real_server(mlflow_server: str, micr
     resumed_cpu = [m.step for m in client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")]
     assert resumed_cpu[:len(cpu)] == cpu and resumed_cpu == sorted(set(resumed_cpu))  # the series goes on
     assert latest_checkpoint(tmp_path / "run/checkpoints").name == "step_00000006"
+    grids = [f for f in _artifacts(client, result.run_id) if f.startswith("images/samples~grid+step+")
+             and f.endswith(".png")]
+    assert sorted(int(f.split("+")[2]) for f in grids) == [0, 2, 4, 6], grids  # a resumed run adds no step-0 grid
 
 
 @pytest.fixture
