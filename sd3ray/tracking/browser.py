@@ -45,6 +45,7 @@ class Browser:
     def __enter__(self) -> Browser:
         self._profile = Path(tempfile.mkdtemp(prefix="sd3ray-browser-"))
         flags = ["--headless=new", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+                 "--disable-dev-shm-usage",  # containers often give /dev/shm 64 MB, too little for a page
                  "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
                  f"--user-data-dir={self._profile}", f"--window-size={self.width},{self.height}"]
         if os.geteuid() == 0:  # Chromium refuses to run as root inside its sandbox
