@@ -207,7 +207,6 @@ def is_judge_metric(key: str) -> bool:
     return key.startswith((HEADLINE_PREFIX, *DETAIL_PREFIXES)) and key != EVAL_SECONDS
 
 
-
 def judge_images(reference: Reference, images: torch.Tensor, digits: torch.Tensor, prompts: list[str]) -> JudgeReport:
     """Score uint8 images that were prompted with `prompts` asking for `digits` (N,)."""
     preds, feats = judge_outputs(reference.judge, images)

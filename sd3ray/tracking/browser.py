@@ -32,6 +32,18 @@ def find_browser(explicit: str | None = None) -> str:
                         "install -y chromium) or name it with --browser / $SD3RAY_BROWSER")
 
 
+def stop_session(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop a process started with `start_new_session=True` and everything in its process group."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class Browser:
     """One headless Chromium with one page. `with Browser() as page: page.open(url); page.screenshot(path)`."""
 
@@ -62,13 +74,7 @@ class Browser:
     def __exit__(self, *exc: object) -> None:
         if getattr(self, "_session", None) is not None:
             self._loop.run_until_complete(self._close())
-        if self._proc.poll() is None:  # the browser and its helpers share its session's process group
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-                self._proc.wait()
+        stop_session(self._proc)  # the browser and its helpers share its session's process group
         self._loop.close()
         shutil.rmtree(self._profile, ignore_errors=True)
 

@@ -38,8 +38,8 @@ UNDELIVERED_FILE = "undelivered.jsonl"  # in train.output_dir/mlflow-undelivered
 PROGRESS_METRIC = "loss/train"  # its last logged step marks how far a resumed run had logged
 # MLflow 3's UI opens an experiment by its kind; untagged ones it may take for GenAI (traces, prompts)
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
-# ...but MLflow 3.17's UI follows the browser's GenAI / Model training switch (GenAI by default) whatever the tag
-# says; a link that carries this opens the training view and the browser remembers it
+# ...but MLflow 3.17's UI follows its GenAI / Model training switch (GenAI by default) whatever the tag says, and a
+# link without this parameter lands on GenAI again even after a visit with it: every link sd3ray prints carries it
 TRAINING_VIEW = "workflowType=machine_learning"
 UI_PORT = 5000  # `mlflow ui`'s default
 SYSTEM_PROGRESS_METRIC = "system/cpu_utilization_percentage"

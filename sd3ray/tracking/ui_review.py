@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from pathlib import Path
 
 from sd3ray.errors import TrackingError
 from sd3ray.storage import redact
-from sd3ray.tracking.browser import Browser
+from sd3ray.tracking.browser import Browser, stop_session
 from sd3ray.tracking.mlflow_tracker import ui_url
 from sd3ray.tracking.protocol import EVAL_SECONDS
 
@@ -144,13 +142,7 @@ def ui_for(uri: str, start_timeout_s: float = 120.0) -> Iterator[str]:
                 time.sleep(0.5)
         yield base
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+        stop_session(server, grace_s=20)
 
 
 def latest_eval_step(uri: str, run_id: str) -> int:
