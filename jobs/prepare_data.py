@@ -5,6 +5,8 @@
         --image-size 64 --channels 3 --out data/my_set                                     # your captioned images
     python jobs/prepare_data.py --source cifar10 --data-root ~/data --out data/cifar10_parquet
     python jobs/prepare_data.py --source shapes --num-images 20000 --out data/shapes_parquet   # synthetic colour set
+    python jobs/prepare_data.py --source shapes --out data/shapes_parquet \
+        --text-encoder CLIP_L_DIR --text-encoder T5_DIR    # + each distinct prompt encoded once, on Ray Data actors
 
 --out may be a URI such as s3://bucket/my_set: the set is built locally, then uploaded.
 """
@@ -12,12 +14,14 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or a Ray working_dir copy
 
 
 from sd3ray.cli import job_parser, positive_int, run_job
+from sd3ray.config import TextConfig
 
 
 def main() -> int:
@@ -38,7 +42,21 @@ def main() -> int:
     folder.add_argument("--test-fraction", type=float, default=0.05, help="held out by a hash of the file name")
     parser.add_argument("--num-images", type=positive_int, default=20000, help="shapes: training images")
     parser.add_argument("--shard-size", type=positive_int, default=20000, help="images per Parquet shard")
+    text = parser.add_argument_group("frozen text encoders (text.encoder)")
+    text.add_argument("--text-encoder", action="append", default=[], metavar="FOLDER_OR_HUB_ID",
+                      help="write text_embeddings.parquet: every distinct prompt encoded once by these encoders, "
+                           "in text.encoder's order (repeat the flag), on Ray Data actors")
+    text.add_argument("--text-max-length", type=positive_int, default=TextConfig.max_length,
+                      help="tokens per encoder (sets text.max_length; train with the same)")
+    text.add_argument("--encoder-actors", type=positive_int, default=1, help="Ray Data encoder actors")
+    text.add_argument("--encoder-gpus", type=float, default=0.0, help="GPUs per encoder actor (0 = CPU)")
+    text.add_argument("--existing", action="store_true",
+                      help="the set at --out is already prepared: only encode its prompts")
     args = parser.parse_args()
+    if args.existing:
+        if not args.text_encoder:
+            parser.error("--existing only encodes prompts: name the encoders with --text-encoder")
+        return encode_prompts(args)
 
     from sd3ray.data import image_sets
     from sd3ray.data.mnist import prepare_mnist
@@ -59,6 +77,17 @@ def main() -> int:
             out = image_sets.write_coloured_shapes(args.out, args.num_images, args.image_size,
                                                    shard_size=args.shard_size)
     print(f"wrote {image_sets.describe(out)}")
+    return encode_prompts(args) if args.text_encoder else 0
+
+
+def encode_prompts(args) -> int:
+    from sd3ray.cluster.connect import connect
+    from sd3ray.cluster.ray_data import precompute_text_embeddings
+    text = TextConfig(encoder=tuple(args.text_encoder), max_length=args.text_max_length)
+    connect()
+    started = time.monotonic()
+    path, count = precompute_text_embeddings(str(args.out), text, args.encoder_actors, args.encoder_gpus)
+    print(f"sd3ray: encoded {count} distinct prompts in {time.monotonic() - started:.1f} s into {path}")
     return 0
 
 

@@ -4,7 +4,8 @@ A checkpoint directory holds
     model.pt        {"model": Denoiser state, "ema": EMA Denoiser state}
     optimizer.pt    {"optimizer": ..., "scheduler": ...}          (absent in weights-only exports)
     rng.pt          torch CPU (and CUDA) RNG states
-    meta.json       step, samples seen, config hash, MLflow run id, format version
+    meta.json       step, samples seen, config hash, MLflow run id, format version, and with frozen pretrained
+                    text encoders their sources and content hashes (their weights are never written here)
     config.yaml     the resolved Config
     MANIFEST.json   written last: every file's size and SHA-256
 Files are written into a hidden temporary sibling and renamed into place, and MANIFEST.json is checked on load,
@@ -29,6 +30,7 @@ import yaml
 
 from sd3ray.config import Config, config_hash, flatten, from_dict, to_yaml
 from sd3ray.errors import Sd3rayError, StorageError
+from sd3ray.model.pretrained_text import fingerprint, is_pretrained, same_encoders
 from sd3ray.storage import read_json, redact
 
 FORMAT_VERSION = 1
@@ -99,6 +101,8 @@ def write_checkpoint(directory: Path, data: CheckpointData, weights_only: bool =
         save_tensors(data.rng or {}, directory / "rng.pt")
     meta = {**data.meta, "step": data.step, "config_hash": config_hash(data.config), "format": FORMAT_VERSION,
             "weights_only": weights_only}
+    if is_pretrained(data.config.text):
+        meta["text_encoders"] = fingerprint(data.config.text)
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
     (directory / "config.yaml").write_text(to_yaml(data.config))
     files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
@@ -183,6 +187,19 @@ def model_config_mismatch(saved: Config, wanted: Config) -> list[str]:
             for k in sorted(a) if k.startswith(("model.", "text.")) and a[k] != b.get(k)]
 
 
+def check_text_encoders(directory: Path, saved: Config, meta: dict[str, Any]) -> None:
+    """A checkpoint trained on frozen pretrained encoders loads only with those very encoders: other weights under
+    the same path would condition the MM-DiT on embeddings it never saw. A missing encoder is the encoder's own
+    message (what to fetch, where)."""
+    if not is_pretrained(saved.text):
+        return
+    here, recorded = fingerprint(saved.text), meta.get("text_encoders", [])
+    if not same_encoders(here, recorded):
+        raise CheckpointError(f"checkpoint {directory} was trained with text encoders {recorded}, but "
+                              f"text.encoder now finds {here}; put the encoders it was trained with back at "
+                              f"those paths")
+
+
 def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """Tensors and plain containers from a torch file, never code: the manifest proves a file is whole, not that
     whoever wrote it (and its manifest) meant well, so nothing else is unpickled."""
@@ -206,6 +223,7 @@ def load_checkpoint(directory: Path, expected: Config | None = None, map_locatio
         if mismatch:
             raise CheckpointError(f"checkpoint {directory} was trained with a different model:\n  "
                                   + "\n  ".join(mismatch) + "\nUse the checkpoint's config.yaml or a fresh run name.")
+    check_text_encoders(directory, saved_cfg, meta)
     if meta.get("weights_only") and not weights_only_ok:
         raise CheckpointError(f"{directory} holds weights only (no optimizer state); it can be sampled from and "
                               f"evaluated, not resumed")

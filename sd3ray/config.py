@@ -56,8 +56,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Byte-level transformer text encoder, trained jointly with the MM-DiT."""
+    """The text encoder: the byte-level transformer trained jointly with the MM-DiT (`encoder: [byte]`, whose
+    shape the other keys set), or frozen pretrained CLIP/T5 encoders joined as SD3 joins them
+    (`sd3ray.model.pretrained_text`)."""
 
+    # `byte`, or Hugging Face text models as local folders or hub ids (CLIPTextModelWithProjection, T5EncoderModel);
+    # a comma-separated string is read as a list
+    encoder: tuple[str, ...] = ("byte",)
     width: int = 256
     depth: int = 4
     num_heads: int = 4
@@ -201,9 +206,15 @@ def validate(cfg: Config) -> None:
              f"{m.image_size} is not divisible by model.patch_size={m.patch_size}")
     _require(t.width % t.num_heads == 0, "text.width",
              f"{t.width} is not divisible by text.num_heads={t.num_heads}")
-    _require(m.context_dim == t.width, "model.context_dim",
-             f"must equal text.width ({t.width}), got {m.context_dim}")
-    _require(m.pooled_dim == t.width, "model.pooled_dim", f"must equal text.width ({t.width}), got {m.pooled_dim}")
+    _require(len(t.encoder) > 0 and all(e.strip() for e in t.encoder), "text.encoder",
+             "name `byte` or one or more pretrained encoder folders or hub ids")
+    _require("byte" not in t.encoder or len(t.encoder) == 1, "text.encoder",
+             f"`byte` cannot be joined with pretrained encoders, got {list(t.encoder)}")
+    if t.encoder == ("byte",):  # pretrained encoders' widths are read from their files when the model is built
+        _require(m.context_dim == t.width, "model.context_dim",
+                 f"must equal text.width ({t.width}), got {m.context_dim}")
+        _require(m.pooled_dim == t.width, "model.pooled_dim",
+                 f"must equal text.width ({t.width}), got {m.pooled_dim}")
     _require(0.0 <= t.prompt_dropout < 1.0, "text.prompt_dropout", f"must be in [0, 1), got {t.prompt_dropout}")
     _require(f.logit_std > 0, "flow.logit_std", f"must be > 0, got {f.logit_std}")
     # f_mode is a monotone map of [0,1] onto [0,1] only for -1 <= s <= 2/(pi-2) (SD3 §3.1).
@@ -315,10 +326,13 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 def upgrade(data: dict[str, Any]) -> dict[str, Any]:
     """Read configs written by earlier versions (checkpoints keep theirs): `train.compile` was a boolean, true
-    meaning one graph per block."""
+    meaning one graph per block. Also reads shorthands: `text.encoder` as one comma-separated string."""
     train = data.get("train") if isinstance(data, dict) else None
     if isinstance(train, dict) and isinstance(train.get("compile"), bool):
         data = {**data, "train": {**train, "compile": "blocks" if train["compile"] else "none"}}
+    text = data.get("text") if isinstance(data, dict) else None
+    if isinstance(text, dict) and isinstance(text.get("encoder"), str):  # `--set text.encoder=clip,t5`
+        data = {**data, "text": {**text, "encoder": [e.strip() for e in text["encoder"].split(",")]}}
     return data
 
 

@@ -9,7 +9,7 @@ import torch
 from sd3ray.config import Config
 from sd3ray.core.flow import sample_timesteps
 from sd3ray.data.format import ImageSet, from_uint8
-from sd3ray.data.prompts import PromptBank, digit_prompts
+from sd3ray.data.prompts import PromptBank, Tokenize, default_tokenize, digit_prompts
 from sd3ray.errors import DataError
 
 # ---------------------------------------------------------------------------------------- prompts & batches
@@ -63,11 +63,13 @@ class ShardedBatches:
 class TrainingBatches:
     """Each step's batch for this rank, gathered on the device from (seed, step) alone: images, prompt tokens
     (one of each image's prompts at random, the empty prompt with probability `prompt_dropout`), t and eps.
+    `tokenize` is the model's text encoder's (the byte tokenizer by default): every prompt is tokenised once.
     Random draws are made for the global batch and sliced per rank, so the split over workers changes nothing."""
 
-    def __init__(self, images: ImageSet, cfg: Config, rank: int, world_size: int, device: torch.device) -> None:
+    def __init__(self, images: ImageSet, cfg: Config, rank: int, world_size: int, device: torch.device,
+                 tokenize: Tokenize | None = None) -> None:
         prompts, candidates = prompt_candidates(images)
-        self.bank = PromptBank.build(prompts, cfg.text.max_length).to(device)
+        self.bank = PromptBank.build(prompts, tokenize or default_tokenize(cfg.text)).to(device)
         row_of = {p: i for i, p in enumerate(self.bank.prompts)}
         self.candidates = torch.tensor([row_of[p] for p in prompts])[candidates].to(device)  # (N, K) bank rows
         self.images = images.images.to(device)  # uint8, resident: MNIST is 60 MB

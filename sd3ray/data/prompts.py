@@ -1,15 +1,21 @@
-"""Prompts and their tokens: the byte tokenizer, digit prompt renderings and the prompt bank.
+"""Prompts and their tokens: digit prompt renderings and the prompt bank.
 
 The text encoder's weights live in `sd3ray.model.text_encoder`; this module holds no parameters.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
+from sd3ray.config import TextConfig
 from sd3ray.model.tokenizer import tokenize
+
+# prompts -> token ids (B, L) and mask (B, L) bool: the byte tokenizer, or a pretrained encoder's cache rows
+Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -26,6 +32,13 @@ def digit_prompts(label: int) -> list[str]:
 
 
 
+def default_tokenize(cfg: TextConfig) -> Tokenize:
+    """The byte tokenizer at `text.max_length`; a pretrained encoder's tokenize must be passed instead."""
+    if tuple(cfg.encoder) != ("byte",):
+        raise ValueError("pretrained text encoders tokenize through the model: pass model.text_encoder.tokenize")
+    return partial(tokenize, max_length=cfg.max_length)
+
+
 def is_word_prompt(prompt: str) -> bool:
     return not any(ch.isdigit() for ch in prompt)
 
@@ -40,10 +53,12 @@ class PromptBank:
     mask: torch.Tensor  # (P, L) bool
 
     @classmethod
-    def build(cls, prompts: list[str], max_length: int) -> PromptBank:
+    def build(cls, prompts: list[str], tokenize: Tokenize) -> PromptBank:
         unique = [""] + [p for p in dict.fromkeys(prompts) if p != ""]
-        ids, mask = tokenize(unique, max_length)
-        longest = int(mask.sum(1).max())  # trim shared padding: attention cost grows with the token count
+        ids, mask = tokenize(unique)
+        # trim the padding every row shares (attention cost grows with the token count): past the last real token
+        positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+        longest = int((mask * positions).max())
         return cls(unique, ids[:, :longest], mask[:, :longest])
 
     def to(self, device: torch.device | str) -> PromptBank:

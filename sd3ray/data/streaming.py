@@ -24,9 +24,8 @@ import torch
 from sd3ray.config import Config
 from sd3ray.core.flow import sample_timesteps
 from sd3ray.data.format import from_uint8, image_array, read_metadata
-from sd3ray.data.prompts import digit_prompts
+from sd3ray.data.prompts import Tokenize, default_tokenize, digit_prompts
 from sd3ray.errors import DataError
-from sd3ray.model.tokenizer import tokenize
 from sd3ray.storage import open_folder
 
 Batch = dict[str, np.ndarray]  # "image" (n, C, S, S) uint8, "label" (n,) int64, "caption" (n,) object or absent
@@ -126,8 +125,9 @@ class StreamedBatches:
     the global batch from (seed, step) and sliced per rank, so only the images differ between the two paths."""
 
     def __init__(self, passes: Callable[[], Iterable[Batch]], cfg: Config, rank: int, world_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, tokenize: Tokenize | None = None) -> None:
         self.passes, self.cfg, self.device = passes, cfg, device
+        self.tokenize = tokenize or default_tokenize(cfg.text)  # the model's text encoder's, or the byte one
         self.global_batch = cfg.train.batch_size * world_size
         b = cfg.train.batch_size
         self.rank_slice = slice(rank * b, (rank + 1) * b)
@@ -159,7 +159,7 @@ class StreamedBatches:
         choice = torch.randint(0, 1 << 30, (n,), generator=g, device=self.device)[sl].tolist()
         dropped = (torch.rand(n, generator=g, device=self.device) < self.cfg.text.prompt_dropout)[sl].tolist()
         prompts = self.prompts(batch, choice)
-        ids, mask = tokenize(["" if d else p for p, d in zip(prompts, dropped)], self.cfg.text.max_length)
+        ids, mask = self.tokenize(["" if d else p for p, d in zip(prompts, dropped)])
         return from_uint8(images), ids.to(self.device), mask.to(self.device), t, eps
 
     @staticmethod

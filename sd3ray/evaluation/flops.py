@@ -60,8 +60,10 @@ def text_forward_flops(cfg: Config, batch: int, context_len: int) -> float:
 
 
 def train_step_flops(cfg: Config, batch: int, context_len: int) -> float:
-    """Forward + backward ≈ 3 × forward, for the MM-DiT and the jointly trained text encoder."""
-    return 3.0 * (mmdit_forward_flops(cfg, batch, context_len) + text_forward_flops(cfg, batch, context_len))
+    """Forward + backward ≈ 3 × forward, for the MM-DiT and the jointly trained byte text encoder (frozen
+    pretrained encoders run once per distinct prompt, not per step: they add nothing here)."""
+    text = text_forward_flops(cfg, batch, context_len) if tuple(cfg.text.encoder) == ("byte",) else 0.0
+    return 3.0 * (mmdit_forward_flops(cfg, batch, context_len) + text)
 
 
 def peak_tflops(device_name: str) -> float | None:

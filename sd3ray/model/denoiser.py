@@ -1,4 +1,4 @@
-"""The trainable pair, text encoder + MM-DiT, as one module (so DDP and EMA see a single parameter set), and its
+"""The text encoder + MM-DiT pair as one module (so DDP and EMA see a single parameter set), and its
 one conditioning path: encode prompts once, then ask for velocities with or without classifier-free guidance.
 
 Training calls `forward(z_t, t, ids, mask)` on pre-tokenised batches; everything that samples or validates goes
@@ -15,6 +15,7 @@ from torch import nn
 from sd3ray.config import Config
 from sd3ray.core.flow import VelocityFn
 from sd3ray.model.mmdit import MMDiT
+from sd3ray.model.pretrained_text import PretrainedTextEncoder, is_pretrained
 from sd3ray.model.text_encoder import TextEncoder
 
 
@@ -30,7 +31,7 @@ class Conditioning:
 class Denoiser(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        self.text_encoder = TextEncoder(cfg.text)
+        self.text_encoder = build_text_encoder(cfg)
         self.mmdit = MMDiT(cfg.model)
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,13 @@ class Denoiser(nn.Module):
             return torch.where(inside.view(-1, *([1] * (z_t.dim() - 1))), v, v_cond)
 
         return guided
+
+
+def build_text_encoder(cfg: Config) -> TextEncoder | PretrainedTextEncoder:
+    """The byte encoder trained with the MM-DiT, or the frozen pretrained encoders `text.encoder` names."""
+    if is_pretrained(cfg.text):
+        return PretrainedTextEncoder(cfg.text, cfg.model.context_dim, cfg.model.pooled_dim)
+    return TextEncoder(cfg.text)
 
 
 def count_parameters(module: nn.Module) -> int:

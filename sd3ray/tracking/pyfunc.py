@@ -58,6 +58,13 @@ class Sd3rayModel(mlflow.pyfunc.PythonModel):
         return images.numpy()
 
 
+def requirements(cfg: Config) -> list[str]:
+    """What serving installs: frozen pretrained text encoders load through transformers (their weights are not in
+    the model: its checkpoint names their folders and content hashes, and loading says what to fetch)."""
+    pretrained = tuple(cfg.text.encoder) != ("byte",)
+    return REQUIREMENTS + (["transformers", "tokenizers", "safetensors"] if pretrained else [])
+
+
 def signature(cfg: Config):
     """Input: a `prompt` string column; output: uint8 (N, C, H, W); params with the run's sample settings."""
     from mlflow.models import ModelSignature
@@ -95,7 +102,7 @@ def log_pyfunc_model(tracking_uri: str, run_id: str, cfg: Config, step: int, ema
             info = mlflow.pyfunc.log_model(
                 name=model_name(run_name), python_model=str(ENTRY_FILE),
                 artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
-                code_paths=[str(PACKAGE_DIR)], signature=signature(cfg), pip_requirements=REQUIREMENTS,
+                code_paths=[str(PACKAGE_DIR)], signature=signature(cfg), pip_requirements=requirements(cfg),
                 input_example=pd.DataFrame({"prompt": ["7", "seven"]}), step=step,
                 registered_model_name=registered_model or None)
         clean_mlmodel(info.model_id, Path(tmp))

@@ -25,6 +25,7 @@ from sd3ray.core.ema import EMA
 from sd3ray.data.batches import TrainingBatches
 from sd3ray.data.format import load_splits, read_split
 from sd3ray.data.streaming import StreamedBatches, describe_choice, streams
+from sd3ray.data.text_embeddings import use_precomputed
 from sd3ray.errors import Sd3rayError
 from sd3ray.evaluation.figures import make_grid
 from sd3ray.evaluation.flops import peak_tflops, train_step_flops
@@ -32,6 +33,7 @@ from sd3ray.evaluation.judge import CONSTANT_METRICS, SampleJudge, is_digit_data
 from sd3ray.evaluation.validation import GRID_SEED, ValidationSet, validation_losses
 from sd3ray.inference import generate
 from sd3ray.model import Denoiser, count_parameters
+from sd3ray.model.pretrained_text import PretrainedTextEncoder
 from sd3ray.storage import is_uri
 from sd3ray.tracking.protocol import EVAL_SECONDS, Tracker
 from sd3ray.training.context import RunContext
@@ -218,12 +220,17 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     if ctx.is_main:
         print(describe_choice(cfg), flush=True)
     train_set, test_set = (None, read_split(cfg.data.parquet_dir, "test")) if streaming else load_splits(cfg)
-    batches = StreamedBatches(ctx.train_stream(cfg), cfg, ctx.rank, ctx.world_size, device) if streaming \
-        else TrainingBatches(train_set, cfg, ctx.rank, ctx.world_size, device)
     horizon = DecayHorizon(tc, start_step=0)
     settings = resolve_step_settings(cfg, device)
     state = build_train_state(cfg, device, settings, lambda: horizon.steps, ctx.prepare_model)
     model, ema, optimizer, scheduler = state.model, state.ema, state.optimizer, state.scheduler
+    text = model.text_encoder
+    if isinstance(text, PretrainedTextEncoder):
+        line = use_precomputed(text, cfg.data.parquet_dir)
+        if ctx.is_main:
+            print(f"sd3ray: {line}", flush=True)
+    batches = StreamedBatches(ctx.train_stream(cfg), cfg, ctx.rank, ctx.world_size, device, text.tokenize) \
+        if streaming else TrainingBatches(train_set, cfg, ctx.rank, ctx.world_size, device, text.tokenize)
     step, meta = 0, {}
     if (resume := ctx.resume_from()) is not None:
         step, meta = restore(resume, cfg, model, ema, optimizer, scheduler, device)
@@ -233,7 +240,8 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     run_ref = {"mlflow_run_id": run_id} if run_id else {}  # in every report: the Ray driver names the run at the end
     if ctx.is_main:
         mmdit_m, text_m = count_parameters(model.mmdit) / 1e6, count_parameters(model.text_encoder) / 1e6
-        print(f"sd3ray: {mmdit_m:.2f}M MM-DiT + {text_m:.2f}M text params | {ctx.world_size} worker(s) × batch "
+        texts = f"{text_m:.2f}M text params" if text_m else "frozen " + "+".join(s.kind for s in text.specs)
+        print(f"sd3ray: {mmdit_m:.2f}M MM-DiT + {texts} | {ctx.world_size} worker(s) × batch "
               f"{tc.batch_size} on {device} ({torch.get_num_threads()} threads{niceness()}) | from step {step}",
               flush=True)
         print(f"sd3ray: step {settings.reason}", flush=True)

@@ -1,3 +1,5 @@
+from functools import partial
+
 import pytest
 
 from sd3ray.data.prompts import PromptBank, digit_prompts, is_word_prompt
@@ -26,5 +28,5 @@ def test_digit_prompts_cover_numeral_and_word_forms() -> None:
 
 
 def test_prompt_bank_puts_the_empty_prompt_first() -> None:
-    bank = PromptBank.build(["7", "seven", "7"], max_length=8)
+    bank = PromptBank.build(["7", "seven", "7"], partial(tokenize, max_length=8))
     assert bank.prompts == ["", "7", "seven"] and bank.ids.shape == (3, 6)  # trimmed to BOS + "seven"
