@@ -31,6 +31,8 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # A local `ray.init()` turns on token auth and leaves ~/.ray/auth_token, which every later cluster then requires.
 # The tests' cluster is reachable from this machine only; pin the mode so runs do not depend on leftovers.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Tests never reach the network: a Hugging Face hub id fails at once instead of retrying for half a minute.
+os.environ["HF_HUB_OFFLINE"] = "1"
 # Caches (the judge's weights) stay with the tests, not in the user's home: one folder, ignored by git.
 os.environ.setdefault("SD3RAY_CACHE", str(REPO_ROOT / "tests" / ".cache"))
 

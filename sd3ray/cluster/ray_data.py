@@ -72,7 +72,7 @@ def precompute_text_embeddings(parquet_dir: str, text: TextConfig, actors: int =
     ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = ray.data.from_items([{"prompt": p} for p in prompts])
     encoded = dataset.map_batches(EncodePrompts, fn_constructor_args=(text,), batch_size=batch_size,
-                                  concurrency=actors, num_gpus=gpus_per_actor or None,
+                                  compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor or None,
                                   num_cpus=None if gpus_per_actor else 1).take_all()
     order = {p: i for i, p in enumerate(prompts)}
     encoded.sort(key=lambda row: order[str(row["prompt"])])
