@@ -2,6 +2,7 @@
 
     python jobs/tune.py --config configs/tune_mnist.yaml
     python jobs/tune.py --config configs/tune_mnist.yaml --resume     # continue an interrupted sweep
+    python jobs/tune.py --config configs/sweeps/sd3_timesteps.yaml    # SD3's timestep study, 7 schemes x 3 seeds
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a sweep value, e.g. --set name=my-sweep (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue the sweep of the same name; finished "
                                                               "trials are not rerun")
+    parser.add_argument("--trial-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="append a training config override to every trial, e.g. --trial-set train.steps=500")
     add_tracking_args(parser)
     add_data_args(parser)
     return parser
@@ -35,7 +38,7 @@ def main() -> int:
     parser = build_parser()
     args = parser.parse_args()
     try:
-        spec = load_sweep(args.config, args.overrides, data_overrides(args))
+        spec = load_sweep(args.config, args.overrides, [*args.trial_set, *data_overrides(args)])
     except ConfigError as err:
         parser.error(str(err))
     rows = run_sweep(spec, resume=args.resume, tracking=not args.no_tracking)

@@ -77,10 +77,13 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], xlabel: str, y
     return figure_to_array(fig)
 
 
-def bar_plot(values: dict[str, float], ylabel: str, title: str = "") -> np.ndarray:
-    """One labelled bar per entry, value printed on top: {label: value} -> RGB uint8 image."""
+def bar_plot(values: dict[str, float], ylabel: str, title: str = "",
+             errors: dict[str, float] | None = None) -> np.ndarray:
+    """One labelled bar per entry, value printed on top, with ± `errors` bars when given: {label: value} -> RGB
+    uint8 image."""
     fig, ax = plt.subplots(figsize=(1.2 * len(values) + 2, 3.5), dpi=100)
-    bars = ax.bar(list(values), list(values.values()), color="tab:blue")
+    yerr = [errors.get(k, 0.0) for k in values] if errors else None
+    bars = ax.bar(list(values), list(values.values()), color="tab:blue", yerr=yerr, capsize=4 if errors else 0)
     ax.bar_label(bars, fmt="%.3g", fontsize=8)
     ax.set(ylabel=ylabel, title=title)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from sd3ray.config import ConfigError
+from sd3ray.storage import check_shared, is_file, open_folder, redact, resolve_tracking_uri
 from sd3ray.sweeps.report import to_markdown, write_summary
-from sd3ray.sweeps.spec import SweepSpec, base_config
+from sd3ray.sweeps.spec import SweepSpec, base_config, sweep_root, sweep_storage
 from sd3ray.sweeps.tuner import build_tuner, run_trial, trial_resources
 from sd3ray.tracking.mlflow_tracker import make_tracker
 
@@ -21,23 +21,22 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
 
     base = base_config(spec)
     prepare_dataset(base)  # once, here: every trial's workers only read it
-    storage = Path(spec.storage_path).resolve() / spec.name
-    meta_path = storage.parent / f"{spec.name}.sd3ray.json"
+    storage = sweep_storage(spec)
     connect()
+    check_sweep_storage(spec, base, tracking)
     tracker = make_tracker(base, enabled=tracking)
-    if resume and not tune.Tuner.can_restore(str(storage)):
-        raise ConfigError(f"--resume: no sweep to continue at {storage}; run without --resume first")
-    parent = json.loads(meta_path.read_text())["parent_run_id"] if resume and meta_path.is_file() else None
+    if resume and not tune.Tuner.can_restore(storage):
+        raise ConfigError(f"--resume: no sweep to continue at {redact(storage)}; run without --resume first")
+    parent = read_parent_run(spec) if resume else None
     parent = tracker.start(base, parent, tags={"sd3ray.sweep": spec.name}, run_name=f"sweep-{spec.name}") or ""
-    meta_path.parent.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps({"parent_run_id": parent}))
+    write_parent_run(spec, parent)
     try:
         if resume:
             # finished trials keep their results; unfinished ones continue; failed ones stay failed
-            tuner = tune.Tuner.restore(str(storage), trainable=tune.with_resources(run_trial, trial_resources()),
+            tuner = tune.Tuner.restore(storage, trainable=tune.with_resources(run_trial, trial_resources()),
                                        resume_unfinished=True, resume_errored=False, restart_errored=False)
         else:
-            tuner = build_tuner(spec, storage, parent, tracking)
+            tuner = build_tuner(spec, parent, tracking)
         results = tuner.fit()
         rows = write_summary(tracker, results, spec)
     except BaseException:
@@ -46,3 +45,41 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
     tracker.finish("FINISHED")
     print(to_markdown(rows))
     return rows
+
+
+def check_sweep_storage(spec: SweepSpec, base: Any, tracking: bool) -> None:
+    """What training checks before it starts, for the sweep: on several nodes, the storage, the data and the
+    tracking store must be where every node sees them; the storage must open; the tracking server must answer."""
+    import ray
+
+    from sd3ray.cluster.trainer import check_storage
+    from sd3ray.tracking.mlflow_tracker import check_reachable
+
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    locations = {"storage_path": sweep_root(spec), "data.parquet_dir": base.data.parquet_dir}
+    if tracking:
+        locations["tracking.uri"] = resolve_tracking_uri(base.tracking.uri)
+        check_reachable(locations["tracking.uri"])
+    check_shared(locations, nodes)
+    check_storage(sweep_root(spec))
+
+
+def _parent_file(spec: SweepSpec) -> tuple[Any, str]:
+    """Beside the sweep's folder: `NAME.sd3ray.json`, which keeps the parent MLflow run for --resume."""
+    fs, root = open_folder(sweep_root(spec))
+    return fs, f"{root}/{spec.name}.sd3ray.json"
+
+
+def read_parent_run(spec: SweepSpec) -> str | None:
+    fs, path = _parent_file(spec)
+    if not is_file(fs, path):
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())["parent_run_id"]
+
+
+def write_parent_run(spec: SweepSpec, parent: str) -> None:
+    fs, path = _parent_file(spec)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps({"parent_run_id": parent}).encode())

@@ -13,15 +13,17 @@ import numpy as np
 
 from sd3ray.evaluation.figures import line_plot
 from sd3ray.sweeps.spec import SchemeSpec, SweepSpec, base_config, trial_label
+from sd3ray.sweeps.study import by_point, study_markdown, study_plot
 from sd3ray.tracking.protocol import Tracker
 
 SUMMARY_METRICS = ("loss/val", "samples/accuracy", "samples/cfid_ratio")
 
 
 def summarize(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
-    """One row per trial of a Tune ResultGrid: settings, status, step reached and metrics (last report)."""
+    """One row per trial of a Tune ResultGrid: settings, status, step reached, metrics (last report), and for a
+    trial stopped early, why."""
     steps = base_config(spec).train.steps
-    rows = []
+    rows, histories = [], {}
     for result in results:
         # a restored sweep has no config for trials that failed before their first report; Tune's params.json does
         config = result.config or json.loads((Path(result.path) / "params.json").read_text())
@@ -35,8 +37,42 @@ def summarize(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
         row.update({k: metrics.get(k) for k in SUMMARY_METRICS})
         row["error"] = str(result.error).strip().splitlines()[-1][:300] if result.error else ""
         rows.append(row)
+        histories[row["trial"]] = metric_history(result, spec.metric)
+    for row in rows:
+        row["stopped_because"] = stop_reason(row, histories, spec) if row["status"] == "stopped early" else ""
     sign = -1 if spec.mode == "max" else 1  # best first; trials without the metric last
     return sorted(rows, key=lambda r: (r[spec.metric] is None, sign * (r[spec.metric] or 0)))
+
+
+def metric_history(result: Any, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of every report of one trial that carried `metric`, by step."""
+    frame = getattr(result, "metrics_dataframe", None)
+    if frame is None or metric not in frame or "step" not in frame:
+        return []
+    pairs = frame[["step", metric]].dropna()
+    return sorted((int(step), float(value)) for step, value in zip(pairs["step"], pairs[metric]))
+
+
+def value_at(history: list[tuple[int, float]], step: int) -> float | None:
+    """A trial's metric at its first report at or after `step`: what ASHA compares at a rung."""
+    return next((value for at, value in history if at >= step), None)
+
+
+def stop_reason(row: dict[str, Any], histories: dict[str, list[tuple[int, float]]], spec: SweepSpec) -> str:
+    """Why a trial ended before train.steps: ASHA's rung at the step it stopped, with its value against the
+    trials that reached that step (ASHA keeps the best 1/reduction_factor there)."""
+    step = row["step"]
+    if not spec.asha.enabled:
+        return f"ended at step {step} without an error (ASHA is off: a time budget or an interruption)"
+    mine = value_at(histories.get(row["trial"], []), step)
+    peers = [v for h in histories.values() if (v := value_at(h, step)) is not None]
+    factor = spec.asha.reduction_factor
+    if mine is None or not peers:
+        return f"ASHA at step {step}"
+    ranked = sorted(peers, reverse=spec.mode == "max")
+    kept = ranked[max(1, len(ranked) // factor) - 1]
+    return (f"ASHA at step {step}: {spec.metric} {mine:.4g}, outside the best 1/{factor} of the {len(peers)} "
+            f"trials that reached that step (the last one kept: {kept:.4g})")
 
 
 def _fmt(value: Any) -> str:
@@ -107,6 +143,13 @@ def write_summary(tracker: Tracker, results: Any, spec: SweepSpec) -> list[dict[
         (Path(tmp) / "results.csv").write_text(to_csv(rows))
         (Path(tmp) / "results.md").write_text(to_markdown(rows) + "\n")
         tracker.log_artifact(Path(tmp), "sweep")
+    if spec.seeds > 1:  # a study: mean ± std over seeds per point, ranked, beside SD3's ranking
+        points = by_point(rows, spec)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "study.md").write_text(study_markdown(points, spec) + "\n")
+            tracker.log_artifact(Path(tmp), "sweep")
+        tracker.log_image("study_by_point", study_plot(points, spec), 0)
+        print(study_markdown(points, spec), flush=True)
     tracker.log_image("metric_vs_width", metric_vs_width(rows, spec), 0)
     tracker.log_image("best_grid_per_scheme", best_grids(tracker, rows), 0)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped early", "failed")}

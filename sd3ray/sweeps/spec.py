@@ -24,7 +24,7 @@ from sd3ray.config import (
     read_yaml_file,
 )
 from sd3ray.evaluation.judge import is_judge_metric
-from sd3ray.storage import is_uri
+from sd3ray.storage import is_uri, join
 
 # metric keys as sweep files named them before they were grouped for MLflow's UI (docs/tracking.md)
 RENAMED_METRICS = {"val/loss": "loss/val", "train/loss": "loss/train", "judge/prompt_accuracy": "samples/accuracy",
@@ -101,6 +101,8 @@ class SweepSpec:
     cpus_per_worker: int = 1
     use_gpu: bool = False
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
+    # restarts of a trial from its newest checkpoint when a worker (or its node) is lost; 0 = the trial fails
+    max_failures: int = 0
     asha: AshaSpec = field(default_factory=AshaSpec)
     registered_model: str = ""  # register the best trial's model under this name when the sweep ends
 
@@ -129,10 +131,20 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, config_over
         raise ConfigError(f"metric {spec.metric} needs the judge: set eval.num_samples > 0 in overrides")
     check_space(spec)
     check_asha(spec.asha, base.train.steps)
-    if is_uri(spec.storage_path):
-        raise ConfigError(f"storage_path {spec.storage_path}: a sweep keeps its trials in a folder (on a cluster, a "
-                          f"shared volume every node mounts); object-store URIs are for training runs' --storage-path")
+    if spec.max_failures < 0:
+        raise ConfigError(f"max_failures ({spec.max_failures}) must be >= 0 (0: a lost worker fails its trial)")
     return spec
+
+
+def sweep_root(spec: SweepSpec) -> str:
+    """`storage_path` as every node reads it: a URI as given, a folder made absolute."""
+    return spec.storage_path if is_uri(spec.storage_path) else str(Path(spec.storage_path).resolve())
+
+
+def sweep_storage(spec: SweepSpec) -> str:
+    """Where the sweep keeps Tune's state and every trial's checkpoints: `storage_path/name`, a folder or a URI
+    (`s3://bucket/x?endpoint_override=...` keeps its query)."""
+    return join(sweep_root(spec), spec.name)
 
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")

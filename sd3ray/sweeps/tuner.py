@@ -5,7 +5,6 @@ resources, how many run at once, and the ASHA scheduler.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from sd3ray.config import (
@@ -13,7 +12,17 @@ from sd3ray.config import (
     build_dataclass,
     load_config,
 )
-from sd3ray.sweeps.spec import SweepSpec, base_config, search_space, spec_dict, trial_label, trial_overrides
+from sd3ray.storage import join
+from sd3ray.sweeps.spec import (
+    SweepSpec,
+    base_config,
+    search_space,
+    spec_dict,
+    sweep_root,
+    sweep_storage,
+    trial_label,
+    trial_overrides,
+)
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -29,8 +38,9 @@ def run_trial(config: dict[str, Any]) -> None:
                                          f"tracking.run_name={label}", f"tracking.parent_run_id={config['parent']}"])
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(cfg, f"{label}-{trial_id}", workers=spec.workers_per_trial, use_gpu=spec.use_gpu,
-                            storage_path=str(Path(config["storage"]) / "trials"), tracking=config["tracking"],
-                            callbacks=[TuneReportCallback()], cpus_per_worker=spec.cpus_per_worker)
+                            storage_path=join(config["storage"], "trials"), tracking=config["tracking"],
+                            callbacks=[TuneReportCallback()], cpus_per_worker=spec.cpus_per_worker,
+                            max_failures=spec.max_failures)
     trainer.fit()
 
 
@@ -53,7 +63,8 @@ def concurrency(spec: SweepSpec) -> int:
     return max(1, int(resources.get("CPU", 0) // (spec.workers_per_trial * spec.cpus_per_worker)))
 
 
-def build_tuner(spec: SweepSpec, storage: Path, parent_run_id: str, tracking: bool):
+def build_tuner(spec: SweepSpec, parent_run_id: str, tracking: bool):
+    """Tune's state and the trials' checkpoints go to `sweep_storage(spec)`, a folder or a URI."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -71,12 +82,13 @@ def build_tuner(spec: SweepSpec, storage: Path, parent_run_id: str, tracking: bo
         search_alg = OptunaSearch()
     trainable = tune.with_resources(run_trial, trial_resources())
     param_space = {**search_space(spec), "spec": spec_dict(spec), "parent": parent_run_id,
-                   "storage": str(storage), "tracking": tracking}
+                   "storage": sweep_storage(spec), "tracking": tracking}
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=search_alg,
                                     num_samples=spec.num_samples, max_concurrent_trials=concurrency(spec),
                                     trial_name_creator=lambda t: trial_label(t.config["params"])),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(storage.parent)),
+        run_config=tune.RunConfig(name=spec.name, storage_path=sweep_root(spec),
+                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )

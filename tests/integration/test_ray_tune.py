@@ -22,6 +22,9 @@ def test_asha_sweep_releases_resources_and_logs_parent_and_children(ray_head, mn
     assert "stopped early" in statuses and "failed" not in statuses, rows
     assert all(r["step"] == 6 for r in rows if r["status"] == "finished")
     assert all(r["step"] < 6 for r in rows if r["status"] == "stopped early")
+    assert all(r["stopped_because"].startswith(f"ASHA at step {r['step']}: loss/val ")
+               for r in rows if r["status"] == "stopped early"), rows
+    assert all(r["stopped_because"] == "" for r in rows if r["status"] == "finished")
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("asha").experiment_id

@@ -1,6 +1,7 @@
 """The cluster path, live: a Ray head (127.0.0.2) and a worker node (127.0.0.3), each with one CPU so that two
 workers span both; an S3-compatible server (moto) holding the data and the checkpoints; the team MLflow server
-(infra/mlflow/serve.sh: PostgreSQL backend store, artifacts proxied to S3, basic auth); and a node that dies.
+(infra/mlflow/serve.sh: PostgreSQL backend store, artifacts proxied to S3, basic auth); and a node that dies under
+a sweep whose trials and checkpoints live in the bucket.
 
 Every server listens on loopback, is started here in its own process group, and is stopped by that group alone.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from tests.support import (
     BUCKET,
@@ -137,12 +139,25 @@ class Cluster:
         os.killpg(self.nodes[ip].pid, signal.SIGKILL)
         self.nodes.pop(ip).wait(timeout=30)
 
-    def submit(self, *args: str, submission_id: str | None = None) -> subprocess.CompletedProcess:
-        """`ray job submit -- python jobs/train.py ARGS`; with a submission id it returns once the job is queued."""
+    def submit(self, *args: str, submission_id: str | None = None, job: str = "jobs/train.py"
+               ) -> subprocess.CompletedProcess:
+        """`ray job submit -- python JOB ARGS`; with a submission id it returns once the job is queued."""
         queued = ["--no-wait", "--submission-id", submission_id] if submission_id else []
         command = ["ray", "job", "submit", "--address", self.dashboard, "--working-dir", ".", *queued, "--",
-                   "python", "jobs/train.py", *args]
+                   "python", job, *args]
         return subprocess.run(command, cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=900)
+
+    def wait_for(self, job_id: str, timeout_s: float) -> tuple[str, str]:
+        """A queued job's final status (lower case) and its logs."""
+        deadline, status = time.time() + timeout_s, ""
+        while not any(s in status for s in ("succeeded", "failed", "stopped")):
+            assert time.time() < deadline, f"job {job_id} did not finish in {timeout_s:g} s"
+            time.sleep(3)
+            status = subprocess.run(["ray", "job", "status", "--address", self.dashboard, job_id],
+                                    env=self.env, capture_output=True, text=True, timeout=60).stdout.lower()
+        logs = subprocess.run(["ray", "job", "logs", "--address", self.dashboard, job_id],
+                              env=self.env, capture_output=True, text=True, timeout=60).stdout
+        return status, logs
 
     def stop(self) -> None:
         stop_process_groups(list(self.nodes.values()))  # every node at once: their shutdowns overlap
@@ -249,50 +264,54 @@ def test_two_nodes_train_from_s3_data_into_s3_checkpoints_and_the_team_mlflow_se
     assert [m.step for m in client.get_metric_history(same.info.run_id, "loss/train")] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_lost_node_is_replaced_and_the_run_ends_as_if_nothing_happened(
-        cluster: Cluster, s3, s3_data: str, team_mlflow: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    storage = s3["uri"]("runs")
-    steps, every = 30, 10  # the node is lost after the first checkpoint, with 20 steps still to go
-
-    def train(name: str, max_failures: int, submission_id: str | None = None) -> subprocess.CompletedProcess:
-        args = ["--config", "configs/mnist_tiny.yaml", "--workers", "2", "--cpu", "--placement", "spread",
-                "--steps", str(steps), "--name", name, "--storage-path", storage, "--parquet-dir", s3_data,
-                "--max-failures", str(max_failures),
-                *_micro_args("train.log_every=1", f"train.ckpt_every={every}", f"train.eval_every={steps}",
-                             f"tracking.uri={team_mlflow}", f"tracking.experiment={name}")]
-        return cluster.submit(*args, submission_id=submission_id)
-
-    clean = train("uninterrupted", max_failures=0)
-    assert clean.returncode == 0, _logs(clean)[-5000:]
-
-    job_id = f"sd3ray-lost-node-{os.getpid()}"
-    submitted = train("lost-node", max_failures=1, submission_id=job_id)
+def test_a_sweep_on_s3_loses_a_node_and_its_interrupted_trial_ends_as_its_twin_that_was_not(
+        cluster: Cluster, s3, s3_data: str, team_mlflow: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two identical trials (one grid point, num_samples 2, the same seed), one worker each, one per node, Tune's
+    state and checkpoints in the bucket. The worker node dies after the trials' first checkpoint and a replacement
+    joins: the trial on it restarts from its checkpoint in S3, and ends bit-identical to its twin, whose run never
+    stopped, with one MLflow child run whose steps are logged once each."""
+    steps, every = 30, 10
+    sweep = tmp_path / "lost-node-sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "base_config": "configs/mnist_tiny.yaml",
+        "overrides": [*MICRO, f"data.parquet_dir={s3_data}", f"train.steps={steps}", "train.log_every=1",
+                      f"train.ckpt_every={every}", f"train.eval_every={every}", f"tracking.uri={team_mlflow}",
+                      "tracking.experiment=lost-node-sweep", "tracking.log_model=false"],
+        "name": "lost-node-sweep", "storage_path": s3["uri"]("sweeps"), "metric": "loss/val", "mode": "min",
+        "widths": [32], "head_dim": 16, "schemes": [{"scheme": "uniform"}], "num_samples": 2,
+        "workers_per_trial": 1, "max_failures": 1, "asha": {"enabled": False}}))
+    job_id = f"sd3ray-lost-node-sweep-{os.getpid()}"
+    submitted = cluster.submit("--config", str(sweep), submission_id=job_id, job="jobs/tune.py")
     assert submitted.returncode == 0, submitted.stderr[-3000:]
+    first = f"/step_{every:08d}/MANIFEST.json"
     deadline = time.time() + 600
-    while "runs/lost-node/step_00000010/MANIFEST.json" not in _keys(s3, "runs/lost-node/"):
-        assert time.time() < deadline, "the run never wrote its first checkpoint"
+    while sum(k.endswith(first) for k in _keys(s3, "sweeps/lost-node-sweep/trials/")) < 2:
+        assert time.time() < deadline, "the trials never wrote their first checkpoints"
         time.sleep(0.2)
-    cluster.kill_node(WORKER_IP)  # mid-run: the worker on it dies with the node
+    cluster.kill_node(WORKER_IP)  # mid-sweep: the trial worker on it dies with the node
     cluster.start_node("127.0.0.4")  # a replacement, as an autoscaler would bring
-    deadline = time.time() + 900
-    status = ""
-    while not any(s in status for s in ("succeeded", "failed", "stopped")):
-        assert time.time() < deadline, "the run did not finish after the node was replaced"
-        time.sleep(3)
-        status = subprocess.run(["ray", "job", "status", "--address", cluster.dashboard, job_id],
-                                env=cluster.env, capture_output=True, text=True, timeout=60).stdout.lower()
-    logs = subprocess.run(["ray", "job", "logs", "--address", cluster.dashboard, job_id],
-                          env=cluster.env, capture_output=True, text=True, timeout=60).stdout
+    status, logs = cluster.wait_for(job_id, timeout_s=900)
     assert "succeeded" in status, logs[-5000:]
-    assert "resumed from" in logs  # it restarted from a checkpoint in S3, not from scratch
+    assert "resumed from" in logs and "sweep 'lost-node-sweep' done: 2 trials" in logs
 
     final = f"step_{steps:08d}/model.pt"
-    expected, got = _weights(s3, f"runs/uninterrupted/{final}"), _weights(s3, f"runs/lost-node/{final}")
-    for key, value in expected.items():
-        assert torch.equal(value, got[key]), key  # bit-identical to the run that never lost a node
+    finals = [k for k in _keys(s3, "sweeps/lost-node-sweep/trials/") if k.endswith(final)]
+    assert len(finals) == 2, finals  # every trial finished, its checkpoints in the bucket
+    twin, interrupted = (_weights(s3, key) for key in finals)
+    for key, value in twin.items():
+        assert torch.equal(value, interrupted[key]), key
+    assert "sweeps/lost-node-sweep.sd3ray.json" in _keys(s3, "sweeps/")  # the parent run, for --resume
+
     client = _mlflow(team_mlflow, monkeypatch)
-    (run,) = client.search_runs([client.get_experiment_by_name("lost-node").experiment_id])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")] == list(range(1, steps + 1))
+    experiment = client.get_experiment_by_name("lost-node-sweep").experiment_id
+    (parent,) = client.search_runs([experiment], "attributes.run_name = 'sweep-lost-node-sweep'")
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    # the trials started one per node (the tag names where a run started; a restart continues the same run)
+    assert sorted(c.data.tags["sd3ray.worker_nodes"] for c in children) == [HEAD_IP, WORKER_IP]
+    for child in children:
+        history = [m.step for m in client.get_metric_history(child.info.run_id, "loss/train")]
+        assert history == list(range(1, steps + 1)), (child.info.run_name, history)
 
 
 def test_a_local_storage_path_on_a_multi_node_cluster_is_refused_before_training(
@@ -306,3 +325,11 @@ def test_a_local_storage_path_on_a_multi_node_cluster_is_refused_before_training
     assert "every node must see" in logs and f"--storage-path {local} is on this machine's own disk" in logs
     assert "is a SQLite file on this machine" in logs
     assert not local.exists()  # refused before anything was written
+
+    sweep = tmp_path / "local-sweep.yaml"  # a sweep is checked as training is
+    sweep.write_text(yaml.safe_dump({"base_config": "configs/mnist_tiny.yaml", "name": "local-sweep",
+                                     "storage_path": str(local), "overrides": [*MICRO, f"data.parquet_dir={s3_data}",
+                                     f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]}))
+    tune = cluster.submit("--config", str(sweep), job="jobs/tune.py")
+    assert tune.returncode != 0 and f"storage_path {local} is on this machine's own disk" in _logs(tune)
+    assert not local.exists()

@@ -74,3 +74,56 @@ def test_a_bad_space_entry_is_one_message_naming_its_key(tmp_path, mnist_parquet
     path = sweep_file(tmp_path, mnist_parquet, "bad-space", [32], space=space)
     with pytest.raises(ConfigError, match=message):
         load_sweep(path)
+
+
+def _row(scheme: str, seed: int, cfid: float, accuracy: float, loss: float, status: str = "finished") -> dict:
+    return {"trial": f"w128-{scheme}-seed{seed}", "width": 128, "scheme": scheme, "seed": seed, "status": status,
+            "step": 2000, "samples/cfid_ratio": cfid, "samples/accuracy": accuracy, "loss/val": loss}
+
+
+def test_a_study_ranks_points_by_their_mean_over_seeds_beside_sd3s_table_1() -> None:
+    import statistics
+
+    from sd3ray.sweeps.spec import load_sweep
+    from sd3ray.sweeps.study import by_point, study_markdown
+
+    spec = load_sweep("configs/sweeps/sd3_timesteps.yaml", [], ["data.download=false"])
+    assert len(spec.schemes) == 7 and spec.seeds == 3 and spec.metric == "samples/cfid_ratio"
+    rows = [_row("uniform", s, c, a, 0.3) for s, c, a in [(0, 9.0, 0.9), (1, 11.0, 0.92), (2, 13.0, 0.94)]]
+    rows += [_row("logit_normal(0,1)", s, c, 0.99, 0.28) for s, c in [(0, 5.0), (1, 6.0)]]
+    rows += [_row("logit_normal(0,1)", 2, 50.0, 0.5, 0.9, status="failed")]  # not averaged: it never finished
+    rows += [_row("logit_normal(-0.5,1)", 0, 7.0, 0.97, 0.29)]
+    points = by_point(rows, spec)
+    assert [p["point"] for p in points] == ["w128-logit_normal(0,1)", "w128-logit_normal(-0.5,1)", "w128-uniform"]
+    best, _, uniform = points
+    assert best["seeds"] == 2 and best["samples/cfid_ratio mean"] == 5.5
+    assert best["samples/cfid_ratio std"] == statistics.stdev([5.0, 6.0])
+    assert uniform["samples/accuracy mean"] == pytest.approx(0.92) and uniform["rank"] == 3
+    assert (best["sd3 rank"], uniform["sd3 rank"], points[1]["sd3 rank"]) == (1.54, 5.67, None)
+    table = study_markdown(points, spec)
+    assert "| 1 | w128-logit_normal(0,1) | 2 | 5.5 ± 0.7071 |" in table and "not in Table 1" in table
+
+
+def test_a_trial_asha_stopped_says_at_which_step_and_against_which_value() -> None:
+    from sd3ray.sweeps.report import stop_reason
+    from sd3ray.sweeps.spec import AshaSpec, SweepSpec
+
+    spec = SweepSpec(metric="loss/val", mode="min", asha=AshaSpec(grace_period=2, reduction_factor=2))
+    histories = {"a": [(2, 0.50), (4, 0.40)], "b": [(2, 0.60)], "c": [(2, 0.55), (4, 0.45)], "d": [(2, 0.70)]}
+    reason = stop_reason({"trial": "b", "step": 2}, histories, spec)
+    # at step 2 the four trials had 0.50 0.55 0.60 0.70: ASHA keeps the best half, the last kept being 0.55
+    assert reason == ("ASHA at step 2: loss/val 0.6, outside the best 1/2 of the 4 trials that reached that step "
+                      "(the last one kept: 0.55)")
+    off = SweepSpec(asha=AshaSpec(enabled=False))
+    assert "ASHA is off" in stop_reason({"trial": "b", "step": 2}, histories, off)
+
+
+def test_a_sweep_on_object_storage_keeps_the_uri_and_its_query_for_every_trial(tmp_path) -> None:
+    from sd3ray.sweeps.spec import SweepSpec, sweep_root, sweep_storage
+
+    uri = "s3://bucket/sweeps?endpoint_override=127.0.0.1:9000&scheme=http"
+    spec = SweepSpec(name="study", storage_path=uri)
+    assert sweep_root(spec) == uri
+    assert sweep_storage(spec) == "s3://bucket/sweeps/study?endpoint_override=127.0.0.1:9000&scheme=http"
+    local = SweepSpec(name="study", storage_path="runs/tune")
+    assert sweep_storage(local) == f"{(tmp_path.cwd() / 'runs/tune').resolve()}/study"
