@@ -75,7 +75,9 @@ def broken(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     (corrupt / "model.pt").write_bytes(bytes(data))
     (root / "bad.yaml").write_text("train:\n  steps: [1\n")
     (root / "empty").mkdir()
-    return {"corrupt": corrupt, "yaml": root / "bad.yaml", "empty": root / "empty", "good": trained}
+    (root / "bad_space.yaml").write_text("name: bad-space\nwidths: [32]\nspace:\n  sample.guidanse: [1.5, 2.5]\n")
+    return {"corrupt": corrupt, "yaml": root / "bad.yaml", "space": root / "bad_space.yaml", "empty": root / "empty",
+            "good": trained}
 
 
 def _micro(mnist_parquet: Path, *extra: str) -> list[str]:
@@ -137,10 +139,11 @@ def test_expected_errors_end_in_one_line_without_a_traceback(case: str, broken: 
     (["jobs/tune.py", "--config", "BAD_YAML"], "is not valid YAML (line 3, column 1)"),
     (["jobs/tune.py", "--set", "asha.enabled=true", "--set", "asha.grace_period=5000"],
      "asha.grace_period (5000) must be between 1 and train.steps (1500)"),
-    (["jobs/tune.py", "--set", "storage_path=s3://bucket/tune"], "a sweep keeps its trials in a folder"),
+    (["jobs/tune.py", "--config", "BAD_SPACE"], "space: sample.guidanse: unknown key"),
 ])
 def test_bad_config_files_are_usage_errors(args: list[str], message: str, broken: dict[str, Path]) -> None:
-    args = [str(broken["yaml"]) if a == "BAD_YAML" else a for a in args]
+    files = {"BAD_YAML": str(broken["yaml"]), "BAD_SPACE": str(broken["space"])}
+    args = [files.get(a, a) for a in args]
     proc = _run(*args, check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
