@@ -238,6 +238,8 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     run_id, seconds_before = meta.get("mlflow_run_id"), float(meta.get("train_seconds", 0.0))
     run_id = tracker.start(cfg, run_id, tags={"sd3ray.world_size": str(ctx.world_size), **ctx.run_tags})
     run_ref = {"mlflow_run_id": run_id} if run_id else {}  # in every report: the Ray driver names the run at the end
+    if resume is not None:  # the run's page says it was restarted, and from which step (the latest restart)
+        tracker.set_tags({"sd3ray.resumed_at_step": str(step)})
     if ctx.is_main:
         mmdit_m, text_m = count_parameters(model.mmdit) / 1e6, count_parameters(model.text_encoder) / 1e6
         texts = f"{text_m:.2f}M text params" if text_m else "frozen " + "+".join(s.kind for s in text.specs)

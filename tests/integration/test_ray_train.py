@@ -72,6 +72,7 @@ def test_worker_failure_restarts_from_the_checkpoint_and_matches_an_uninterrupte
     (run,) = client.search_runs([client.get_experiment_by_name("faulty").experiment_id])
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")]
     assert steps == [1, 2, 3, 4]  # one MLflow run across the restart, no duplicated steps
+    assert run.data.tags["sd3ray.resumed_at_step"] == "2"  # and the run says where it restarted
 
 
 def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
