@@ -21,6 +21,7 @@ from tests.support import (
     start_in_own_session,
     start_mlflow_server,
     stop_process_group,
+    stop_ray_nodes,
     wait_until,
 )
 
@@ -120,7 +121,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
         import ray
 
         ray.shutdown()
-        stop_process_group(head)
+        stop_ray_nodes([head])
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

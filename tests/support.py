@@ -99,6 +99,16 @@ def stop_process_group(proc, grace_s: float = 20.0) -> None:
     stop_process_groups([proc], grace_s)
 
 
+# `ray start --block` takes over 30 s to leave after SIGTERM (measured; its node's processes longer still), and a
+# test node keeps nothing worth a graceful shutdown: its temp dir is removed after it, so it gets SIGKILL soon.
+RAY_NODE_GRACE_S = 2.0
+
+
+def stop_ray_nodes(procs: list) -> None:
+    """Stop Ray nodes the tests started with `ray start --block`, each in a session of its own."""
+    stop_process_groups(procs, RAY_NODE_GRACE_S)
+
+
 def stop_process_groups(procs: list, grace_s: float = 20.0) -> None:
     """Stop several such servers at once: each gets SIGTERM together, so their shutdowns overlap, then SIGKILL
     whatever is left of a group after `grace_s`."""

@@ -25,7 +25,7 @@ from tests.support import (
     http_status,
     ray_temp_dir,
     start_in_own_session,
-    stop_process_group,
+    stop_ray_nodes,
     wait_until,
 )
 
@@ -110,4 +110,4 @@ def test_readme_commands_work_in_the_order_a_new_user_types_them(mnist_parquet: 
                     {**cluster, "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"})
         assert "sweep 'first-sweep' done: 1 trials" in tune.stdout, tune.stdout[-3000:]
     finally:
-        stop_process_group(head)
+        stop_ray_nodes([head])

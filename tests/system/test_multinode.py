@@ -30,7 +30,7 @@ from tests.support import (
     ray_temp_dir,
     start_in_own_session,
     stop_process_group,
-    stop_process_groups,
+    stop_ray_nodes,
     wait_until,
 )
 
@@ -160,7 +160,7 @@ class Cluster:
         return status, logs
 
     def stop(self) -> None:
-        stop_process_groups(list(self.nodes.values()))  # every node at once: their shutdowns overlap
+        stop_ray_nodes(list(self.nodes.values()))  # every node at once: their shutdowns overlap
         for temp_dir in self.temp_dirs:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
