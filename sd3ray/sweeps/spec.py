@@ -113,9 +113,20 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, config_over
     from dataclasses import replace
 
     data = apply_overrides(read_yaml_file(path, "sweep file", "configs/tune_*.yaml"), overrides or [])
+    written_in_space: list[str] = []
     if isinstance(data.get("space"), dict):
+        written_in_space = [key for key in SPACE_NAMED if key in data["space"]]
+        data = named_dimensions_from_space(data)
         data["space"] = [dimension_dict(key, value) for key, value in data["space"].items()]
-    spec = build_dataclass(SweepSpec, data)
+    try:
+        spec = build_dataclass(SweepSpec, data)
+    except ConfigError as exc:  # name the entry as the file wrote it: space: flow[0].scheme, not schemes[0].scheme
+        message = str(exc)
+        for key in written_in_space:
+            named = SPACE_NAMED[key][0]
+            if message.startswith(named):
+                raise ConfigError(f"space: {key}{message[len(named):]}") from None
+        raise
     spec = replace(spec, overrides=(*spec.overrides, *config_overrides))
     if not spec.widths or not spec.schemes:
         raise ConfigError("widths and schemes: give at least one value each")
@@ -149,6 +160,28 @@ def sweep_storage(spec: SweepSpec) -> str:
 
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 
+# `space:` entries that are the named dimensions written in space's form: a width sets the heads with it
+# (width / head_dim) and a scheme is several flow keys at once, so each stays one dimension with a readable label
+SPACE_NAMED = {"model.width": ("widths", "[64, 128]"),
+               "flow": ("schemes", "[{scheme: uniform}, {scheme: logit_normal, logit_mean: 0.0, logit_std: 1.0}]")}
+
+
+def named_dimensions_from_space(data: dict[str, Any]) -> dict[str, Any]:
+    """`space: {model.width: [...], flow: [{scheme: ...}, ...]}` as the sweep's widths and schemes."""
+    space = dict(data["space"])
+    out = dict(data)
+    for key, (named, example) in SPACE_NAMED.items():
+        if key not in space:
+            continue
+        values = space.pop(key)
+        if not isinstance(values, list):
+            raise ConfigError(f"space: {key} takes a list of values, e.g. {key}: {example}; got {values!r}")
+        if named in data:
+            raise ConfigError(f"space: {key} and {named}: give these values once, under space: {key}")
+        out[named] = values
+    out["space"] = space
+    return out
+
 
 def dimension_dict(key: Any, value: Any) -> dict[str, Any]:
     """A `space:` entry as a Dimension's fields: a list is a grid, a one-key mapping a Tune distribution."""
@@ -164,10 +197,10 @@ def dimension_dict(key: Any, value: Any) -> dict[str, Any]:
 
 
 # the keys the named dimensions set: sweeping one of them in `space:` too would make the trial's label lie
-NAMED_KEYS = {"model.width": "widths", "model.num_heads": "widths (heads follow width / head_dim)",
-              "flow.scheme": "schemes", "flow.logit_mean": "schemes", "flow.logit_std": "schemes",
-              "flow.mode_scale": "schemes", "model.depth": "depths", "train.lr": "learning_rates",
-              "flow.shift": "shifts", "train.seed": "seeds"}
+SCHEMES = "flow (a list of schemes)"
+NAMED_KEYS = {"model.num_heads": "model.width (heads follow width / head_dim)", "flow.scheme": SCHEMES,
+              "flow.logit_mean": SCHEMES, "flow.logit_std": SCHEMES, "flow.mode_scale": SCHEMES,
+              "model.depth": "depths", "train.lr": "learning_rates", "flow.shift": "shifts", "train.seed": "seeds"}
 
 
 def check_space(spec: SweepSpec) -> None:

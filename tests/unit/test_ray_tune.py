@@ -2,6 +2,8 @@
 recorded without stopping the sweep, and the parent/child MLflow runs hold what a person reviews."""
 
 
+from pathlib import Path
+
 import pytest
 
 from sd3ray.sweeps.spec import load_sweep, trial_label, trial_overrides
@@ -62,8 +64,10 @@ def test_a_free_form_space_and_seeds_become_each_trials_overrides_and_label(tmp_
 @pytest.mark.parametrize(("space", "message"), [
     ({"sample.guidanse": [1.5]}, "space: sample.guidanse: unknown key"),
     ({"sample.guidance": ["high"]}, "space: sample.guidance: expected float"),
-    ({"model.num_heads": [2]}, "space: model.num_heads is swept by widths"),
-    ({"model.width": [64]}, "space: model.width is swept by widths"),
+    ({"model.num_heads": [2]}, "space: model.num_heads is swept by model.width"),
+    ({"flow.logit_std": [0.6, 1.0]}, "space: flow.logit_std is swept by flow \\(a list of schemes\\)"),
+    ({"model.width": [64]}, "space: model.width and widths: give these values once, under space: model.width"),
+    ({"flow": {"scheme": "uniform"}}, "space: flow takes a list of values, e.g. flow: \\[{scheme: uniform}"),
     ({"train.lr_x": {"gaussian": [0, 1]}}, "space: train.lr_x: expected a list of values or one of"),
     ({"train.ema_decay": {"uniform": [0.99, 0.9]}}, "uniform takes \\[low, high\\] with low < high"),
     ({"train.weight_decay": {"loguniform": [0, 0.1]}}, "loguniform needs low > 0"),
@@ -74,6 +78,31 @@ def test_a_bad_space_entry_is_one_message_naming_its_key(tmp_path, mnist_parquet
     path = sweep_file(tmp_path, mnist_parquet, "bad-space", [32], space=space)
     with pytest.raises(ConfigError, match=message):
         load_sweep(path)
+
+
+def test_widths_and_schemes_written_in_space_are_the_named_dimensions(tmp_path) -> None:
+    """configs/tune_mnist.yaml writes width × scheme under `space:`; it sweeps what the named form sweeps."""
+    import yaml
+
+    shipped = yaml.safe_load(Path("configs/tune_mnist.yaml").read_text())
+    space = shipped.pop("space")
+    named = tmp_path / "named.yaml"
+    named.write_text(yaml.safe_dump({**shipped, "widths": space.pop("model.width"), "schemes": space.pop("flow"),
+                                     "space": space}))
+    from_space = load_sweep("configs/tune_mnist.yaml", [], ["data.download=false"])
+    assert from_space == load_sweep(named, [], ["data.download=false"])
+    assert from_space.widths == (64, 128) and [s.label for s in from_space.schemes] == [
+        "uniform", "logit_normal(0,1)", "mode(1.29)", "cosmap"]
+    assert from_space.space == ()  # nothing left over as a free-form key
+
+    from sd3ray.config import ConfigError
+
+    for entry, message in (({"model.width": [64, "wide"]}, r"space: model.width\[1\]: expected int"),
+                           ({"flow": [{"scheme": "gauss"}]}, r"space: flow\[0\].scheme: 'gauss' is not allowed")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**shipped, "space": {**space, **entry}}))
+        with pytest.raises(ConfigError, match=message):
+            load_sweep(bad, [], ["data.download=false"])
 
 
 def _row(scheme: str, seed: int, cfid: float, accuracy: float, loss: float, status: str = "finished") -> dict:
