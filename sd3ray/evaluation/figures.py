@@ -4,15 +4,25 @@ rendered off-screen with matplotlib)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")  # no display on workers and CI
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+
+def pyplot() -> Any:
+    """matplotlib.pyplot, off-screen, imported on first use: every worker and job imports this module for its grids,
+    and most never draw a plot (pyplot's import costs ~0.6 s of CPU per process)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on workers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -39,16 +49,16 @@ def save_png(image: np.ndarray, path: Path, scale: int = 1) -> Path:
     return path
 
 
-def figure_to_array(fig: plt.Figure) -> np.ndarray:
+def figure_to_array(fig: Figure) -> np.ndarray:
     fig.canvas.draw()
     image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
+    pyplot().close(fig)
     return image
 
 
 def confusion_image(confusion: np.ndarray, title: str = "") -> np.ndarray:
     """(10, 10) counts, rows = prompted digit, columns = judged digit -> RGB uint8 image."""
-    fig, ax = plt.subplots(figsize=(4.2, 4), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(4.2, 4), dpi=100)
     rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i in range(10):
@@ -65,7 +75,7 @@ def confusion_image(confusion: np.ndarray, title: str = "") -> np.ndarray:
 def line_plot(series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str,
               title: str = "", logx: bool = False) -> np.ndarray:
     """One line per series name: {label: (xs, ys)} -> RGB uint8 image."""
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(5, 3.5), dpi=100)
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)
     if logx:
@@ -81,7 +91,7 @@ def bar_plot(values: dict[str, float], ylabel: str, title: str = "",
              errors: dict[str, float] | None = None) -> np.ndarray:
     """One labelled bar per entry, value printed on top, with ± `errors` bars when given: {label: value} -> RGB
     uint8 image."""
-    fig, ax = plt.subplots(figsize=(1.2 * len(values) + 2, 3.5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(1.2 * len(values) + 2, 3.5), dpi=100)
     yerr = [errors.get(k, 0.0) for k in values] if errors else None
     bars = ax.bar(list(values), list(values.values()), color="tab:blue", yerr=yerr, capsize=4 if errors else 0)
     ax.bar_label(bars, fmt="%.3g", fontsize=8)

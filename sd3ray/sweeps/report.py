@@ -112,9 +112,7 @@ def metric_vs_width(rows: list[dict[str, Any]], spec: SweepSpec) -> np.ndarray:
 
 def best_grids(tracker: Tracker, rows: list[dict[str, Any]]) -> np.ndarray:
     """The final sample grid of the best trial per scheme, side by side, titled with the trial's label."""
-    import matplotlib.pyplot as plt
-
-    from sd3ray.evaluation.figures import figure_to_array
+    from sd3ray.evaluation.figures import figure_to_array, pyplot
 
     best: dict[str, dict[str, Any]] = {}
     for row in rows:  # rows are sorted best first
@@ -127,7 +125,7 @@ def best_grids(tracker: Tracker, rows: list[dict[str, Any]]) -> np.ndarray:
             panels.append((f"{scheme}\n{row['trial']}", grid))
     if not panels:
         return np.full((32, 32, 3), 255, np.uint8)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), dpi=100, squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), dpi=100, squeeze=False)
     for ax, (title, image) in zip(axes[0], panels):
         ax.imshow(image)
         ax.set_title(title, fontsize=8)
