@@ -1,5 +1,6 @@
 """README's commands in the order a new user types them on one machine: the first training run (embedded Ray),
 then the distributed section (`ray start --head`, `ray job submit`, `ray job list`), then a sweep on that cluster.
+The submitted job is checked end to end: two DDP workers, its checkpoints, and its finished MLflow run with a grid.
 
 The first run's embedded Ray writes ~/.ray/auth_token, after which a head started by `ray start` requires the
 token; README's distributed section therefore starts with `export RAY_AUTH_MODE=token`, so the head and every
@@ -44,7 +45,7 @@ def test_readme_commands_work_in_the_order_a_new_user_types_them(mnist_parquet: 
     env = {**base, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{base['PATH']}",
            "RAY_TMPDIR": tempfile.mkdtemp(prefix="sd3ray-tmp-"), "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_TRACKING_URI": uri}
-    sets = [a for s in [*MICRO, f"train.output_dir={tmp_path / 'runs'}", "train.eval_every=4", "train.ckpt_every=4"]
+    sets = [a for s in [*MICRO, f"train.output_dir={tmp_path / 'runs'}", "train.eval_every=4", "train.ckpt_every=2"]
             for a in ("--set", s)]
 
     # 1. The first command: jobs/train.py on the local Ray cluster it starts itself. With no GPU and no --config it
@@ -84,18 +85,27 @@ def test_readme_commands_work_in_the_order_a_new_user_types_them(mnist_parquet: 
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     try:
         wait_until(lambda: http_status(f"{dashboard}/api/version") != 0, head, log, "the Ray head's job API")
-        submit = _run(["ray", "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
-                       "python", "jobs/train.py", "--config", "configs/mnist_tiny.yaml", "--workers", "2", "--cpu",
-                       "--name", "ddp", "--steps", "4", "--storage-path", str(tmp_path / "ray"),
-                       "--parquet-dir", str(mnist_parquet), *sets, "--set", f"tracking.uri={uri}"], cluster)
-        assert "2 CPU worker(s) × 1 CPU on 1 node(s)" in submit.stdout, submit.stdout[-3000:]
+        submit = _run(["ray", "job", "submit", "--address", dashboard, "--submission-id", "sd3ray-first-job",
+                       "--working-dir", ".", "--", "python", "jobs/train.py", "--config", "configs/mnist_tiny.yaml",
+                       "--workers", "2", "--cpu", "--name", "ddp", "--steps", "4", "--storage-path",
+                       str(tmp_path / "ray"), "--parquet-dir", str(mnist_parquet), *sets,
+                       "--set", f"tracking.uri={uri}", "--set", "tracking.experiment=job-submit"], cluster)
+        assert "2 CPU worker(s) × 1 CPU on 1 node(s) (pack), global batch 32" in submit.stdout, submit.stdout[-3000:]
         assert "SUCCEEDED" in _run(["ray", "job", "list", "--address", dashboard], cluster).stdout
+        status = _run(["ray", "job", "status", "--address", dashboard, "sd3ray-first-job"], cluster)
+        assert "succeeded" in status.stdout.lower(), status.stdout
+        checkpoints = sorted(p.name for p in (tmp_path / "ray/ddp").glob("step_*"))
+        assert checkpoints == ["step_00000002", "step_00000004"]
+        assert (tmp_path / "ray/ddp/step_00000004/MANIFEST.json").is_file()
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
-        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()],
+        (run,) = client.search_runs([client.get_experiment_by_name("job-submit").experiment_id],
                                     "attributes.run_name = 'ddp'")
         assert run.data.tags["mlflow.source.name"] == "jobs/train.py" and run.data.tags["mlflow.source.type"] == "JOB"
+        assert run.info.status == "FINISHED" and run.data.tags["sd3ray.world_size"] == "2"
+        assert run.data.params["global_batch"] == "32" and "loss/val" in run.data.metrics
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "images")], "no sample grid logged"
 
         # 3. A sweep on the same cluster (README: `python jobs/tune.py` joins the cluster `ray start` left; this
         # head's address file is in its own temp dir, so the test names the cluster in RAY_ADDRESS).

@@ -1,4 +1,5 @@
-"""Ray Train on a real local cluster: job submission, a worker failure, and two-worker correctness.
+"""Ray Train on a real local cluster: a worker failure, two-worker correctness and streaming workers (a submitted
+job is checked end to end in test_first_steps).
 
 All fits share one Ray head (see conftest.ray_head); each is a few micro steps on CPU workers with gloo.
 """
@@ -13,31 +14,6 @@ from mlflow.tracking import MlflowClient
 from sd3ray.cluster.trainer import build_trainer, check_resources, check_storage
 from sd3ray.cluster.worker import DebugHooks
 from tests.support import MICRO, REPO_ROOT
-
-
-def test_ray_job_submit_end_to_end(ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = [a for s in [*MICRO, f"data.parquet_dir={mnist_parquet}", f"tracking.uri={uri}",
-                        "tracking.experiment=job-submit", "train.eval_every=4", "train.ckpt_every=2"]
-            for a in ("--set", s)]
-    submit = subprocess.run(
-        ["ray", "job", "submit", "--address", ray_head["dashboard"], "--submission-id", "sd3ray-test-job",
-         "--working-dir", ".", "--", "python", "jobs/train.py", "--config", "configs/mnist_tiny.yaml",
-         "--workers", "2", "--cpu", "--steps", "4", "--name", "jobtest", "--storage-path", str(tmp_path / "storage"),
-         *sets],
-        cwd=REPO_ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=600)
-    status = subprocess.run(["ray", "job", "status", "--address", ray_head["dashboard"], "sd3ray-test-job"],
-                            env=ray_head["env"], capture_output=True, text=True, timeout=60)
-    assert "succeeded" in status.stdout.lower(), f"{submit.stdout[-4000:]}\n{submit.stderr[-2000:]}\n{status.stdout}"
-    assert "2 CPU worker(s) × 1 CPU on 1 node(s) (pack), global batch 32" in submit.stdout
-
-    checkpoints = sorted(p.name for p in (tmp_path / "storage/jobtest").glob("step_*"))
-    assert checkpoints[-1] == "step_00000004" and (tmp_path / "storage/jobtest/step_00000004/MANIFEST.json").is_file()
-    client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("job-submit").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["sd3ray.world_size"] == "2"
-    assert run.data.params["global_batch"] == "32" and "loss/val" in run.data.metrics
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "images")], "no sample grid logged"
 
 
 def _fit(cfg_overrides: list[str], mnist_parquet: Path, tmp_path: Path, name: str, workers: int,
