@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,11 +16,8 @@ from tests.support import (
     REPO_ROOT,
     free_port,
     http_status,
-    ray_temp_dir,
     start_in_own_session,
-    start_mlflow_server,
     stop_process_group,
-    stop_ray_nodes,
     wait_until,
 )
 
@@ -78,51 +74,6 @@ def micro_config(mnist_parquet: Path, tmp_path: Path):
             *MICRO, f"data.parquet_dir={mnist_parquet}", f"train.output_dir={tmp_path / 'runs'}", *overrides])
 
     return build
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts), stopped after the session."""
-    port = free_port()
-    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop_process_group(proc)
-
-
-@pytest.fixture(scope="session")
-def ray_head(tmp_path_factory: pytest.TempPathFactory):
-    """A real Ray head on 127.0.0.1 with the job API, as README starts it, in a process group of its own that is
-    stopped by PID afterwards."""
-    import sys
-
-    gcs_port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           # every process of this cluster (Ray's own helpers too) joins this cluster and no other on the machine
-           "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
-    temp_dir = ray_temp_dir()
-    log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
-    # --block keeps `ray start` in the foreground as the leader of the new session, so the whole node (GCS,
-    # raylet, dashboard, workers) shares its process group
-    head = start_in_own_session(
-        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--port",
-         str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-         "--dashboard-agent-listen-port", str(free_port()), "--include-dashboard", "true", "--temp-dir", temp_dir,
-         "--disable-usage-stats"], env, log_path)
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
-    try:  # the job API answers a little after the node is up
-        wait_until(lambda: http_status(f"{dashboard}/api/version") != 0, head, log_path, "the Ray head's job API")
-        import ray
-
-        ray.init(address=f"127.0.0.1:{gcs_port}")  # this process drives TorchTrainer and Tuner fits directly
-        yield {"address": f"127.0.0.1:{gcs_port}", "dashboard": dashboard, "env": env}
-    finally:
-        import ray
-
-        ray.shutdown()
-        stop_ray_nodes([head])
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
