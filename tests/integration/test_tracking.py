@@ -63,13 +63,13 @@ def test_training_run_round_trips_through_a_real_server(mlflow_server: str, micr
     assert sorted(int(f.split("+")[2]) for f in grids) == [0, 2, 4, 6], grids  # a resumed run adds no step-0 grid
 
 
-@pytest.fixture
-def restartable_server(tmp_path: Path):
-    """A real MLflow server the test can stop and start again on the same port and store."""
+@pytest.fixture(scope="module")
+def _server_of_this_module(tmp_path_factory: pytest.TempPathFactory):
+    """One real MLflow server for the outage tests, which stop it and start it again on the same port and store:
+    started once for them all, its start-up (~10 s) paid once."""
     from tests.support import free_port, start_mlflow_server, stop_process_group
 
-    root, port = tmp_path / "server", free_port()
-    root.mkdir()
+    root, port = tmp_path_factory.mktemp("restartable-server"), free_port()
     server = {"proc": start_mlflow_server(root, port)}
 
     def stop() -> None:
@@ -79,9 +79,18 @@ def restartable_server(tmp_path: Path):
         server["proc"] = start_mlflow_server(root, port)
 
     try:
-        yield f"http://127.0.0.1:{port}", stop, start
+        yield f"http://127.0.0.1:{port}", stop, start, server
     finally:
         stop()
+
+
+@pytest.fixture
+def restartable_server(_server_of_this_module):
+    """The module's server, up when the test starts (a failed test may have left it stopped); (uri, stop, start)."""
+    uri, stop, start, server = _server_of_this_module
+    if server["proc"].poll() is not None:
+        start()
+    return uri, stop, start
 
 
 def test_writes_made_while_the_server_is_down_arrive_after_it_restarts(restartable_server, micro_config) -> None:
@@ -167,7 +176,7 @@ def test_a_training_run_outlives_a_server_restart(restartable_server, mnist_parq
                "--name", "outage", "--steps", str(steps),
                *[arg for item in [*MICRO, f"data.parquet_dir={mnist_parquet}", f"train.output_dir={tmp_path / 'runs'}",
                                   f"train.log_every={log_every}", "train.eval_every=200", "train.ckpt_every=200",
-                                  "tracking.experiment=outage", "tracking.flush_timeout_s=300"]
+                                  "tracking.experiment=training-outage", "tracking.flush_timeout_s=300"]
                  for arg in ("--set", item)]]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     log = tmp_path / "train.log"
@@ -176,7 +185,7 @@ def test_a_training_run_outlives_a_server_restart(restartable_server, mnist_parq
     try:
         client = MlflowClient(uri)
         deadline = time.monotonic() + 300
-        while not ((experiment := client.get_experiment_by_name("outage"))
+        while not ((experiment := client.get_experiment_by_name("training-outage"))
                    and client.search_runs([experiment.experiment_id], "metrics.`loss/train` > 0")):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
@@ -190,7 +199,7 @@ def test_a_training_run_outlives_a_server_restart(restartable_server, mnist_parq
             proc.kill()
     output = log.read_text()
     assert "is unreachable" in output and output.count("\nstep ") > stopped_at, output[-3000:]
-    run = client.search_runs([client.get_experiment_by_name("outage").experiment_id])[0]
+    (run,) = client.search_runs([client.get_experiment_by_name("training-outage").experiment_id])
     history = client.get_metric_history(run.info.run_id, "loss/train")
     assert [m.step for m in history] == list(range(log_every, steps + 1, log_every)), output[-3000:]
     assert run.info.status == "FINISHED"
