@@ -10,9 +10,10 @@ from tests.support import sweep_file
 
 
 def test_asha_sweep_releases_resources_and_logs_parent_and_children(ray_head, mnist_parquet, tmp_path) -> None:
-    # Two 1-CPU workers per trial on a 2-CPU cluster: one trial at a time, so a placement group left behind by an
-    # ASHA-stopped trial would leave the next trial waiting forever (Ray issue #54305).
-    path = sweep_file(tmp_path, mnist_parquet, "asha", [32, 64], workers_per_trial=2,
+    # One 2-CPU worker per trial on a 2-CPU cluster: one trial at a time, so a placement group left behind by an
+    # ASHA-stopped trial would leave the next trial waiting forever (Ray issue #54305). One worker, not two of one
+    # CPU each: the same guard with one worker process fewer to start per trial.
+    path = sweep_file(tmp_path, mnist_parquet, "asha", [32, 64], workers_per_trial=1, cpus_per_worker=2,
                        asha={"enabled": True, "grace_period": 2, "reduction_factor": 4})
     spec = load_sweep(path)
     rows = run_sweep(spec)
