@@ -85,7 +85,9 @@ def test_the_model_loads_in_a_fresh_process_and_matches_sample_job(registered: d
 
 def test_mlflow_models_serve_answers_with_images(registered: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
+    # `mlflow models serve` runs `uvicorn` from PATH: the venv's, even when the venv is not activated
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"],
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     log = tmp_path / "serve.log"
     server = start_in_own_session([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL}/1",
                                    "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env, log)
