@@ -3,6 +3,7 @@ rendered off-screen with matplotlib)."""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
+@cache
 def pyplot() -> Any:
     """matplotlib.pyplot, off-screen, imported on first use: every worker and job imports this module for its grids,
     and most never draw a plot (pyplot's import costs ~0.6 s of CPU per process)."""

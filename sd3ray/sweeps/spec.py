@@ -113,20 +113,17 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, config_over
     from dataclasses import replace
 
     data = apply_overrides(read_yaml_file(path, "sweep file", "configs/tune_*.yaml"), overrides or [])
-    written_in_space: list[str] = []
+    moved: dict[str, str] = {}  # named dimension -> the space: key it was written as
     if isinstance(data.get("space"), dict):
-        written_in_space = [key for key in SPACE_NAMED if key in data["space"]]
-        data = named_dimensions_from_space(data)
+        data, moved = named_dimensions_from_space(data)
         data["space"] = [dimension_dict(key, value) for key, value in data["space"].items()]
     try:
         spec = build_dataclass(SweepSpec, data)
     except ConfigError as exc:  # name the entry as the file wrote it: space: flow[0].scheme, not schemes[0].scheme
-        message = str(exc)
-        for key in written_in_space:
-            named = SPACE_NAMED[key][0]
-            if message.startswith(named):
-                raise ConfigError(f"space: {key}{message[len(named):]}") from None
-        raise
+        named = next((name for name in moved if str(exc).startswith(name)), None)
+        if named is None:
+            raise
+        raise ConfigError(f"space: {moved[named]}{str(exc)[len(named):]}") from None
     spec = replace(spec, overrides=(*spec.overrides, *config_overrides))
     if not spec.widths or not spec.schemes:
         raise ConfigError("widths and schemes: give at least one value each")
@@ -166,10 +163,11 @@ SPACE_NAMED = {"model.width": ("widths", "[64, 128]"),
                "flow": ("schemes", "[{scheme: uniform}, {scheme: logit_normal, logit_mean: 0.0, logit_std: 1.0}]")}
 
 
-def named_dimensions_from_space(data: dict[str, Any]) -> dict[str, Any]:
-    """`space: {model.width: [...], flow: [{scheme: ...}, ...]}` as the sweep's widths and schemes."""
+def named_dimensions_from_space(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """`space: {model.width: [...], flow: [{scheme: ...}, ...]}` as the sweep's widths and schemes; also which
+    named dimension came from which `space:` key."""
     space = dict(data["space"])
-    out = dict(data)
+    out, moved = dict(data), {}
     for key, (named, example) in SPACE_NAMED.items():
         if key not in space:
             continue
@@ -178,9 +176,9 @@ def named_dimensions_from_space(data: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"space: {key} takes a list of values, e.g. {key}: {example}; got {values!r}")
         if named in data:
             raise ConfigError(f"space: {key} and {named}: give these values once, under space: {key}")
-        out[named] = values
+        out[named], moved[named] = values, key
     out["space"] = space
-    return out
+    return out, moved
 
 
 def dimension_dict(key: Any, value: Any) -> dict[str, Any]:
