@@ -280,12 +280,15 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
         """Save unless the last checkpoint is under a log interval old, then end the run naming what to resume."""
         if at_step - last_saved >= tc.log_every or (last is None and at_step > 0):
             report = {**metrics, **evaluated, **run_ref, "step": at_step}
-            last = ctx.save_and_report(checkpoint_data(at_step), report) or last
-            kept = f"saved {last}"
+            # rank 0 writes it, as at a planned save: ranks writing one folder at once leave files from different
+            # ranks beside a MANIFEST that matches only one of them (a corrupt checkpoint)
+            data = checkpoint_data(at_step) if ctx.is_main else None
+            last = ctx.save_and_report(data, report) or last
+            kept = f"saved {last}" if ctx.is_main else "rank 0 saved the checkpoint"
         else:
             kept = f"kept the checkpoint of step {last_saved}, less than train.log_every={tc.log_every} steps old" \
                 if last else "nothing to save yet"
-        resume = f"; continue with --resume {last}" if last else ""
+        resume = f"; continue with --resume {last}" if last and ctx.is_main else ""
         raise Interrupted(f"{signal_name(signum)}: stopped at step {at_step} and {kept}{resume}", signum)
 
     try:

@@ -1,4 +1,5 @@
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from sd3ray.core.ema import EMA
 from sd3ray.tracking.protocol import NullTracker
 from sd3ray.training.context import LocalContext
 from sd3ray.training.loop import DecayHorizon, NonFiniteLossError, plan_step, train
+from sd3ray.training.signals import Interrupted
 from sd3ray.training.step import learning_rate_factor
 
 
@@ -92,6 +94,41 @@ def test_nonfinite_loss_stops_without_checkpointing_it(micro_config, tmp_path: P
     assert saved is not None and str(saved) in str(err.value)
     bad_step = int(str(err.value).split(" at step ")[1].split(";")[0])
     assert load_checkpoint(saved).step == bad_step - 1  # nothing at or after the step whose loss was not finite
+
+
+class StoppedRank(LocalContext):
+    """One rank of a data-parallel run, reached by the driver's SIGTERM in its third step; it records its reports
+    as (step, with a checkpoint)."""
+
+    def __init__(self, run_dir: Path, main: bool) -> None:
+        super().__init__(run_dir, torch.device("cpu"), keep=10)
+        self.main, self.steps_checked = main, 0
+        self.reports: list[tuple[int, bool]] = []
+
+    @property
+    def is_main(self) -> bool:
+        return self.main
+
+    def stop_signal(self) -> int | None:
+        self.steps_checked += 1  # the loop asks once a step
+        return signal.SIGTERM if self.steps_checked >= 3 else None
+
+    def save_and_report(self, data, metrics):
+        self.reports.append((metrics["step"], data is not None))
+        return super().save_and_report(data, metrics)
+
+
+@pytest.mark.parametrize("main", [True, False], ids=["rank 0", "rank 1"])
+def test_on_a_stop_signal_every_rank_reports_and_rank_0_alone_writes_the_checkpoint(micro_config, tmp_path: Path,
+                                                                                    main: bool) -> None:
+    """Ranks that each wrote the stop step's checkpoint into one folder left a MANIFEST beside files of another rank
+    (a corrupt checkpoint); Ray Train still needs a report from every rank."""
+    cfg = micro_config("train.steps=100", "train.log_every=1", "train.ckpt_every=1000", "train.eval_every=1000")
+    rank = StoppedRank(tmp_path, main)
+    with pytest.raises(Interrupted, match="SIGTERM: stopped at step 3"):
+        train(cfg, rank, NullTracker())
+    assert rank.reports == [(3, main)]  # the stop's report, with the checkpoint on rank 0 only
+    assert (latest_checkpoint(tmp_path / "checkpoints") is not None) == main
 
 
 def test_wall_clock_budget_stops_cleanly_with_a_checkpoint(micro_config, tmp_path: Path) -> None:
