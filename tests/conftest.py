@@ -28,6 +28,11 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 # A local `ray.init()` turns on token auth and leaves ~/.ray/auth_token, which every later cluster then requires.
 # The tests' cluster is reachable from this machine only; pin the mode so runs do not depend on leftovers.
 os.environ["RAY_AUTH_MODE"] = "disabled"
+# Ray Train's controller acts on what its workers did (started, reported a checkpoint, finished, died) when it next
+# polls them, every 2 s by default: a few seconds of idle waiting per fit, and the suite runs dozens of fits. Every
+# process of the tests' clusters inherits this (the nodes are started from this environment), and a restart test
+# still restarts from the newest checkpoint (sd3ray.cluster.worker.die_like_a_lost_node waits two polls).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Tests never reach the network: a Hugging Face hub id fails at once instead of retrying for half a minute.
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Caches (the judge's weights) stay with the tests, not in the user's home: one folder, ignored by git.
