@@ -1,7 +1,9 @@
-"""Ctrl-C and SIGTERM in local mode, sent to a real jobs/train.py process: the run stops after the step in flight,
-saves, names the checkpoint to resume from and exits 130/143; a second signal exits at once."""
+"""Ctrl-C and SIGTERM sent to a real jobs/train.py process, in local mode and under Ray (`ray job stop`, SIGTERM to
+the driver): the run stops after the step in flight, saves, names the checkpoint to resume from and exits 130/143;
+a second signal exits at once."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,48 +79,30 @@ def _ray_command(parquet: Path, out: Path, name: str, steps: int, workers: int =
             "--steps", str(steps), "--storage-path", str(out / "storage"), *[a for s in sets for a in ("--set", s)]]
 
 
-def test_sigterm_to_the_ray_driver_stops_the_workers_after_a_checkpoint(ray_head, mnist_parquet: Path,
-                                                                       tmp_path: Path) -> None:
-    """SIGTERM reaches the driver only (its workers are the cluster's processes), which relays it to the worker."""
-    env = ray_head["env"]
-    command = [sys.executable, *_ray_command(mnist_parquet, tmp_path, "ray-stopped", 100000)[1:]]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines: list[str] = []
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not any("step 10/" in line for line in lines[-1:]):  # a worker's line
+def _read_until(proc: subprocess.Popen, done, lines: list[str], timeout_s: float = 300) -> None:
+    """Read the process's output into `lines` until `done(line)` or its output ends."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
-            break
+            return
         lines.append(line)
-    os.kill(proc.pid, signal.SIGTERM)
-    output = "".join(lines) + proc.communicate(timeout=300)[0]
-    assert proc.returncode == 143, output[-4000:]
-    assert "Traceback" not in output and "SIGTERM received at time" not in output and "***" not in output
-    checkpoint = latest_checkpoint(tmp_path / "storage" / "ray-stopped")
-    stopped_at = load_checkpoint(checkpoint).step
-    assert stopped_at >= 10
-    assert (f"sd3ray: SIGTERM: stopped at step {stopped_at} and its newest checkpoint is {checkpoint}; run the same "
-            f"command again to continue from it") in output, output[-4000:]
-
-    resumed = subprocess.run([*command[:command.index("--steps") + 1], str(stopped_at + 5),
-                              *command[command.index("--steps") + 2:]], cwd=REPO_ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"done at step {stopped_at + 5}" in resumed.stdout
-    assert load_checkpoint(latest_checkpoint(tmp_path / "storage" / "ray-stopped")).step == stopped_at + 5
+        if done(line):
+            return
 
 
-def test_ray_job_stop_stops_both_workers_at_one_step_with_a_checkpoint(ray_head, mnist_parquet: Path,
-                                                                        tmp_path: Path) -> None:
+def test_ray_job_stop_then_sigterm_to_the_driver_each_stop_both_workers_after_a_checkpoint(
+        ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
     """`ray job stop` sends SIGTERM to the job's driver; both workers agree on the step and report its checkpoint.
-    RAY_JOB_STOP_WAIT_TIME_S gives the job time to save before Ray's SIGKILL (3 s by default)."""
+    RAY_JOB_STOP_WAIT_TIME_S gives the job time to save before Ray's SIGKILL (3 s by default). The same command run
+    again as a driver of its own continues from that checkpoint, and SIGTERM to that driver (its workers are the
+    cluster's processes) is relayed to the workers and stops them the same way."""
     job = "sd3ray-signal-job"
+    command = _ray_command(mnist_parquet, tmp_path, "stopped", 100000, workers=2)
     runtime_env = '{"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "120"}}'
     submit = subprocess.run(
         ["ray", "job", "submit", "--address", ray_head["dashboard"], "--submission-id", job, "--no-wait",
-         "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
-         *_ray_command(mnist_parquet, tmp_path, "job-stopped", 100000, workers=2)],
+         "--working-dir", ".", "--runtime-env-json", runtime_env, "--", *command],
         cwd=REPO_ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stderr[-3000:]
 
@@ -133,9 +117,30 @@ def test_ray_job_stop_stops_both_workers_at_one_step_with_a_checkpoint(ray_head,
     subprocess.run(["ray", "job", "stop", "--address", ray_head["dashboard"], job], env=ray_head["env"],
                    capture_output=True, text=True, timeout=300, check=True)
     output = logs()
-    checkpoint = latest_checkpoint(tmp_path / "storage" / "job-stopped")
+    checkpoint = latest_checkpoint(tmp_path / "storage" / "stopped")
     assert checkpoint is not None, output[-4000:]
-    stopped_at = verify(checkpoint)["step"]
-    assert f"sd3ray: SIGTERM: stopped at step {stopped_at} and its newest checkpoint is {checkpoint}" in output, \
+    job_stopped_at = verify(checkpoint)["step"]
+    assert f"sd3ray: SIGTERM: stopped at step {job_stopped_at} and its newest checkpoint is {checkpoint}" in output, \
         output[-4000:]
     assert "Traceback" not in output
+
+    # The same command again, as a driver of this process's own: it continues from the job's checkpoint.
+    proc = subprocess.Popen([sys.executable, *command[1:]], cwd=REPO_ROOT, env=ray_head["env"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def trained_on(line: str) -> bool:  # a worker's progress line past the step the job stopped at
+        found = re.search(r"step (\d+)/", line)
+        return found is not None and int(found.group(1)) > job_stopped_at
+
+    _read_until(proc, trained_on, lines)
+    os.kill(proc.pid, signal.SIGTERM)
+    output = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, output[-4000:]
+    assert f"from step {job_stopped_at}" in output, output[-4000:]  # resumed, not started over
+    assert "Traceback" not in output and "SIGTERM received at time" not in output and "***" not in output
+    checkpoint = latest_checkpoint(tmp_path / "storage" / "stopped")
+    stopped_at = load_checkpoint(checkpoint).step
+    assert stopped_at > job_stopped_at
+    assert (f"sd3ray: SIGTERM: stopped at step {stopped_at} and its newest checkpoint is {checkpoint}; run the same "
+            f"command again to continue from it") in output, output[-4000:]
