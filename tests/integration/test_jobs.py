@@ -10,8 +10,9 @@ import pytest
 from tests.support import MICRO, REPO_ROOT
 
 
-def _run(*args: str, cwd: Path = REPO_ROOT, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+def _run(*args: str, cwd: Path = REPO_ROOT, check: bool = True, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -167,12 +168,13 @@ def test_math_and_loop_import_neither_ray_nor_mlflow() -> None:
     _run("-c", code)
 
 
-def test_a_worker_error_under_ray_ends_in_the_same_one_line(mnist_parquet: Path, tmp_path: Path) -> None:
+def test_a_worker_error_under_ray_ends_in_the_same_one_line(ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
     """The loss diverges on a Ray Train worker: the driver unwraps Ray's error and prints sd3ray's message once.
-    (Ray's own log lines around it show the worker's error as one frame.)"""
+    (Ray's own log lines around it show the worker's error as one frame.) The job joins the tier's Ray head, as
+    after `ray start --head`; a run on a cluster of its own is README's first command (test_first_steps)."""
     proc = _run("jobs/train.py", "--cpu", "--steps", "20", "--storage-path", str(tmp_path / "ray"),
                 *_micro(mnist_parquet, "train.lr=1e30", "train.warmup_steps=0", "train.log_every=1",
-                        f"train.output_dir={tmp_path}"), check=False)
+                        f"train.output_dir={tmp_path}"), check=False, env=ray_head["env"])
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stderr.count("sd3ray: error: ") == 1
     message = proc.stderr[proc.stderr.index("sd3ray: error: "):].splitlines()[0]
