@@ -171,11 +171,11 @@ def test_a_training_run_outlives_a_server_restart(restartable_server, mnist_parq
     from tests.support import MICRO, REPO_ROOT
 
     uri, stop, start = restartable_server
-    steps, log_every = 400, 10
+    steps, log_every = 200, 10
     command = [sys.executable, "jobs/train.py", "--local", "--device", "cpu", "--config", "configs/mnist_tiny.yaml",
                "--name", "outage", "--steps", str(steps),
                *[arg for item in [*MICRO, f"data.parquet_dir={mnist_parquet}", f"train.output_dir={tmp_path / 'runs'}",
-                                  f"train.log_every={log_every}", "train.eval_every=200", "train.ckpt_every=200",
+                                  f"train.log_every={log_every}", "train.eval_every=100", "train.ckpt_every=100",
                                   "tracking.experiment=training-outage", "tracking.flush_timeout_s=300"]
                  for arg in ("--set", item)]]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
