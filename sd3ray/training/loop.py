@@ -268,7 +268,11 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     checkpoint: str | None = str(resume) if resume is not None else None
     saved_step = step  # a resumed run's checkpoint is at its first step
 
-    def checkpoint_data(at_step: int) -> CheckpointData:
+    def checkpoint_data(at_step: int) -> CheckpointData | None:
+        """What this rank writes at a save: the checkpoint on rank 0, nothing on the others. Ranks writing one
+        folder at once would leave files of different ranks beside a MANIFEST that matches only one of them."""
+        if not ctx.is_main:
+            return None
         tracker.flush()  # a run resumed from this checkpoint must find every step up to it logged
         return CheckpointData(at_step, cfg, model.state_dict(), ema.model.state_dict(), optimizer.state_dict(),
                               scheduler.state_dict(), rng_state(),
@@ -280,10 +284,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
         """Save unless the last checkpoint is under a log interval old, then end the run naming what to resume."""
         if at_step - last_saved >= tc.log_every or (last is None and at_step > 0):
             report = {**metrics, **evaluated, **run_ref, "step": at_step}
-            # rank 0 writes it, as at a planned save: ranks writing one folder at once leave files from different
-            # ranks beside a MANIFEST that matches only one of them (a corrupt checkpoint)
-            data = checkpoint_data(at_step) if ctx.is_main else None
-            last = ctx.save_and_report(data, report) or last
+            last = ctx.save_and_report(checkpoint_data(at_step), report) or last
             kept = f"saved {last}" if ctx.is_main else "rank 0 saved the checkpoint"
         else:
             kept = f"kept the checkpoint of step {last_saved}, less than train.log_every={tc.log_every} steps old" \
@@ -323,7 +324,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                 eval_s = max(eval_s, time.monotonic() - eval_started)
             if plan.report:
                 save_started = time.monotonic()
-                data = checkpoint_data(step) if plan.checkpoint and ctx.is_main else None
+                data = checkpoint_data(step) if plan.checkpoint else None
                 checkpoint = ctx.save_and_report(data, {**metrics, **evaluated, **run_ref, "step": step}) or checkpoint
                 if plan.checkpoint:
                     save_s, saved_step = max(save_s, time.monotonic() - save_started), step

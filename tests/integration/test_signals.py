@@ -23,15 +23,26 @@ def _command(parquet: Path, out: Path, name: str, steps: int, *extra: str) -> li
             *[a for s in sets for a in ("--set", s)], *extra]  # extra last: its --set wins
 
 
-def _start_and_wait_for_training(command: list[str]) -> subprocess.Popen:
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+def _read_until(proc: subprocess.Popen, done, lines: list[str], timeout_s: float = 300) -> bool:
+    """Read the process's output into `lines` until `done(line)` or the output ends (the process exits); False only
+    if `timeout_s` passed first."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
-        if line.startswith("step 10/") or not line:
-            return proc
-    proc.kill()
-    raise AssertionError("no training progress")
+        if not line:
+            return True
+        lines.append(line)
+        if done(line):
+            return True
+    return False
+
+
+def _start_and_wait_for_training(command: list[str]) -> subprocess.Popen:
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not _read_until(proc, lambda line: line.startswith("step 10/"), []):
+        proc.kill()
+        raise AssertionError("no training progress")
+    return proc
 
 
 def test_sigterm_saves_names_the_checkpoint_and_the_resumed_run_is_exact(mnist_parquet: Path,
@@ -79,18 +90,6 @@ def _ray_command(parquet: Path, out: Path, name: str, steps: int, workers: int =
             "--steps", str(steps), "--storage-path", str(out / "storage"), *[a for s in sets for a in ("--set", s)]]
 
 
-def _read_until(proc: subprocess.Popen, done, lines: list[str], timeout_s: float = 300) -> None:
-    """Read the process's output into `lines` until `done(line)` or its output ends."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            return
-        lines.append(line)
-        if done(line):
-            return
-
-
 def test_ray_job_stop_then_sigterm_to_the_driver_each_stop_both_workers_after_a_checkpoint(
         ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
     """`ray job stop` sends SIGTERM to the job's driver; both workers agree on the step and report its checkpoint.
@@ -133,7 +132,7 @@ def test_ray_job_stop_then_sigterm_to_the_driver_each_stop_both_workers_after_a_
         found = re.search(r"step (\d+)/", line)
         return found is not None and int(found.group(1)) > job_stopped_at
 
-    _read_until(proc, trained_on, lines)
+    assert _read_until(proc, trained_on, lines), "".join(lines)[-4000:]
     os.kill(proc.pid, signal.SIGTERM)
     output = "".join(lines) + proc.communicate(timeout=300)[0]
     assert proc.returncode == 143, output[-4000:]
