@@ -11,6 +11,7 @@ import numpy as np
 import yaml
 
 from sd3ray.data.format import write_split
+from sd3ray.tracking.mlflow_tracker import WITHOUT_JOB_RUNNERS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MNIST_ROOT = Path(os.environ.get("SD3RAY_MNIST_ROOT", REPO_ROOT.parent / "shared" / "data"))
@@ -42,7 +43,7 @@ def start_mlflow_server(root: Path, port: int):
     proc = start_in_own_session(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        dict(os.environ), log_path)
+        {**os.environ, **WITHOUT_JOB_RUNNERS}, log_path)  # as sd3ray and infra/mlflow/serve.sh run it
     try:
         wait_until(lambda: http_status(f"{uri}/health") == 200, proc, log_path, "mlflow server")
     except BaseException:
@@ -133,6 +134,19 @@ def stop_process_groups(procs: list, grace_s: float = 20.0) -> None:
         procs = [proc for proc in pending if _group_alive(proc.pid)]
         if not procs:
             return
+
+
+def group_commands(pgid: int) -> list[str]:
+    """The command lines of the live processes in process group `pgid`."""
+    commands = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            if entry.name.isdigit() and int(stat[stat.rfind(")") + 2:].split()[2]) == pgid:
+                commands.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, ValueError):
+            continue  # not a process, or it ended while being read
+    return commands
 
 
 def _group_alive(pgid: int) -> bool:

@@ -42,6 +42,11 @@ EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_dev
 # link without this parameter lands on GenAI again even after a visit with it: every link sd3ray prints carries it
 TRAINING_VIEW = "workflowType=machine_learning"
 UI_PORT = 5000  # `mlflow ui`'s default
+# `mlflow ui` and `mlflow server` on a database store also start MLflow's job runners (GenAI scorers, prompt
+# optimisation, trace rollups): ~8 processes that each import MLflow, 2.3 GB and ~45 CPU s where the server alone
+# is 0.5 GB and ~10 s (MLflow 3.17.2, one worker). sd3ray queues no such job, so the servers it starts go without
+# them, as infra/mlflow/serve.sh does; a user's own setting wins.
+WITHOUT_JOB_RUNNERS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 SYSTEM_PROGRESS_METRIC = "system/cpu_utilization_percentage"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 from sd3ray.errors import TrackingError
 from sd3ray.storage import redact
 from sd3ray.tracking.browser import Browser, stop_session
-from sd3ray.tracking.mlflow_tracker import ui_url
+from sd3ray.tracking.mlflow_tracker import WITHOUT_JOB_RUNNERS, ui_url
 from sd3ray.tracking.protocol import EVAL_SECONDS
 
 # The UI's own markers (MLflow 3.17): the sidebar of the training view links the model registry, the GenAI view's
@@ -127,8 +128,8 @@ def ui_for(uri: str, start_timeout_s: float = 120.0) -> Iterator[str]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host",
-                               "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+                               "127.0.0.1", "--port", str(port)], env={**WITHOUT_JOB_RUNNERS, **os.environ},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout_s
