@@ -15,6 +15,10 @@
 #   MLFLOW_PORT                   default 5000
 #   MLFLOW_ALLOWED_HOSTS          default "MLFLOW_HOST:PORT,localhost:PORT": Host headers the server answers
 #   MLFLOW_WORKERS                default 2
+#   MLFLOW_AUTH_CACHE_TTL_SECONDS default 60: how long a worker trusts a password it has checked. Uncached, MLflow
+#                                 checks the password of every request with scrypt: ~0.4 CPU s a request, so a
+#                                 training run's metric writes kept a core busy. The cost: a password changed or a
+#                                 user deleted still works on the other workers for up to this long. 0: no cache.
 #   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  default false: MLflow's job runners (GenAI scorers, prompt optimisation,
 #                                 trace rollups), which sd3ray never queues. On, they are 8 more processes that
 #                                 each import MLflow: 2.6 GB of RSS instead of 0.8 GB with the other defaults
@@ -46,6 +50,7 @@ cat > "$auth_dir/basic_auth.ini" <<INI
 default_permission = ${MLFLOW_DEFAULT_PERMISSION:-READ}
 database_uri = ${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_STORE_URI}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_SECONDS:-60}
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$auth_dir/basic_auth.ini"
 

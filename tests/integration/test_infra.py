@@ -4,6 +4,7 @@ team MLflow server's launcher, run for real."""
 
 from __future__ import annotations
 
+import configparser
 import copy
 import os
 import subprocess
@@ -92,6 +93,19 @@ def test_mlflow_launcher_refuses_to_start_without_its_secrets() -> None:
     assert proc.returncode == 2 and "set MLFLOW_BACKEND_STORE_URI" in proc.stderr
 
 
+def _server_env(pgid: int) -> dict[str, str]:
+    """The environment of the `mlflow server` process in the launcher's process group."""
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")[1:3]  # python3 .../bin/mlflow server ...
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == pgid and command[-1:] == [b"server"]:
+                pairs = (item.partition(b"=") for item in (entry / "environ").read_bytes().split(b"\0") if item)
+                return {key.decode(): value.decode(errors="replace") for key, _, value in pairs}
+        except (OSError, ProcessLookupError):
+            continue
+    raise AssertionError(f"no mlflow server in process group {pgid}")
+
+
 def test_mlflow_launcher_serves_with_basic_auth_and_allowed_hosts_only(tmp_path: Path) -> None:
     port = free_port()
     admin = ("admin", "launcher-test-Passw0rd")
@@ -118,5 +132,10 @@ def test_mlflow_launcher_serves_with_basic_auth_and_allowed_hosts_only(tmp_path:
         assert list((tmp_path / "artifacts").rglob("a.txt"))
         # without MLflow's job runners, which would take the pod over its memory limit (serve.sh says why)
         assert not [c for c in group_commands(server.pid) if "huey" in c], group_commands(server.pid)
+        # a password checked once is trusted for a minute, not re-hashed with scrypt on every request: the key as
+        # MLflow reads it (mlflow/server/auth/config.py), from the ini file the running server was given
+        auth = configparser.ConfigParser()
+        auth.read(_server_env(server.pid)["MLFLOW_AUTH_CONFIG_PATH"])
+        assert auth.getint("mlflow", "auth_cache_ttl_seconds") == 60
     finally:
         stop_process_group(server)
