@@ -105,9 +105,10 @@ def test_ray_job_stop_then_sigterm_to_the_driver_each_stop_both_workers_after_a_
         cwd=REPO_ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, submit.stderr[-3000:]
 
-    def logs() -> str:
-        return subprocess.run(["ray", "job", "logs", "--address", ray_head["dashboard"], job], env=ray_head["env"],
-                              capture_output=True, text=True, timeout=60).stdout
+    from ray.job_submission import JobSubmissionClient
+
+    def logs() -> str:  # the job API in this process: a `ray job logs` process per poll is ~3 CPU s of imports
+        return JobSubmissionClient(ray_head["dashboard"]).get_job_logs(job)
 
     deadline = time.monotonic() + 300
     while "step 10/" not in logs():
