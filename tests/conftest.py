@@ -33,6 +33,10 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 # process of the tests' clusters inherits this (the nodes are started from this environment), and a restart test
 # still restarts from the newest checkpoint (sd3ray.cluster.worker.die_like_a_lost_node waits two polls).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray Train's preemption watcher is one more actor process per fit (~3 CPU s of imports) that waits for a cloud's
+# drain notices before spot nodes go; the tests' loopback clusters never send one (a lost node is killed, not
+# drained). sd3ray leaves it out on the cluster it starts itself; on a joined cluster it runs, as Ray's default.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Tests never reach the network: a Hugging Face hub id fails at once instead of retrying for half a minute.
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Caches (the judge's weights) stay with the tests, not in the user's home: one folder, ignored by git.
