@@ -141,11 +141,10 @@ def group_commands(pgid: int) -> list[str]:
     commands = []
     for entry in Path("/proc").iterdir():
         try:
-            stat = (entry / "stat").read_text()
-            if entry.name.isdigit() and int(stat[stat.rfind(")") + 2:].split()[2]) == pgid:
+            if entry.name.isdigit() and os.getpgid(int(entry.name)) == pgid:
                 commands.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except (OSError, ValueError):
-            continue  # not a process, or it ended while being read
+        except OSError:
+            continue  # it ended while being read
     return commands
 
 
