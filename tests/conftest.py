@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+# --cpu-table FILE: each test's cost in the machine's CPU seconds, beside its wall time (docs/testing.md)
+from tests.cpu_table import pytest_addoption, pytest_runtest_protocol, pytest_terminal_summary  # noqa: F401
 from tests.support import (
     BUCKET,
     MICRO,
