@@ -9,6 +9,7 @@ shared host gave to others, which makes the same test slower on a busy host). Li
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,6 @@ class Cost:
 
 def _cpu_seconds() -> tuple[float, float, float]:
     """The machine's busy, idle and steal CPU seconds since boot, all cores together."""
-    import os
-
     ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
     per_s = os.sysconf("SC_CLK_TCK")
     return (sum(ticks[i] for i in _BUSY_FIELDS) / per_s, sum(ticks[i] for i in _IDLE_FIELDS) / per_s,
@@ -63,9 +62,9 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     lines = ["test\twall_s\tbusy_cpu_s\tidle_cpu_s\tsteal_cpu_s"]
     lines += [f"{r.test}\t{r.wall_s:.1f}\t{r.busy_s:.1f}\t{r.idle_s:.1f}\t{r.steal_s:.1f}" for r in rows]
     Path(path).write_text("\n".join(lines) + "\n")
-    total = [sum(getattr(r, f) for r in rows) for f in ("wall_s", "busy_s", "idle_s", "steal_s")]
+    busy, idle, steal, wall = (sum(getattr(r, f) for r in rows) for f in ("busy_s", "idle_s", "steal_s", "wall_s"))
     terminalreporter.write_sep("=", f"CPU per test, costliest first (all {len(rows)} in {path})")
     terminalreporter.write_line(f"{'busy':>7} {'idle':>7} {'steal':>6} {'wall':>7}  test (CPU s: all cores)")
     for r in rows[:15]:
         terminalreporter.write_line(f"{r.busy_s:7.1f} {r.idle_s:7.1f} {r.steal_s:6.1f} {r.wall_s:7.1f}  {r.test}")
-    terminalreporter.write_line(f"{total[1]:7.1f} {total[2]:7.1f} {total[3]:6.1f} {total[0]:7.1f}  all tests")
+    terminalreporter.write_line(f"{busy:7.1f} {idle:7.1f} {steal:6.1f} {wall:7.1f}  all tests")

@@ -136,16 +136,16 @@ def stop_process_groups(procs: list, grace_s: float = 20.0) -> None:
             return
 
 
-def group_commands(pgid: int) -> list[str]:
-    """The command lines of the live processes in process group `pgid`."""
-    commands = []
+def group_processes(pgid: int) -> dict[Path, list[str]]:
+    """The live processes in process group `pgid`: each one's /proc folder and its command line."""
+    processes = {}
     for entry in Path("/proc").iterdir():
         try:
             if entry.name.isdigit() and os.getpgid(int(entry.name)) == pgid:
-                commands.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+                processes[entry] = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
         except OSError:
             continue  # it ended while being read
-    return commands
+    return processes
 
 
 def _group_alive(pgid: int) -> bool:

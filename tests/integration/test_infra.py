@@ -24,7 +24,7 @@ from tests.infra_cases import CLUSTER_CONFIGS
 from tests.support import (
     REPO_ROOT,
     free_port,
-    group_commands,
+    group_processes,
     http_status,
     start_in_own_session,
     stop_process_group,
@@ -95,14 +95,10 @@ def test_mlflow_launcher_refuses_to_start_without_its_secrets() -> None:
 
 def _server_env(pgid: int) -> dict[str, str]:
     """The environment of the `mlflow server` process in the launcher's process group."""
-    for entry in Path("/proc").iterdir():
-        try:
-            command = (entry / "cmdline").read_bytes().split(b"\0")[1:3]  # python3 .../bin/mlflow server ...
-            if entry.name.isdigit() and os.getpgid(int(entry.name)) == pgid and command[-1:] == [b"server"]:
-                pairs = (item.partition(b"=") for item in (entry / "environ").read_bytes().split(b"\0") if item)
-                return {key.decode(): value.decode(errors="replace") for key, _, value in pairs}
-        except OSError:
-            continue  # it ended while being read
+    for process, command in group_processes(pgid).items():
+        if command[1:3][-1:] == ["server"]:  # python3 .../bin/mlflow server ...
+            pairs = (item.partition(b"=") for item in (process / "environ").read_bytes().split(b"\0") if item)
+            return {key.decode(): value.decode(errors="replace") for key, _, value in pairs}
     raise AssertionError(f"no mlflow server in process group {pgid}")
 
 
@@ -131,7 +127,8 @@ def test_mlflow_launcher_serves_with_basic_auth_and_allowed_hosts_only(tmp_path:
         # artifacts went through the server (proxied) into the destination, not to a path the client chose
         assert list((tmp_path / "artifacts").rglob("a.txt"))
         # without MLflow's job runners, which would take the pod over its memory limit (serve.sh says why)
-        assert not [c for c in group_commands(server.pid) if "huey" in c], group_commands(server.pid)
+        commands = [" ".join(command) for command in group_processes(server.pid).values()]
+        assert not [c for c in commands if "huey" in c], commands
         # a password checked once is trusted for a minute, not re-hashed with scrypt on every request: the key as
         # MLflow reads it (mlflow/server/auth/config.py), from the ini file the running server was given
         auth = configparser.ConfigParser()
