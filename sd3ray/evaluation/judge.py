@@ -7,7 +7,10 @@ Metrics (all from the judge, none from the model being judged):
 - diversity: mean pairwise feature distance within each prompted digit (mode collapse drives it to 0).
 
 The judge is trained once on the real training split, with small random shifts, rotations and scalings so that
-it reads digits anywhere in the 32×32 frame, then cached by a hash of its recipe and its training data.
+it reads digits anywhere in the 32×32 frame, then cached by a hash of its recipe and its training data. The judge of
+real MNIST (its 60,000 training digits at 32×32) ships with sd3ray in `weights/`, under the same hash: every machine
+judges with the same weights, and the first evaluation does not wait minutes for a training the recipe repeats bit
+for bit (`python jobs/train_judge.py --retrain` trains it again and compares).
 """
 
 from __future__ import annotations
@@ -86,6 +89,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SD3RAY_CACHE", Path.home() / ".cache" / "sd3ray"))
 
 
+SHIPPED_DIR = Path(__file__).parent / "weights"  # judges trained by this recipe on public data, named by their key
+
+
+def shipped_judge_path(train: ImageSet) -> Path | None:
+    """The judge that ships with sd3ray for this training set (real MNIST), or None for any other set."""
+    path = SHIPPED_DIR / f"judge-{judge_cache_key(train)}.pt"
+    return path if path.is_file() else None
+
+
 def train_judge(train: ImageSet, epochs: int = JUDGE_EPOCHS, batch_size: int = 128, seed: int = 0) -> Judge:
     """Train on the real training digits only; never on generated images."""
     generator = torch.Generator().manual_seed(seed)
@@ -114,12 +126,14 @@ def train_judge(train: ImageSet, epochs: int = JUDGE_EPOCHS, batch_size: int = 1
 
 
 def load_judge(train: ImageSet, device: torch.device | str = "cpu") -> Judge:
-    """The cached judge for this training set, trained (a minute or two on CPU) and cached on first use."""
+    """The judge for this training set: the one sd3ray ships (real MNIST), else the cached one, else trained (a few
+    minutes on CPU) and cached."""
     if train.images.shape[1:] != (1, 32, 32) or train.labels.min() < 0 or train.labels.max() > 9:
         raise DataError("the judge reads 1×32×32 digits labelled 0–9; set eval.num_samples=0 for other data")
-    path = cache_dir() / f"judge-{judge_cache_key(train)}.pt"
+    path = shipped_judge_path(train) or cache_dir() / f"judge-{judge_cache_key(train)}.pt"
     judge = Judge()
     if path.is_file():
+        # weights only: a tampered file cannot run code (torch refuses anything but tensors)
         judge.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     else:
         print(f"sd3ray: judge: training on {len(train)} real digits (cached afterwards at {path})", flush=True)

@@ -7,6 +7,8 @@ import pytest
 import torch
 from scipy import linalg
 
+from sd3ray.data.format import ImageSet
+from sd3ray.evaluation import judge as judge_module
 from sd3ray.evaluation.judge import Reference, eval_prompts, frechet_distance, judge_images, judge_outputs
 
 
@@ -98,3 +100,42 @@ def test_training_logs_judge_metrics_and_a_confusion_matrix(micro_config, tmp_pa
     assert not any({"val/cfid_floor", "val/diversity_real", "global_batch"} & set(m) for _, m in logged["metrics"])
     assert ("samples/confusion", 2) in [(k, s) for k, s, _ in logged["images"]]
     assert ("samples/grid", 2) in [(k, s) for k, s, _ in logged["images"]]
+
+
+def _count_trainings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    trained: list[int] = []
+    real_train = judge_module.train_judge
+
+    def counting(train: ImageSet, *args, **kwargs):
+        trained.append(len(train))
+        return real_train(train, *args, **kwargs)
+
+    monkeypatch.setattr(judge_module, "train_judge", counting)
+    return trained
+
+
+def test_real_mnist_gets_the_shipped_judge_without_training(mnist_splits, monkeypatch, tmp_path: Path) -> None:
+    # the shipped file is named by the hash of the recipe and the data: a changed recipe (JUDGE_VERSION, epochs) or
+    # a changed MNIST conversion no longer finds it, and this fails until the judge is retrained and shipped again
+    monkeypatch.setenv("SD3RAY_CACHE", str(tmp_path / "cache"))
+    trained = _count_trainings(monkeypatch)
+    train, _ = mnist_splits
+    judge = judge_module.load_judge(train)
+    assert trained == [] and not (tmp_path / "cache").exists()
+    assert judge_module.shipped_judge_path(train).parent == judge_module.SHIPPED_DIR
+    assert not judge.training and not any(p.requires_grad for p in judge.parameters())
+
+
+def test_any_other_digit_set_trains_its_own_judge_once_then_loads_it_from_the_cache(
+        mnist_splits, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SD3RAY_CACHE", str(tmp_path / "cache"))
+    trained = _count_trainings(monkeypatch)
+    train, _ = mnist_splits
+    subset = ImageSet(train.images[:512], train.labels[:512], None)
+    assert judge_module.shipped_judge_path(subset) is None
+    first = judge_module.load_judge(subset)
+    second = judge_module.load_judge(subset)
+    assert trained == [512]  # trained once, then read back from the cache
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"judge-{judge_module.judge_cache_key(subset)}.pt"]
+    for key, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[key]), key
