@@ -10,7 +10,12 @@ import pytest
 import torch
 
 # --cpu-table FILE: each test's cost in the machine's CPU seconds, beside its wall time (docs/testing.md)
-from tests.cpu_table import pytest_addoption, pytest_runtest_protocol, pytest_terminal_summary  # noqa: F401
+from tests.cpu_table import (  # noqa: F401
+    pytest_addoption,
+    pytest_configure,
+    pytest_runtest_protocol,
+    pytest_terminal_summary,
+)
 from tests.support import (
     BUCKET,
     MICRO,
@@ -39,6 +44,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # drain notices before spot nodes go; the tests' loopback clusters never send one (a lost node is killed, not
 # drained). sd3ray leaves it out on the cluster it starts itself; on a joined cluster it runs, as Ray's default.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Test files run two at a time (pytest-xdist), so a fit's workers may take longer than Ray Train's 60 s to start
+# while both cores import torch for the neighbouring file; a slow start is not what any test is about.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 # Tests never reach the network: a Hugging Face hub id fails at once instead of retrying for half a minute.
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Caches (the judge's weights) stay with the tests, not in the user's home: one folder, ignored by git.
@@ -47,12 +55,30 @@ os.environ.setdefault("SD3RAY_CACHE", str(REPO_ROOT / "tests" / ".cache"))
 TIERS = ("unit", "integration", "system")
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """pyproject's `-n auto`: a worker per core, up to four. The tiers wait on process start-up more than they compute
+    (one core is idle for much of a serial run), so two files at a time use a 2-core machine. Each worker starts its
+    own integration-tier Ray head and MLflow server: the cap keeps a many-core machine from running one per core."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+def _tier(item: pytest.Item) -> str | None:
+    return next((part for part in Path(item.path).parts if part in TIERS), None)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Each test is marked with its tier, the folder it lives in, so `-m "not system"` selects by cost too."""
+    """Each test is marked with its tier, the folder it lives in, so `-m "not system"` selects by cost too.
+
+    The costliest tier runs first: pytest-xdist hands each worker the next file in this order when it is free, so the
+    system tier's long files start at once and the unit tier's many short ones fill the end, where they even out the
+    workers' finishing times. Tiers stay contiguous, so a worker starts the integration tier's Ray head and MLflow
+    server once, not each time it comes back to that folder."""
     for item in items:
-        tier = next((part for part in Path(item.path).parts if part in TIERS), None)
+        tier = _tier(item)
         if tier is not None:
             item.add_marker(getattr(pytest.mark, tier))
+    run_first = {"system": 0, "integration": 1}
+    items.sort(key=lambda item: run_first.get(_tier(item), 2))  # a stable sort: each tier keeps its own order
 
 
 @pytest.fixture(autouse=True)

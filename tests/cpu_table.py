@@ -1,4 +1,4 @@
-"""`python -m pytest --cpu-table FILE`: the machine's CPU seconds spent during each test, beside its wall time.
+"""`python -m pytest -n 0 --cpu-table FILE`: the machine's CPU seconds spent during each test, beside its wall time.
 
 `--durations` says how long a test took; on a 2-core machine that is not what it costs, because a test that waits
 (on a poll, a server, a sleep) leaves a core idle, while a Ray fit keeps both busy with processes pytest never sees.
@@ -41,6 +41,13 @@ def _cpu_seconds() -> tuple[float, float, float]:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--cpu-table", metavar="FILE", default=None,
                      help="write each test's wall time and the machine's busy/idle/steal CPU seconds to FILE (TSV)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # /proc/stat is the whole machine's: with tests running side by side, one test's row would hold its neighbour's
+    if config.getoption("--cpu-table") and getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError("--cpu-table measures the whole machine during each test, so tests must run one at a "
+                                "time: add -n 0")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -1,6 +1,6 @@
-"""The integration tier's shared servers: one Ray head and one MLflow server for every test of this folder, started
-on first use and stopped when the folder's last test ends, so that they do not idle beside the system tier's own
-cluster or the unit tier."""
+"""The integration tier's shared servers: one Ray head and one MLflow server for every test of this folder that a
+pytest-xdist worker runs (one pair per worker), started on first use and stopped when the worker leaves the folder,
+so that they do not idle beside the system tier's own cluster or the unit tier."""
 
 from __future__ import annotations
 
