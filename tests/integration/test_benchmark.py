@@ -204,7 +204,10 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
         meta = json.loads((Path(row["checkpoint"]) / "meta.json").read_text())
         # the cosine ended with the budget, not at train.steps (projected a log step ahead: one interval of slack)
         assert meta["lr_horizon"] <= row["step"] + 5
-        assert row["train_seconds"] < 60 * row["budget_minutes"] < 60 * row["wall_minutes"] + 60
+        # the clock is read at log steps, so the first one (step 5) is the earliest a budget can end a run; on a
+        # loaded machine it can already lie past a 15 s budget that counts from the command, start-up included
+        assert row["train_seconds"] < 60 * row["budget_minutes"] or row["step"] == 5
+        assert 60 * row["budget_minutes"] < 60 * row["wall_minutes"] + 60
         assert row["samples/cfid_ratio"] == pytest.approx(row["val/cfid"] / row["val/cfid_floor"])
     table = (tmp_path / "ttq" / "time_to_quality.md").read_text()
     assert f"| micro | 0.6 min | {long['wall_minutes']:.2f} | {long['step']} |" in table

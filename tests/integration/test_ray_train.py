@@ -51,19 +51,21 @@ def test_worker_failure_restarts_from_the_checkpoint_and_matches_an_uninterrupte
     assert run.data.tags["sd3ray.resumed_at_step"] == "2"  # and the run says where it restarted
 
 
-def _dataset_managers() -> int:
-    """Ray Train's DatasetManager actors the shared head has seen, alive or dead."""
+def _dataset_managers(dashboard: str) -> int:
+    """Ray Train's DatasetManager actors the shared head has seen, alive or dead. The head is named: with test
+    files side by side, other Ray clusters run on this machine too."""
     from ray.util.state import list_actors
 
-    return len(list_actors(filters=[("class_name", "=", "DatasetManager")], limit=10_000))
+    return len(list_actors(address=dashboard, filters=[("class_name", "=", "DatasetManager")], limit=10_000))
 
 
 def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
     common = ["train.steps=2", "train.log_every=1", "train.ckpt_every=2", "train.eval_every=100", "train.grad_clip=0"]
-    managers = _dataset_managers()
+    managers = _dataset_managers(ray_head["dashboard"])
     _, two = _fit([*common, "train.batch_size=8"], mnist_parquet, tmp_path, "two", 2, tracking=False)
     _, one = _fit([*common, "train.batch_size=16"], mnist_parquet, tmp_path, "one", 1, tracking=False)
-    assert _dataset_managers() == managers  # a run that reads its own Parquet files starts no Ray Data actor
+    # a run that reads its own Parquet files starts no Ray Data actor
+    assert _dataset_managers(ray_head["dashboard"]) == managers
     moved = 0
     for key, value in one[0].items():
         torch.testing.assert_close(two[0][key], value, atol=2e-5, rtol=1e-4, msg=key)
