@@ -185,7 +185,8 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
     its step count) with the learning rate decayed to zero at the end, judged, tabled and logged."""
     from tests.support import MICRO
 
-    micro = ["micro", *MICRO, f"data.parquet_dir={mnist_parquet}", "train.steps=100000", "train.log_every=5",
+    log_every = 5  # the clock is read at log steps: the first one is the earliest a budget can end a run
+    micro = ["micro", *MICRO, f"data.parquet_dir={mnist_parquet}", "train.steps=100000", f"train.log_every={log_every}",
              "eval.num_samples=50", "eval.batch_size=50", "train.lr_decay_to_budget=true"]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = subprocess.run(
@@ -199,14 +200,15 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
     # the clock ended both runs, the longer one later. The budgets count from the command, start-up included, so
     # they lie far apart: with the neighbouring test file on the other core, a 0.4 min budget once ended at the
     # same first logged step as the 0.25 min one
-    assert 5 <= short["step"] < long["step"] < 100000
+    assert log_every <= short["step"] < long["step"] < 100000
     for row in rows:
         meta = json.loads((Path(row["checkpoint"]) / "meta.json").read_text())
         # the cosine ended with the budget, not at train.steps (projected a log step ahead: one interval of slack)
-        assert meta["lr_horizon"] <= row["step"] + 5
-        # the clock is read at log steps, so the first one (step 5) is the earliest a budget can end a run; on a
-        # loaded machine it can already lie past a 15 s budget that counts from the command, start-up included
-        assert row["train_seconds"] < 60 * row["budget_minutes"] or row["step"] == 5
+        assert meta["lr_horizon"] <= row["step"] + log_every
+        # the 15 s budget counts from the command: start-up (~10 s on an idle 2-core machine) and the 6 s reserve
+        # spend it before the first log step, where that run ends, on time when idle, past it under load. The
+        # 0.6 min run is the one held to its clock
+        assert row["train_seconds"] < 60 * row["budget_minutes"] or row["step"] == log_every
         assert 60 * row["budget_minutes"] < 60 * row["wall_minutes"] + 60
         assert row["samples/cfid_ratio"] == pytest.approx(row["val/cfid"] / row["val/cfid_floor"])
     table = (tmp_path / "ttq" / "time_to_quality.md").read_text()
