@@ -17,6 +17,8 @@ from sd3ray.sweeps.study import by_point, study_markdown, study_plot
 from sd3ray.tracking.protocol import Tracker
 
 SUMMARY_METRICS = ("loss/val", "samples/accuracy", "samples/cfid_ratio")
+# a trial's status -> the MLflow status its child run ends with when the trial did not end it itself
+CLOSED_AS = {"stopped early": "KILLED", "failed": "FAILED"}
 
 
 def summarize(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
@@ -135,7 +137,8 @@ def best_grids(tracker: Tracker, rows: list[dict[str, Any]]) -> np.ndarray:
 
 
 def write_summary(tracker: Tracker, results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
-    """Log the sweep's table (CSV, markdown), metric-vs-width plot and best grids to the parent run."""
+    """Log the sweep's table (CSV, markdown), metric-vs-width plot and best grids to the parent run, and end the
+    child runs of trials that Tune stopped (KILLED, with the reason as a tag) or that failed."""
     rows = summarize(results, spec)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "results.csv").write_text(to_csv(rows))
@@ -150,6 +153,11 @@ def write_summary(tracker: Tracker, results: Any, spec: SweepSpec) -> list[dict[
         print(study_markdown(points, spec), flush=True)
     tracker.log_image("metric_vs_width", metric_vs_width(rows, spec), 0)
     tracker.log_image("best_grid_per_scheme", best_grids(tracker, rows), 0)
+    for row in rows:  # Tune ended these trials' workers before they could end their own MLflow runs
+        if row["status"] in CLOSED_AS:
+            tracker.close_child_run(row["trial"], CLOSED_AS[row["status"]],
+                                    {"sd3ray.trial_status": row["status"],
+                                     "sd3ray.stopped_because": row["stopped_because"] or row["error"]})
     counts = {s: sum(r["status"] == s for r in rows) for s in ("finished", "stopped early", "failed")}
     tracker.log_metrics({f"sweep/{k.replace(' ', '_')}": v for k, v in counts.items()}, 0)
     if spec.registered_model and rows and rows[0][spec.metric] is not None:

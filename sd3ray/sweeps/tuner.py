@@ -71,8 +71,11 @@ def build_tuner(spec: SweepSpec, parent_run_id: str, tracking: bool):
     base = base_config(spec)
     scheduler = FIFOScheduler()
     if spec.asha.enabled:
+        # stop_last_trials=False: a trial that reaches max_t ends by itself. Ray's default stops it at its final
+        # report, which kills its workers before they log the model and close the MLflow run: the best trial of
+        # every ASHA sweep had no model to register and stayed RUNNING in MLflow
         scheduler = ASHAScheduler(time_attr="step", max_t=base.train.steps, grace_period=spec.asha.grace_period,
-                                  reduction_factor=spec.asha.reduction_factor)
+                                  reduction_factor=spec.asha.reduction_factor, stop_last_trials=False)
     search_alg = None
     if spec.search == "optuna":
         try:

@@ -275,6 +275,13 @@ class MlflowTracker:
         version = mlflow.register_model(model_uri, registered_model)
         return f"models:/{registered_model}/{version.version}"
 
+    def close_child_run(self, child_run_name: str, status: str, tags: dict[str, str]) -> None:
+        for run in self._child_runs(child_run_name):
+            if run.info.status == "RUNNING":
+                for key, value in tags.items():
+                    self.client.set_tag(run.info.run_id, key, value)
+                self.client.set_terminated(run.info.run_id, status)
+
     def latest_child_image(self, child_run_name: str, key: str) -> np.ndarray | None:
         import tempfile
 

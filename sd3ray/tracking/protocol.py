@@ -52,6 +52,10 @@ class Tracker(Protocol):
         """Register the model that this run's child run named so logged (a sweep's best trial); its
         `models:/NAME/VERSION`, or None when it logged none."""
 
+    def close_child_run(self, child_run_name: str, status: str, tags: dict[str, str]) -> None:
+        """End this run's child run named so with `status` and `tags`, if it is still running: a trial that Tune
+        stopped (ASHA), or whose workers died, never ended its own run."""
+
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -79,5 +83,7 @@ class NullTracker:
 
     def register_child_model(self, child_run_name: str, registered_model: str) -> str | None:
         return None
+
+    def close_child_run(self, child_run_name: str, status: str, tags: dict[str, str]) -> None: ...
 
     def finish(self, status: str = "FINISHED") -> None: ...
