@@ -51,40 +51,43 @@ def test_benchmark_job_rejects_a_bad_ray_overhead_config_before_timing(tmp_path:
     assert not (tmp_path / "b.json").exists()
 
 
-def test_ray_overhead_rows_compare_ray_with_local_mode(ray_head, micro_config, tmp_path: Path) -> None:
-    from benchmarks.ray_overhead import ray_overhead_config, ray_overhead_rows, stream_read_rows
+def test_ray_overhead_rows_compare_ray_with_local_mode_side_by_side_and_interleaved(
+        ray_head, micro_config, tmp_path: Path) -> None:
+    """Both of the benchmark's Ray comparisons on one config: local mode, local mode beside the cluster and a
+    streamed Ray run; then local and Ray in memory alternately (A B A B). Three Ray Train runs in all."""
+    from benchmarks.ray_overhead import (
+        interleaved_ray_rows,
+        ray_overhead_config,
+        ray_overhead_rows,
+        stream_read_rows,
+    )
 
-    cfg = ray_overhead_config(micro_config(), steps=8, output_dir=str(tmp_path / "bench"))
-    assert (cfg.train.steps, cfg.train.log_every, cfg.eval.num_samples) == (8, 4, 0)
-    local, beside, ray_row, streamed = ray_overhead_rows(
-        cfg, [("ray 1 worker × 1 CPU", 1, 1, "memory"), ("streamed", 1, 1, "stream")], local_beside_cluster=True)
+    steps = 4
+    cfg = ray_overhead_config(micro_config(), steps=steps, output_dir=str(tmp_path / "bench"))
+    assert (cfg.train.steps, cfg.train.log_every, cfg.eval.num_samples) == (4, 2, 0)
+    local, beside, streamed = ray_overhead_rows(cfg, [("streamed", 1, 1, "stream")], local_beside_cluster=True)
     assert local["vs_local"] == 1.0 and not local["ray"]
     assert beside["setup"].endswith("Ray cluster up") and not beside["ray"]
-    assert ray_row["setup"] == "ray 1 worker × 1 CPU" and ray_row["ray"] and ray_row["loading"] == "memory"
-    assert streamed["loading"] == "stream" and streamed["ray"]
-    assert ray_row["vs_local"] == pytest.approx(ray_row["images_per_s"] / local["images_per_s"])
-    for row in (local, beside, ray_row, streamed):  # fixed cost: wall time less the 8 steps at the steady rate
-        assert row["fixed_s"] == pytest.approx(row["wall_s"] - 8 * 16 / row["images_per_s"])
+    assert streamed["setup"] == "streamed" and streamed["ray"] and streamed["loading"] == "stream"
+    assert streamed["vs_local"] == pytest.approx(streamed["images_per_s"] / local["images_per_s"])
+    for row in (local, beside, streamed):  # fixed cost: wall time less the steps at the steady rate
+        assert row["fixed_s"] == pytest.approx(row["wall_s"] - steps * 16 / row["images_per_s"])
         assert 0 < row["fixed_s"] < row["wall_s"]
-    # one whole pass in batches of 1,000 rather than the training batch: the same read in fewer Python iterations
-    from sd3ray.config import apply_overrides, from_dict, to_dict
+    assert (tmp_path / "bench" / "ray" / "bench-1x1-stream").is_dir()  # the Ray run wrote where the config says
 
-    (read,) = stream_read_rows(from_dict(apply_overrides(to_dict(cfg), ["train.batch_size=1000"])), [1])
-    assert read["rows"] == 60000  # one whole pass over MNIST's train split
-    assert (tmp_path / "bench" / "ray" / "bench-1x1-memory").is_dir()  # the Ray run wrote where the config says
-
-
-def test_interleaved_ray_rows_alternate_local_and_ray(ray_head, micro_config, tmp_path: Path) -> None:
-    from benchmarks.ray_overhead import interleaved_ray_rows, ray_overhead_config
-
-    cfg = ray_overhead_config(micro_config(), steps=4, output_dir=str(tmp_path / "bench"))
     *pairs, median = interleaved_ray_rows(cfg, repeats=2)
     assert [p["repeat"] for p in pairs] == [0, 1] and median["repeat"] == "median"
     for pair in pairs:
         assert pair["ray_vs_local"] == pytest.approx(pair["ray_images_per_s"] / pair["local_images_per_s"])
     assert median["ray_vs_local"] == pytest.approx(sum(p["ray_vs_local"] for p in pairs) / 2)
-    assert {p.name for p in (tmp_path / "bench" / "ray").iterdir()} == {"bench-interleaved-0", "bench-interleaved-1"}
+    ray_runs = {p.name for p in (tmp_path / "bench" / "ray").iterdir()}
+    assert ray_runs == {"bench-1x1-stream", "bench-interleaved-0", "bench-interleaved-1"}
 
+    # one whole pass in batches of 1,000 rather than the training batch: the same read in fewer Python iterations
+    from sd3ray.config import apply_overrides, from_dict, to_dict
+
+    (read,) = stream_read_rows(from_dict(apply_overrides(to_dict(cfg), ["train.batch_size=1000"])), [1])
+    assert read["rows"] == 60000  # one whole pass over MNIST's train split
 
 
 def test_gpu_report_measures_every_part_with_tiny_settings(mnist_parquet: Path, tmp_path: Path) -> None:
