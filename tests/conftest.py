@@ -28,6 +28,16 @@ from tests.support import (
     wait_until,
 )
 
+# pytest-xdist runs one test file per core. torch's default is one thread per core in every process, and its OpenMP
+# threads spin while they wait for one another: two processes of two threads on two cores ran a small training loop
+# 40 times slower than either alone (140 s against 3.6 s; docs/testing.md). Each worker, and everything it starts
+# (jobs, Ray nodes and their workers, which keep an OMP_NUM_THREADS they inherit), gets its share of the cores.
+# xdist names the worker count before this file is imported; a serial run (-n 0) keeps torch's default.
+_xdist_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _xdist_workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _xdist_workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 # Ray rewrites a loopback --node-ip-address to the machine's address and then listens on every interface, unless
 # its single-machine mode is on: then every Ray server of the tests listens on 127.0.0.1 only. Ray reads this once,
 # at import, so it is set before any test module imports ray.

@@ -41,7 +41,8 @@ def test_readme_commands_work_in_the_order_a_new_user_types_them(mnist_parquet: 
     home = tmp_path / "home"
     home.mkdir()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # a new user's shell: none of the tests' own Ray settings, nor their cap on threads per process (tests/conftest.py)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != "OMP_NUM_THREADS"}
     env = {**base, "HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{base['PATH']}",
            "RAY_TMPDIR": tempfile.mkdtemp(prefix="sd3ray-tmp-"), "RAY_USAGE_STATS_ENABLED": "0",
            "MLFLOW_TRACKING_URI": uri}
