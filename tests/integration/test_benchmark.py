@@ -227,6 +227,21 @@ def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_
     assert artifacts == {"time_to_quality/time_to_quality.md", "time_to_quality/time_to_quality.json"}
 
 
+def test_thread_contention_runs_each_setup_and_names_the_machine_and_command() -> None:
+    """The thread-contention benchmark at a few steps: three setups, each timed, under the machine's line."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.thread_contention", "--steps", "20"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("CPU: ")
+    assert "command: python -m benchmarks.thread_contention --steps 20" in proc.stdout
+    rows = [line.strip("|").split("|") for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "---" not in line]
+    labels = [label.strip() for label, _ in rows[1:]]
+    assert labels[:2] == ["1 process, torch's default threads", "2 processes at once, torch's default threads"]
+    assert labels[2].startswith("2 processes at once, OMP_NUM_THREADS=")
+    assert all(float(seconds) > 0 for _, seconds in rows[1:])
+
+
 def test_step_speed_times_the_first_steps_and_the_steady_rate(mnist_parquet: Path) -> None:
     """The step-speed benchmark's table for the eager fp32 and bf16 steps of a micro model (compiling is too slow
     for a test), with the machine it ran on."""
