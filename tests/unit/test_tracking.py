@@ -41,3 +41,26 @@ def test_a_sqlite_store_keeps_artifacts_beside_its_database_not_in_the_working_f
     assert list(elsewhere.iterdir()) == []  # no ./mlruns where the job happened to start
     assert (tmp_path / "store" / "mlartifacts" / "a_b_c" / run_id / "artifacts" / "note.txt").read_text() == "kept"
     assert "note.txt" in [a.path for a in MlflowClient(uri).list_artifacts(run_id)]
+
+
+def test_a_sweep_ends_only_the_child_runs_still_running_with_their_reason(tmp_path: Path, micro_config) -> None:
+    """A trial Tune stopped never ended its MLflow run; the sweep ends it (KILLED, with the reason), and leaves a run
+    that ended itself as it was."""
+    from mlflow.tracking import MlflowClient
+
+    from sd3ray.tracking.mlflow_tracker import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = MlflowTracker(uri, "sweep")
+    parent_id = parent.start(micro_config(), run_name="sweep-x")
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent_id).info.experiment_id
+    children = {name: client.create_run(experiment, run_name=name, tags={"mlflow.parentRunId": parent_id}).info.run_id
+                for name in ("stopped", "finished")}
+    client.set_terminated(children["finished"], "FINISHED")
+    for name in children:
+        parent.close_child_run(name, "KILLED", {"sd3ray.stopped_because": "ASHA at step 2"})
+    parent.finish()
+    stopped, finished = (client.get_run(children[name]) for name in ("stopped", "finished"))
+    assert stopped.info.status == "KILLED" and stopped.data.tags["sd3ray.stopped_because"] == "ASHA at step 2"
+    assert finished.info.status == "FINISHED" and "sd3ray.stopped_because" not in finished.data.tags
