@@ -1,5 +1,5 @@
-"""A real CPU sweep on the shared Ray head: ASHA stops trials without leaking their resources, failures are
-recorded without stopping the sweep, and the parent/child MLflow runs hold what a person reviews."""
+"""Sweeps without Ray: the sweep file, each trial's overrides and label, the study over seeds and why ASHA stopped a
+trial (the real sweep on a Ray head is tests/integration/test_ray_tune.py)."""
 
 
 from pathlib import Path
