@@ -71,7 +71,7 @@ def main() -> None:
     print("\n| setup | seconds (slowest process) |\n|---|---|")
     for label, processes, threads in setups:
         seconds = max(run_side_by_side(processes, args.steps, threads))
-        print(f"| {label} | {seconds:.1f} |", flush=True)
+        print(f"| {label} | {seconds:.3g} |", flush=True)
 
 
 if __name__ == "__main__":
