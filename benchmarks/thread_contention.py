@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from sd3ray.cli import positive_int
+
 
 def train_loop(steps: int) -> float:
     """Seconds for `steps` Adam steps of a 4-layer MLP on a batch of 64: small matrices, the size where OpenMP's
@@ -35,9 +37,9 @@ def train_loop(steps: int) -> float:
     return time.perf_counter() - started
 
 
-def run_side_by_side(processes: int, steps: int, threads: int | None) -> list[float]:
+def run_side_by_side(processes: int, steps: int, threads: int | None) -> list[tuple[float, int]]:
     """Start `processes` copies of the loop at once (with OMP_NUM_THREADS=`threads`, or torch's default) and return
-    each one's seconds."""
+    each one's seconds and the threads torch gave it."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -46,16 +48,18 @@ def run_side_by_side(processes: int, steps: int, threads: int | None) -> list[fl
     outputs = [child.communicate()[0] for child in children]
     if any(child.returncode for child in children):
         raise SystemExit("thread_contention: a child process failed")
-    return [float(out.split()[-1]) for out in outputs]
+    return [(float(out.split()[-2]), int(out.split()[-1])) for out in outputs]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per process (default 1500)")
+    parser.add_argument("--steps", type=positive_int, default=1500, help="training steps per process (default 1500)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(f"{train_loop(args.steps):.3f}")
+        import torch
+
+        print(f"{train_loop(args.steps):.3f} {torch.get_num_threads()}")
         return
 
     import torch
@@ -68,10 +72,10 @@ def main() -> None:
               (f"2 processes at once, OMP_NUM_THREADS={max(1, cores // 2)}", 2, max(1, cores // 2))]
     print(describe_machine(torch.device("cpu")))
     print(f"command: python -m benchmarks.thread_contention --steps {args.steps}")
-    print("\n| setup | seconds (slowest process) |\n|---|---|")
+    print("\n| setup | threads per process | seconds (slowest process) |\n|---|---|---|")
     for label, processes, threads in setups:
-        seconds = max(run_side_by_side(processes, args.steps, threads))
-        print(f"| {label} | {seconds:.3g} |", flush=True)
+        runs = run_side_by_side(processes, args.steps, threads)
+        print(f"| {label} | {runs[0][1]} | {max(seconds for seconds, _ in runs):.3g} |", flush=True)
 
 
 if __name__ == "__main__":
