@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(parser, default=None, default_help=f"{GPU_CONFIG} where there is a GPU, else {CPU_CONFIG}")
     parser.add_argument("--local", action="store_true", help="run in this process instead of on Ray workers")
     parser.add_argument("--name", help="run name: checkpoints go to OUTPUT_DIR/NAME (default: config + time)")
-    parser.add_argument("--resume", metavar="latest|PATH", help="continue from a checkpoint (local mode)")
+    parser.add_argument("--resume", metavar="latest|PATH",
+                        help="continue or extend the run --name names (latest), or, in local mode, continue from a "
+                             "checkpoint folder (PATH); rerunning an interrupted run's command continues it too")
     add_data_args(parser)
     parser.add_argument("--steps", type=positive_int, help="training steps (sets train.steps)")
     parser.add_argument("--max-minutes", type=non_negative_float, help="wall-clock budget (sets train.max_minutes)")
@@ -89,13 +91,16 @@ def main() -> int:
 
         run_local(cfg, args.name, name, args.resume, args.device, tracking=not args.no_tracking)
     else:
-        if args.resume:
-            parser.error("--resume is for --local; under Ray, re-run with the same --name to resume")
+        if args.resume not in (None, "latest"):
+            parser.error("under Ray, --resume takes latest (with --name): Ray storage keeps the run's checkpoints; "
+                         "--resume PATH is for --local")
+        if args.resume and not args.name:
+            parser.error("--resume latest under Ray needs the --name of the run to continue")
         from sd3ray.cluster.trainer import run_ray
 
         run_ray(cfg, name, workers=args.workers, use_gpu=True if args.gpu else False if args.cpu else None,
                 storage_path=args.storage_path, max_failures=args.max_failures, tracking=not args.no_tracking,
-                cpus_per_worker=args.cpus_per_worker, placement=args.placement.upper())
+                cpus_per_worker=args.cpus_per_worker, placement=args.placement.upper(), resume=bool(args.resume))
     return 0
 
 

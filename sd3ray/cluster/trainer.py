@@ -29,6 +29,7 @@ from sd3ray.data.streaming import streams
 from sd3ray.errors import ResourceError, StorageError
 from sd3ray.storage import check_shared, is_uri, join, redact, resolve_tracking_uri
 from sd3ray.tracking.mlflow_tracker import check_reachable, review_hint, source_tags
+from sd3ray.training.run_folder import claim, finish
 from sd3ray.training.run_lock import run_lock
 from sd3ray.training.signals import Interrupted, signal_name
 
@@ -99,10 +100,11 @@ class OwnClusterTrainer(Sd3rayTrainer):
 def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = False, storage_path: str | None = None,
                   max_failures: int = 0, tracking: bool = True, callbacks: list | None = None,
                   debug: DebugHooks | None = None, cpus_per_worker: float = 1,
-                  placement: Placement = "PACK", stop_flag: Any = None) -> TorchTrainer:
+                  placement: Placement = "PACK", stop_flag: Any = None, run_id: str = "") -> TorchTrainer:
     """A TorchTrainer for `cfg` whose checkpoints go to storage_path/name. `placement` SPREAD puts workers on as
     many nodes as it can (one per node where there are enough); PACK, Ray's default, fills a node first.
-    `stop_flag` relays the driver's signals to the workers (sd3ray.cluster.stop)."""
+    `stop_flag` relays the driver's signals to the workers (sd3ray.cluster.stop); `run_id` is the run that owns
+    storage_path/name (sd3ray.training.run_folder), recorded in its checkpoints."""
     cfg = _absolute_paths(cfg)
     storage = storage_path or default_storage(cfg)
     # Train V2 hands each worker's print() to a logger that writes to stderr and, because Ray wraps the worker's
@@ -112,7 +114,7 @@ def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = Fals
     loop_config = {"cfg": to_dict(cfg), "tracking": tracking, "tracking_uri": uri,
                    "run_storage": join(storage, name), "debug": asdict(debug or DebugHooks()),
                    "source_tags": source_tags(),  # the driver's job, not the worker's Ray entry point
-                   "stop_flag": stop_flag}
+                   "stop_flag": stop_flag, "run_id": run_id}
     datasets = None
     if streams(cfg):  # Ray Data reads and decodes; Ray Train splits the stream over the workers
         from sd3ray.cluster.ray_data import TRAIN_DATASET, train_dataset
@@ -177,9 +179,12 @@ def default_cpus_per_worker(workers: int, use_gpu: bool, reserve: int = 0) -> in
 
 def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = None, storage_path: str | None = None,
             max_failures: int = 0, tracking: bool = True, cpus_per_worker: int | None = None,
-            placement: Placement = "PACK") -> ray.train.Result:
-    """Run checks and prepare data on the driver, then fit."""
+            placement: Placement = "PACK", resume: bool = False) -> ray.train.Result:
+    """Run checks and prepare data on the driver, then fit. `resume`: continue or extend the run folder's run
+    (`--resume latest`); without it a folder whose run finished is refused (sd3ray.training.run_folder)."""
     storage = storage_path or default_storage(cfg)
+    run_storage = join(storage, name)
+    run = claim(run_storage, name, resume, cfg.train.steps, checkpoints_at=run_storage)  # before Ray starts
     connect()
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
     shared = {"--storage-path": storage, "data.parquet_dir (--parquet-dir)": cfg.data.parquet_dir}
@@ -202,9 +207,14 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
     # one driver per run name: a folder takes an OS lock; object storage has none to take (docs/distributed.md)
     with contextlib.nullcontext() if is_uri(storage) else run_lock(Path(storage) / name), \
             relayed_stop() as (stop, flag):
+        if run.line:
+            print(f"sd3ray: {run.line}", flush=True)
         result = build_trainer(cfg, name, workers, use_gpu, storage_path, max_failures, tracking,
-                               cpus_per_worker=cpus_per_worker, placement=placement, stop_flag=flag).fit()
-    metrics = result.metrics or {}
+                               cpus_per_worker=cpus_per_worker, placement=placement, stop_flag=flag,
+                               run_id=run.record.run_id).fit()
+        metrics = result.metrics or {}
+        if stop.requested is None and result.error is None:
+            finish(run_storage, run.record, int(metrics.get("step", 0)))
     final = join(join(storage, name), Path(result.checkpoint.path).name) if result.checkpoint else None
     if stop.requested is not None:
         kept = f"its newest checkpoint is {final}; run the same command again to continue from it" if final \

@@ -33,6 +33,7 @@ from sd3ray.storage import join, open_folder
 from sd3ray.tracking.mlflow_tracker import make_tracker
 from sd3ray.tracking.protocol import NullTracker
 from sd3ray.training.loop import train
+from sd3ray.training.run_folder import check_owner
 from sd3ray.training.signals import Interrupted
 
 Placement = Literal["PACK", "SPREAD"]
@@ -53,11 +54,13 @@ class DebugHooks:
 class RayContext:
     """RunContext for a Ray Train worker."""
 
-    def __init__(self, run_storage: str, debug: DebugHooks = DebugHooks(), stop_flag: Any = None) -> None:
+    def __init__(self, run_storage: str, debug: DebugHooks = DebugHooks(), stop_flag: Any = None,
+                 run_id: str = "") -> None:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.run_storage = run_storage
+        self.run_id = run_id
         self.debug = debug
         # a worker cannot tell when the user's command began (a restarted worker or a Tune trial starts long
         # after it), so a time budget counts from the training loop's start
@@ -124,7 +127,9 @@ class RayContext:
         if checkpoint is None:
             return None
         self._restored = tempfile.TemporaryDirectory(prefix="sd3ray-restore-")
-        return Path(checkpoint.to_directory(self._restored.name))
+        restored = Path(checkpoint.to_directory(self._restored.name))
+        check_owner(restored, self.run_id, self.run_storage)
+        return restored
 
     def save_and_report(self, data: CheckpointData | None, metrics: dict[str, Any]) -> str | None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}  # the run id is a str
@@ -184,7 +189,7 @@ def train_worker(config: dict[str, Any]) -> None:
     quiet_report_lines()
     cfg = from_dict(config["cfg"])
     debug = DebugHooks(**config.get("debug", {}))
-    ctx = RayContext(config["run_storage"], debug, config.get("stop_flag"))
+    ctx = RayContext(config["run_storage"], debug, config.get("stop_flag"), config.get("run_id", ""))
     ctx.run_tags.update(config.get("source_tags", {}))
     tracking = config["tracking"] and ctx.is_main
     tracker = make_tracker(cfg, enabled=True, uri=config["tracking_uri"]) if tracking else NullTracker()

@@ -27,6 +27,7 @@ class RunContext(Protocol):
     world_size: int
     device: torch.device
     run_tags: dict[str, str]  # facts about where the run executes, recorded with it (e.g. its workers' nodes)
+    run_id: str  # the run that owns the run folder (sd3ray.training.run_folder), recorded in each checkpoint
     # time.monotonic() when the user's command started, where this process knows it (local mode): a time budget
     # then counts start-up too. None: the budget counts from the training loop's start.
     launched_at: float | None
@@ -75,8 +76,10 @@ class LocalContext:
     run_tags: dict[str, str] = {}
 
     def __init__(self, run_dir: Path, device: torch.device | None = None, resume: Path | None = None,
-                 keep: int = 3, launched_at: float | None = None, stop: StopRequest | None = None) -> None:
+                 keep: int = 3, launched_at: float | None = None, stop: StopRequest | None = None,
+                 run_id: str = "") -> None:
         self.run_dir = Path(run_dir)
+        self.run_id = run_id
         self.stop = stop
         self.device = device or default_device()
         self._resume = resume
@@ -118,19 +121,15 @@ class LocalContext:
         return str(save_checkpoint(self.checkpoint_root, data, keep=self.keep))
 
 
-def resolve_resume(spec: str | None, output_dir: Path, name: str | None) -> Path | None:
-    """--resume latest|PATH -> a checkpoint directory. `latest` looks in output_dir/name, or in the most
-    recently written run under output_dir when no name is given."""
-    if spec is None:
-        return None
-    if spec != "latest":
-        return Path(spec)
-    if name:
-        runs = [output_dir / name]
-    else:
-        runs = sorted((p for p in output_dir.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+def resolve_run_dir(spec: str | None, output_dir: Path, name: str | None, default_name: str) -> Path:
+    """The run folder a local command writes: the one `--resume PATH` came from, `output_dir/name`, or with
+    `--resume latest` and no name the most recently written run under output_dir that has a checkpoint."""
+    if spec is not None and spec != "latest":
+        return Path(spec).parent.parent  # a resumed run keeps writing next to the checkpoint it came from
+    if name or spec is None:
+        return output_dir / (name or default_name)
+    runs = sorted((p for p in output_dir.glob("*") if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
     for run in runs:
-        found = latest_checkpoint(run / "checkpoints")
-        if found is not None:
-            return found
-    raise CheckpointError(f"--resume latest: no complete checkpoint under {output_dir / (name or '*')}/checkpoints")
+        if latest_checkpoint(run / "checkpoints") is not None:
+            return run
+    raise CheckpointError(f"--resume latest: no complete checkpoint under {output_dir}/*/checkpoints")

@@ -277,6 +277,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
         return CheckpointData(at_step, cfg, model.state_dict(), ema.model.state_dict(), optimizer.state_dict(),
                               scheduler.state_dict(), rng_state(),
                               {"mlflow_run_id": run_id, "samples_seen": at_step * batches.global_batch,
+                               **({"run_id": ctx.run_id} if ctx.run_id else {}),
                                "train_seconds": seconds_before + time.monotonic() - started,
                                "lr_horizon": horizon.steps})
 

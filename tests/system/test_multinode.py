@@ -252,11 +252,16 @@ def test_two_nodes_train_from_s3_data_into_s3_checkpoints_and_the_team_mlflow_se
     assert samples.returncode == 0, samples.stderr[-3000:]
     assert (tmp_path / "samples/samples.npz").is_file()
 
-    # ... and for resuming: the same --name continues the run from the newest checkpoint in the bucket
-    more = cluster.submit("--config", "configs/mnist_tiny.yaml", "--workers", "2", "--cpu", "--placement", "spread",
-                          "--steps", "6", "--name", "spread", "--storage-path", storage, "--parquet-dir", s3_data,
-                          *_micro_args("train.log_every=1", "train.ckpt_every=2", "train.eval_every=2",
-                                       f"tracking.uri={team_mlflow}", "tracking.experiment=multinode"))
+    # ... the finished run's --name again is refused (the bucket's run record says it finished) ...
+    extend = ["--config", "configs/mnist_tiny.yaml", "--workers", "2", "--cpu", "--placement", "spread", "--steps",
+              "6", "--name", "spread", "--storage-path", storage, "--parquet-dir", s3_data,
+              *_micro_args("train.log_every=1", "train.ckpt_every=2", "train.eval_every=2",
+                           f"tracking.uri={team_mlflow}", "tracking.experiment=multinode")]
+    again = cluster.submit(*extend)
+    assert again.returncode != 0 and "run 'spread' in s3://" in _logs(again), _logs(again)[-5000:]
+    assert "finished at step 4: run it with --resume latest" in _logs(again) and "Traceback" not in _logs(again)
+    # ... and --resume latest extends it from the newest checkpoint in the bucket
+    more = cluster.submit(*extend, "--resume", "latest")
     assert more.returncode == 0, _logs(more)[-5000:]
     assert "at step 4" in more.stdout and "runs/spread/step_00000006/MANIFEST.json" in _keys(s3, "runs/spread/")
     (same,) = client.search_runs([client.get_experiment_by_name("multinode").experiment_id])
