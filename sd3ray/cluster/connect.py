@@ -97,6 +97,45 @@ def quiet_token_notices(own_cluster: bool) -> Iterator[None]:
         setup_logger.removeFilter(drop)
 
 
+# Addresses with which `ray.init()` starts a new cluster on this machine instead of joining one: no address, and
+# Ray's documented "local" (which ignores a running cluster and its address file).
+STARTS_OWN_CLUSTER = (None, "local")
+
+
+@contextlib.contextmanager
+def own_session_processes() -> Iterator[None]:
+    """While `ray.init()` starts a cluster, its processes (GCS, raylet, and through the raylet every Ray worker)
+    start in a session of their own, outside the driver's process group.
+
+    `timeout`, Slurm, systemd and a terminal signal a whole process group. Ray blocks SIGINT in the processes it
+    starts, but not SIGTERM: a SIGTERM to the group ended the GCS and raylet while the driver was still stopping
+    its workers after a step, so no checkpoint was saved. Out of the group, only the driver gets the signal and
+    stops the run as a signal to it alone does (sd3ray.cluster.stop). They still end with the driver: Ray ties
+    them to it with the kernel's parent-death signal, and `ray.shutdown()` stops them by PID.
+
+    Ray has no public option for this. Its process launcher (`ray._private.services.ConsolePopen`) gets
+    `start_new_session` only where the kernel ties children to their parent (Linux); elsewhere, or where a Ray
+    version lacks that class, nothing changes and Ray's reaper, which signals the driver's group, stays in charge.
+    """
+    from ray._private import services, utils
+
+    launcher = getattr(services, "ConsolePopen", None)
+    if launcher is None or os.name != "posix" or not utils.detect_fate_sharing_support():
+        yield
+        return
+
+    class OwnSessionPopen(launcher):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = OwnSessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = launcher
+
+
 def connect(timeout_s: float = 10.0) -> None:
     """Join $RAY_ADDRESS / the cluster a `ray job submit` runs on / the one `ray start` left, or start a local one.
 
@@ -112,10 +151,11 @@ def connect(timeout_s: float = 10.0) -> None:
         raise ClusterUnreachable(
             f"the Ray cluster at {address} (from {source}) does not answer within {timeout_s:g} s. Start it again, "
             f"point RAY_ADDRESS at a live cluster, or run on a fresh local cluster: unset RAY_ADDRESS{stale_file}.")
+    own = address in STARTS_OWN_CLUSTER
     try:
-        with quiet_token_notices(own_cluster=address is None):
-            ray.init(address=address, **({} if address else local_cluster_options()))
-        OwnCluster.started = address is None
+        with quiet_token_notices(own_cluster=own), own_session_processes() if own else contextlib.nullcontext():
+            ray.init(address=address, **(local_cluster_options() if own else {}))
+        OwnCluster.started = own
     except ConnectionError as exc:
         raise ClusterUnreachable(f"cannot join the Ray cluster at {address} (from {source}): {exc}") from exc
 

@@ -144,3 +144,52 @@ def test_ray_job_stop_then_sigterm_to_the_driver_each_stop_both_workers_after_a_
     assert stopped_at > job_stopped_at
     assert (f"sd3ray: SIGTERM: stopped at step {stopped_at} and its newest checkpoint is {checkpoint}; run the same "
             f"command again to continue from it") in output, output[-4000:]
+
+
+def _ray_session(proc: subprocess.Popen) -> list:
+    """The processes a driver started (Ray's GCS, raylet and workers among them), to check they end with it."""
+    import psutil
+
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def test_a_signal_to_the_drivers_whole_process_group_stops_saves_and_the_same_command_continues(
+        mnist_parquet: Path, tmp_path: Path) -> None:
+    """`timeout`, Slurm, systemd and a terminal signal the driver's whole process group. On the cluster the driver
+    starts itself, Ray's processes sit outside that group, so SIGTERM (then SIGINT) to the group stops the run after
+    a step with a checkpoint, as a signal to the driver alone does, and nothing of the cluster outlives the driver.
+    The second run is the same command again, with RAY_ADDRESS=local (Ray's way to force a fresh local cluster):
+    it continues the interrupted run, and gets sd3ray's own-cluster settings (workers at nice 0)."""
+    import psutil
+
+    command = [sys.executable, *_ray_command(mnist_parquet, tmp_path, "group", 100000)[1:]]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    stopped_at, outputs = 0, []
+    for signum, extra_env in ((signal.SIGTERM, {}), (signal.SIGINT, {"RAY_ADDRESS": "local"})):
+        proc = subprocess.Popen(command, cwd=REPO_ROOT, env={**env, **extra_env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)  # a group of its own
+        lines: list[str] = []
+
+        def trained_on(line: str, after: int = stopped_at) -> bool:
+            found = re.search(r"step (\d+)/", line)
+            return found is not None and int(found.group(1)) >= after + 10
+
+        assert _read_until(proc, trained_on, lines), "".join(lines)[-4000:]
+        started = _ray_session(proc)
+        assert any("raylet" in " ".join(p.cmdline()) for p in started), [p.cmdline()[:1] for p in started]
+        os.killpg(proc.pid, signum)  # the driver's process group, as `timeout` or Ctrl-C sends it
+        output = "".join(lines) + proc.communicate(timeout=120)[0]
+        assert proc.returncode == 128 + signum, output[-4000:]
+        checkpoint = latest_checkpoint(tmp_path / "storage" / "group")
+        assert checkpoint is not None and load_checkpoint(checkpoint).step > stopped_at, output[-4000:]
+        stopped_at = load_checkpoint(checkpoint).step
+        name = signal.Signals(signum).name
+        assert f"sd3ray: {name}: stopped at step {stopped_at} and its newest checkpoint is {checkpoint}" in output
+        assert "Failed to connect to GCS" not in output and "Traceback" not in output, output[-4000:]
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not alive, [p.cmdline()[:2] for p in alive]  # the cluster ended with its driver
+        outputs.append((stopped_at, output))
+    (first_stop, _), (_, output) = outputs
+    assert "continuing run 'group'" in output and f"from step {first_stop}" in output, output[-4000:]
+    assert re.search(r"\(\d+ threads\)", output)  # "(N threads)" with nothing after it: a worker at nice 0
+    assert "nice 15" not in output and "PreemptionWatcher" not in output, output[-4000:]
