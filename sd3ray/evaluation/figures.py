@@ -3,6 +3,7 @@ rendered off-screen with matplotlib)."""
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
 def pyplot() -> Any:
     """matplotlib.pyplot, off-screen, imported on first use: every worker and job imports this module for its grids,
     and most never draw a plot (pyplot's import costs ~0.6 s of CPU per process)."""
+    # matplotlib builds its font cache on a machine's first import and says so ("generated new fontManager") in a
+    # line that reads like a problem on the training console; it is nothing the user needs to act on
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     import matplotlib
 
     matplotlib.use("Agg")  # no display on workers and CI

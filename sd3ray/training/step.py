@@ -9,6 +9,7 @@ and the gradient norm as device tensors: reading them is the caller's choice, at
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,9 +118,23 @@ def adamw(model: nn.Module, device: torch.device, **kwargs: float) -> torch.opti
     return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
+CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
+
+
+def no_cuda_notice(record: logging.LogRecord) -> bool:
+    """False for torch's "No CUDA runtime is found, using CUDA_HOME=..." warning. The compiler imports
+    torch.utils.cpp_extension, which prints it on every CPU machine that has a CUDA toolkit installed (an nvcc on
+    the PATH) but no GPU: it concerns CUDA extensions, which a CPU run never builds."""
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 def compile_model(model: nn.Module, net: nn.Module, mode: str) -> nn.Module:
     """`blocks`: one graph per MM-DiT block, compiled once and reused by every block of the same shape (short
     first-run cost); `whole`: the whole denoiser as one graph (longer to compile, fewer launches)."""
+    if mode != "none":
+        cpp_logger = logging.getLogger(CPP_EXTENSION_LOGGER)  # the logger torch creates on import, if not yet
+        if no_cuda_notice not in cpp_logger.filters:
+            cpp_logger.addFilter(no_cuda_notice)
     match mode:
         case "blocks":
             for block in model.mmdit.blocks:
