@@ -140,11 +140,13 @@ def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = Fals
 
 
 def quiet_train_logs() -> dict[str, Any]:
-    """Ray Train's INFO lines (resource requests, the worker group, every report's full metrics) are for Ray's log
-    files, not the console, where sd3ray's own lines say what happens. `LoggingConfig` is Ray Train's public API;
-    a Ray version without it keeps its console as it was."""
+    """Ray Train's console shows its errors only. Its INFO lines (resource requests, the worker group, every
+    report's metrics) and its warnings are for Ray's log files, where they stay (`logs/train/ray-train-sys-*` in the
+    Ray session folder): under load the controller warns, with a traceback, each time a resource request to the
+    autoscaler times out, which a run that already holds its workers can ignore, and sd3ray's own lines say what
+    happens. `LoggingConfig` is Ray Train's public API; a Ray version without it keeps its console as it was."""
     logging_config = getattr(ray.train, "LoggingConfig", None)
-    return {"logging_config": logging_config(log_level="WARNING")} if logging_config else {}
+    return {"logging_config": logging_config(log_level="ERROR")} if logging_config else {}
 
 
 def check_storage(storage: str) -> None:
