@@ -42,7 +42,8 @@ def main() -> int:
     except ConfigError as err:
         parser.error(str(err))
     rows = run_sweep(spec, resume=args.resume, tracking=not args.no_tracking)
-    print(f"sd3ray: sweep '{spec.name}' done: {len(rows)} trials")
+    failed = sum(row["status"] == "failed" for row in rows)
+    print(f"sd3ray: sweep '{spec.name}' done: {len(rows)} trials" + (f", {failed} failed" if failed else ""))
     return 0
 
 

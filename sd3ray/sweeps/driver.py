@@ -1,4 +1,5 @@
-"""The sweep's driver side: connect, open the parent MLflow run, fit or resume the Tuner, write the summary."""
+"""The sweep's driver side: connect, open the parent MLflow run, fit or resume the Tuner, write the summary; a sweep
+whose trials all failed ends in an error."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from sd3ray.config import ConfigError
 from sd3ray.storage import check_shared, is_file, open_folder, redact, resolve_tracking_uri
-from sd3ray.sweeps.report import to_markdown, write_summary
+from sd3ray.sweeps.report import all_failed, check_some_trial_ran, summary_text, write_summary
 from sd3ray.sweeps.spec import SweepSpec, base_config, sweep_root, sweep_storage
 from sd3ray.sweeps.tuner import build_tuner, run_trial, trial_resources
 from sd3ray.tracking.mlflow_tracker import make_tracker
@@ -27,6 +28,10 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
     tracker = make_tracker(base, enabled=tracking)
     if resume and not tune.Tuner.can_restore(storage):
         raise ConfigError(f"--resume: no sweep to continue at {redact(storage)}; run without --resume first")
+    if not resume and tune.Tuner.can_restore(storage):
+        # a second sweep in the same folder would mix its trials with the first's in one table and one parent run
+        raise ConfigError(f"sweep '{spec.name}' already ran at {redact(storage)}: continue it with --resume (its "
+                          f"finished trials keep their results), or give this one another name (--set name=NEW)")
     parent = read_parent_run(spec) if resume else None
     parent = tracker.start(base, parent, tags={"sd3ray.sweep": spec.name}, run_name=f"sweep-{spec.name}") or ""
     write_parent_run(spec, parent)
@@ -42,8 +47,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
     except BaseException:
         tracker.finish("FAILED")
         raise
-    tracker.finish("FINISHED")
-    print(to_markdown(rows))
+    tracker.finish("FAILED" if all_failed(rows) else "FINISHED")
+    print(summary_text(rows), flush=True)
+    check_some_trial_ran(rows, spec, storage)
     return rows
 
 

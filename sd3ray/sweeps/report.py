@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from sd3ray.errors import Sd3rayError, explained_error
 from sd3ray.evaluation.figures import line_plot
+from sd3ray.storage import redact
 from sd3ray.sweeps.spec import SchemeSpec, SweepSpec, base_config, trial_label
 from sd3ray.sweeps.study import by_point, study_markdown, study_plot
 from sd3ray.tracking.protocol import Tracker
@@ -19,6 +21,10 @@ from sd3ray.tracking.protocol import Tracker
 SUMMARY_METRICS = ("loss/val", "samples/accuracy", "samples/cfid_ratio")
 # a trial's status -> the MLflow status its child run ends with when the trial did not end it itself
 CLOSED_AS = {"stopped early": "KILLED", "failed": "FAILED"}
+
+
+class SweepFailed(Sd3rayError):
+    """Every trial of a sweep failed: nothing was trained to rank or register."""
 
 
 def summarize(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
@@ -37,13 +43,52 @@ def summarize(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
         row.update({"seed": params["seed"]} if "seed" in params else {})
         row.update({"status": status, "step": reached, spec.metric: metrics.get(spec.metric)})
         row.update({k: metrics.get(k) for k in SUMMARY_METRICS})
-        row["error"] = str(result.error).strip().splitlines()[-1][:300] if result.error else ""
+        row["error"] = error_line(result.error) if result.error else ""
         rows.append(row)
         histories[row["trial"]] = metric_history(result, spec.metric)
     for row in rows:
         row["stopped_because"] = stop_reason(row, histories, spec) if row["status"] == "stopped early" else ""
     sign = -1 if spec.mode == "max" else 1  # best first; trials without the metric last
     return sorted(rows, key=lambda r: (r[spec.metric] is None, sign * (r[spec.metric] or 0)))
+
+
+def error_line(error: BaseException) -> str:
+    """A trial's error in one line: sd3ray's own message when Ray's wrappers hold one (it says what to fix), else the
+    last line of what Tune recorded (the exception under Ray's traceback)."""
+    known = explained_error(error)
+    cause = getattr(known, "cause", None)  # Ray's RayTaskError(DataError) is a DataError whose text is the traceback
+    known = cause if isinstance(cause, Sd3rayError) else known
+    text = f"{type(known).__name__}: {known}" if known is not None else str(error).strip()
+    lines = text.splitlines() or [type(error).__name__]
+    return redact(lines[-1].strip())[:300]
+
+
+def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The summary's failures, one line per failed trial: `label: error`."""
+    return [f"{row['trial']}: {row['error']}" for row in rows if row["status"] == "failed"]
+
+
+def summary_text(rows: list[dict[str, Any]]) -> str:
+    """What the console shows when a sweep ends: the table, then each failed trial with its error."""
+    failures = failure_lines(rows)
+    lines = [to_markdown(rows)]
+    if failures:
+        lines += [f"sd3ray: {len(failures)} of {len(rows)} trials failed:", *(f"  {line}" for line in failures)]
+    return "\n".join(lines)
+
+
+def all_failed(rows: list[dict[str, Any]]) -> bool:
+    return bool(rows) and all(row["status"] == "failed" for row in rows)
+
+
+def check_some_trial_ran(rows: list[dict[str, Any]], spec: SweepSpec, logs: str) -> None:
+    """A sweep whose trials all failed is a failed sweep (the job exits non-zero); one where some failed is not:
+    the summary lists those beside the trials that ran."""
+    if all_failed(rows):
+        raise SweepFailed(f"all {len(rows)} trials of sweep '{spec.name}' failed (each is listed above with its error; "
+                          f"tracebacks are in the trials' error.txt under {redact(logs)}). The first: "
+                          f"{failure_lines(rows)[0]}. Fix that and run the sweep again, without --resume (it does not "
+                          f"retry failed trials)")
 
 
 def metric_history(result: Any, metric: str) -> list[tuple[int, float]]:

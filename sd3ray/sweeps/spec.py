@@ -8,7 +8,10 @@ child run (`sd3ray.sweeps.tuner` runs them).
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -127,21 +130,27 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, config_over
     spec = replace(spec, overrides=(*spec.overrides, *config_overrides))
     if not spec.widths or not spec.schemes:
         raise ConfigError("widths and schemes: give at least one value each")
-    base = base_config(spec)  # fail now, not in every trial
-    # Tune needs the ranking metric in every report; reports happen at eval and checkpoint steps.
-    if base.train.ckpt_every % base.train.eval_every:
-        raise ConfigError(f"train.ckpt_every ({base.train.ckpt_every}) must be a multiple of train.eval_every "
-                          f"({base.train.eval_every}) in a sweep, so every report carries {spec.metric}")
     if spec.metric in RENAMED_METRICS:
         raise ConfigError(f"metric {spec.metric} is now called {RENAMED_METRICS[spec.metric]}: write metric: "
                           f"{RENAMED_METRICS[spec.metric]} in {path}")
-    if is_judge_metric(spec.metric) and base.eval.num_samples == 0:
-        raise ConfigError(f"metric {spec.metric} needs the judge: set eval.num_samples > 0 in overrides")
+    base = base_config(spec)  # fail now, not in every trial
+    check_reports(spec, base)
     check_space(spec)
+    check_points(spec)
     check_asha(spec.asha, base.train.steps)
     if spec.max_failures < 0:
         raise ConfigError(f"max_failures ({spec.max_failures}) must be >= 0 (0: a lost worker fails its trial)")
     return spec
+
+
+def check_reports(spec: SweepSpec, cfg: Config) -> None:
+    """A trial's config must put the ranking metric in every report Tune gets, or Tune fails the trial at its first
+    report: reports happen at eval and checkpoint steps, and a judge metric needs the judge on."""
+    if cfg.train.ckpt_every % cfg.train.eval_every:
+        raise ConfigError(f"train.ckpt_every ({cfg.train.ckpt_every}) must be a multiple of train.eval_every "
+                          f"({cfg.train.eval_every}) in a sweep, so every report carries {spec.metric}")
+    if is_judge_metric(spec.metric) and cfg.eval.num_samples == 0:
+        raise ConfigError(f"metric {spec.metric} needs the judge: set eval.num_samples > 0 in overrides")
 
 
 def sweep_root(spec: SweepSpec) -> str:
@@ -194,6 +203,10 @@ def dimension_dict(key: Any, value: Any) -> dict[str, Any]:
                       f"{{loguniform: [a, b]}}, {{randint: [a, b]}}; got {value!r}")
 
 
+# The trial's params that the named dimensions fill, and the config key each sets (width and scheme apart)
+PARAM_KEYS = {"depth": "model.depth", "lr": "train.lr", "shift": "flow.shift", "seed": "train.seed"}
+
+
 # the keys the named dimensions set: sweeping one of them in `space:` too would make the trial's label lie
 SCHEMES = "flow (a list of schemes)"
 NAMED_KEYS = {"model.num_heads": "model.width (heads follow width / head_dim)", "flow.scheme": SCHEMES,
@@ -206,6 +219,9 @@ def check_space(spec: SweepSpec) -> None:
     `--set KEY=VALUE`, naming the key."""
     if spec.seeds < 1:
         raise ConfigError(f"seeds ({spec.seeds}) must be at least 1")
+    if spec.head_dim < 1:  # heads = width // head_dim in every trial
+        raise ConfigError(f"head_dim ({spec.head_dim}) must be a positive integer: each trial's model.num_heads is "
+                          f"model.width / head_dim")
     named = {"model.depth": spec.depths, "train.lr": spec.learning_rates, "flow.shift": spec.shifts,
              "train.seed": spec.seeds > 1}
     seen = set()
@@ -233,6 +249,86 @@ def check_space(spec: SweepSpec) -> None:
                 raise ConfigError(f"space: {exc}") from None
 
 
+# Above this many grid points, each value is built once beside the others' first values instead of every
+# combination: building a config takes a few milliseconds, and a sweep file should load in about a second
+MAX_CHECKED_POINTS = 256
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One swept param as the check walks it: where the trial's params hold it (`param`, and `key` under "set"), the
+    config key a person reads, and the values a trial may get, each with how it was chosen."""
+
+    param: str
+    key: str
+    values: tuple[tuple[Any, str], ...]
+
+
+def dimension_draws(dim: Dimension) -> list[tuple[Any, str]]:
+    """The values of a `space:` entry that a trial may get, with a note for those a distribution draws: every value
+    of a grid or choice; the ends of a range, as Tune draws them (uniform and loguniform give floats; randint
+    excludes its high end)."""
+    if dim.kind in ("grid", "choice"):
+        return [(value, "") for value in dim.values]
+    low, high = dim.values
+    span = f"{dim.kind} {list(dim.values)}"
+    if dim.kind == "randint":
+        return [(low, f"the lowest draw of {span}"), (high - 1, f"the highest draw of {span}")]
+    return [(float(low), f"the low end of {span}"), (float(high), f"the high end of {span}")]
+
+
+def point_axes(spec: SweepSpec) -> list[Axis]:
+    """Every dimension of the sweep, in the order of a trial's label."""
+    shown = {"width": "model.width", "scheme": "flow", **PARAM_KEYS}
+    axes = [Axis(name, shown[name], tuple((v, "") for v in values)) for name, values in named_values(spec).items()]
+    axes += [Axis("set", dim.key, tuple(dimension_draws(dim))) for dim in spec.space]
+    if spec.seeds > 1:
+        axes.append(Axis("seed", "train.seed", tuple((seed, "") for seed in range(spec.seeds))))
+    return axes
+
+
+def sweep_points(spec: SweepSpec) -> Iterator[list[tuple[Axis, Any, str]]]:
+    """Each point a trial may run at, as (axis, value, note) triples: every combination of the axes, or past
+    MAX_CHECKED_POINTS every value of each axis once, beside the first value of every other."""
+    axes = point_axes(spec)
+    if math.prod(len(axis.values) for axis in axes) <= MAX_CHECKED_POINTS:
+        for combo in itertools.product(*(axis.values for axis in axes)):
+            yield [(axis, value, note) for axis, (value, note) in zip(axes, combo)]
+        return
+    for i, axis in enumerate(axes):
+        for value, note in axis.values:
+            yield [(other, *(other.values[0] if j != i else (value, note))) for j, other in enumerate(axes)]
+
+
+def point_params(point: list[tuple[Axis, Any, str]]) -> dict[str, Any]:
+    """A point as the params Tune hands the trial (`search_space`'s layout)."""
+    params: dict[str, Any] = {}
+    for axis, value, _ in point:
+        if axis.param == "set":
+            params.setdefault("set", {})[axis.key] = value
+        else:
+            params[axis.param] = value
+    return params
+
+
+def point_text(point: list[tuple[Axis, Any, str]]) -> str:
+    """`model.width=130, flow=uniform, train.lr=0.0001 (the low end of loguniform [0.0001, 0.001])`"""
+    def shown(axis: Axis, value: Any) -> str:
+        return SchemeSpec(**value).label if axis.param == "scheme" else json.dumps(value).strip('"')
+
+    return ", ".join(f"{axis.key}={shown(axis, value)}" + (f" ({note})" if note else "") for axis, value, note in point)
+
+
+def check_points(spec: SweepSpec) -> None:
+    """Build each point's training config as its trial will (`trial_config`), with the same checks, so a point no
+    trial can run stops the sweep file from loading instead of failing its trials one by one in Tune."""
+    for point in sweep_points(spec):
+        try:
+            check_reports(spec, trial_config(spec, point_params(point)))
+        except ConfigError as exc:
+            raise ConfigError(f"sweep point {point_text(point)} cannot run: {exc}") from None
+
+
 def check_asha(asha: AshaSpec, steps: int) -> None:
     """Ray Tune asserts these deep inside the first trial; say it when the sweep file loads instead."""
     if not asha.enabled:
@@ -250,13 +346,20 @@ def trial_overrides(params: dict[str, Any], head_dim: int) -> list[str]:
     width = params["width"]
     out = [f"model.width={width}", f"model.num_heads={max(1, width // head_dim)}"]
     if width % head_dim:
-        raise ConfigError(f"width {width} is not a multiple of head_dim {head_dim}: heads would not divide it")
+        raise ConfigError(f"model.width: {width} is not a multiple of head_dim {head_dim}, so the heads (width / "
+                          f"head_dim) would not divide it; sweep widths that are multiples of {head_dim} or change "
+                          f"head_dim")
     out += [f"flow.{k}={v}" for k, v in params["scheme"].items()]
-    for key, name in (("depth", "model.depth"), ("lr", "train.lr"), ("shift", "flow.shift"), ("seed", "train.seed")):
+    for key, name in PARAM_KEYS.items():
         if key in params:
             out.append(f"{name}={params[key]}")
     out += [f"{key}={json.dumps(value)}" for key, value in params.get("set", {}).items()]
     return out
+
+
+def trial_config(spec: SweepSpec, params: dict[str, Any], extra: Sequence[str] = ()) -> Config:
+    """One trial's training config: the base config, the sweep's overrides, the trial's point, then `extra`."""
+    return load_config(spec.base_config, [*spec.overrides, *trial_overrides(params, spec.head_dim), *extra])
 
 
 def trial_label(params: dict[str, Any]) -> str:
@@ -272,9 +375,8 @@ def trial_label(params: dict[str, Any]) -> str:
     return label
 
 
-def search_space(spec: SweepSpec) -> dict[str, Any]:
-    from ray import tune
-
+def named_values(spec: SweepSpec) -> dict[str, list[Any]]:
+    """The named dimensions as the trial's params hold them: width, scheme (a dict of flow keys), depth, lr, shift."""
     dims: dict[str, list[Any]] = {
         "width": list(spec.widths),
         "scheme": [{k: v for k, v in vars(s).items()} for s in spec.schemes],
@@ -282,8 +384,14 @@ def search_space(spec: SweepSpec) -> dict[str, Any]:
     for key, values in (("depth", spec.depths), ("lr", spec.learning_rates), ("shift", spec.shifts)):
         if values:
             dims[key] = list(values)
+    return dims
+
+
+def search_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
     pick = tune.grid_search if spec.search == "grid" else tune.choice
-    params: dict[str, Any] = {k: pick(v) for k, v in dims.items()}
+    params: dict[str, Any] = {k: pick(v) for k, v in named_values(spec).items()}
     distributions = {"grid": pick, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
                      "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
     if spec.space:

@@ -10,7 +10,6 @@ from typing import Any
 from sd3ray.config import (
     ConfigError,
     build_dataclass,
-    load_config,
 )
 from sd3ray.storage import join
 from sd3ray.sweeps.spec import (
@@ -20,8 +19,8 @@ from sd3ray.sweeps.spec import (
     spec_dict,
     sweep_root,
     sweep_storage,
+    trial_config,
     trial_label,
-    trial_overrides,
 )
 
 
@@ -34,8 +33,8 @@ def run_trial(config: dict[str, Any]) -> None:
 
     spec = build_dataclass(SweepSpec, config["spec"])
     label = trial_label(config["params"])
-    cfg = load_config(spec.base_config, [*spec.overrides, *trial_overrides(config["params"], spec.head_dim),
-                                         f"tracking.run_name={label}", f"tracking.parent_run_id={config['parent']}"])
+    cfg = trial_config(spec, config["params"],
+                       [f"tracking.run_name={label}", f"tracking.parent_run_id={config['parent']}"])
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(cfg, f"{label}-{trial_id}", workers=spec.workers_per_trial, use_gpu=spec.use_gpu,
                             storage_path=join(config["storage"], "trials"), tracking=config["tracking"],

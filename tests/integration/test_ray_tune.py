@@ -1,31 +1,36 @@
-"""A real CPU sweep on the shared Ray head: ASHA stops trials without leaking their resources, failures are
-recorded without stopping the sweep, the parent/child MLflow runs hold what a person reviews, and a resumed sweep
-runs nothing twice. One sweep checks all of it: every trial is a Ray Train run, the costliest thing a test starts."""
+"""A real CPU sweep on the shared Ray head: ASHA stops trials without leaking their resources, the parent/child
+MLflow runs hold what a person reviews, and a resumed sweep runs nothing twice. One sweep checks all of it: every
+trial is a Ray Train run, the costliest thing a test starts. A second, whose trials fail before any worker starts,
+checks that a sweep in which every trial failed ends the job with an error naming each failure."""
 
 
+import runpy
+import sys
+
+import pytest
 from mlflow.tracking import MlflowClient
 
+from sd3ray.config import ConfigError
 from sd3ray.sweeps.driver import run_sweep
 from sd3ray.sweeps.spec import load_sweep
-from tests.support import sweep_file
+from tests.support import REPO_ROOT, sweep_file
 
 
-def test_asha_stops_a_trial_a_failure_is_recorded_and_resume_reruns_nothing(ray_head, mnist_parquet, tmp_path) -> None:
-    """One sweep, four trials in grid order, one at a time (a 2-CPU worker each on the 2-CPU head):
+def test_asha_stops_a_trial_without_leaking_it_and_resume_reruns_nothing(ray_head, mnist_parquet, tmp_path) -> None:
+    """One sweep, three trials in grid order, one at a time (a 2-CPU worker each on the 2-CPU head):
 
     - w64 reaches ASHA's rung at step 2 first and finishes;
     - w32 is stopped there: its loss/val at step 2 (~1.84) is far outside w64's (~1.70), on any CPU;
     - w48 then needs the CPUs w32 held, so a placement group left behind by an ASHA-stopped trial would leave it
-      waiting forever (Ray issue #54305); it finishes or is stopped, by its own loss;
-    - w40 fails: 40 is not a multiple of head_dim 16. The others run on, and the sweep records the failure.
+      waiting forever (Ray issue #54305); it finishes or is stopped, by its own loss.
 
     One worker, not two of one CPU each: the same guard with one worker process fewer to start per trial."""
-    path = sweep_file(tmp_path, mnist_parquet, "asha", [64, 32, 48, 40], workers_per_trial=1, cpus_per_worker=2,
+    path = sweep_file(tmp_path, mnist_parquet, "asha", [64, 32, 48], workers_per_trial=1, cpus_per_worker=2,
                        schemes=[{"scheme": "uniform"}], registered_model="asha-best",
                        asha={"enabled": True, "grace_period": 2, "reduction_factor": 4})
     rows = run_sweep(load_sweep(path))
     by_trial = {r["trial"]: r for r in rows}
-    assert sorted(by_trial) == ["w32-uniform", "w40-uniform", "w48-uniform", "w64-uniform"]
+    assert sorted(by_trial) == ["w32-uniform", "w48-uniform", "w64-uniform"]
     assert by_trial["w64-uniform"]["status"] == "finished" and by_trial["w64-uniform"]["step"] == 6
     stopped = by_trial["w32-uniform"]
     assert stopped["status"] == "stopped early" and stopped["step"] == 2, rows
@@ -33,14 +38,12 @@ def test_asha_stops_a_trial_a_failure_is_recorded_and_resume_reruns_nothing(ray_
     assert by_trial["w48-uniform"]["status"] in ("finished", "stopped early"), rows  # it ran: nothing was leaked
     assert all(r["step"] == 6 and r["stopped_because"] == "" for r in rows if r["status"] == "finished")
     assert all(r["step"] < 6 for r in rows if r["status"] == "stopped early")
-    assert by_trial["w40-uniform"]["status"] == "failed"
-    assert "not a multiple of head_dim 16" in by_trial["w40-uniform"]["error"]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("asha").experiment_id
     (parent,) = client.search_runs([experiment], "attributes.run_name = 'sweep-asha'")
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    # every trial that trained is a child run; the failed one stopped before training began
+    # every trial is a child run
     assert sorted(c.info.run_name for c in children) == ["w32-uniform", "w48-uniform", "w64-uniform"]
     assert all(c.data.params["model.num_heads"] == str(int(c.data.params["model.width"]) // 16) for c in children)
     # no child run is left RUNNING: the finished trial ended its own; ASHA's stopped ones are ended with the reason
@@ -69,3 +72,38 @@ def test_asha_stops_a_trial_a_failure_is_recorded_and_resume_reruns_nothing(ray_
     assert {r["trial"]: r["status"] for r in again} == {r["trial"]: r["status"] for r in rows}
     parents = client.search_runs([experiment], "attributes.run_name = 'sweep-asha'")
     assert len(parents) == 1 and len(client.search_runs([experiment])) == before  # no trial ran again
+    with pytest.raises(ConfigError, match="sweep 'asha' already ran at .*--resume.*another name"):
+        run_sweep(load_sweep(path))  # the same sweep again without --resume: refused, nothing mixed in
+    assert len(client.search_runs([experiment])) == before
+
+
+def test_a_sweep_whose_every_trial_failed_exits_non_zero_naming_each_failure(ray_head, mnist_parquet, tmp_path,
+                                                                             capsys, monkeypatch) -> None:
+    """A sweep over two image sets that were never prepared: each trial finds that out when it opens its set, before
+    its workers start (the driver prepares and checks only the base config's), so Tune runs both to failure
+    quickly. The job (jobs/tune.py as a user runs it, in this process, on the shared head) lists each failure in
+    one line and exits 1; the parent MLflow run ends FAILED."""
+    missing = [str(tmp_path / "missing-a"), str(tmp_path / "missing-b")]
+    path = sweep_file(tmp_path, mnist_parquet, "all-fail", [32], schemes=[{"scheme": "uniform"}],
+                      asha={"enabled": False}, space={"data.parquet_dir": missing})
+    monkeypatch.setattr(sys, "argv", ["tune.py", "--config", str(path)])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(REPO_ROOT / "jobs/tune.py"), run_name="__main__")
+    out, err = capsys.readouterr()
+    assert exited.value.code == 1, err[-3000:]
+    lines = out.splitlines()
+    at = lines.index("sd3ray: 2 of 2 trials failed:")
+    assert sorted(lines[at + 1:at + 3]) == [
+        f"  w32-uniform-parquet_dir{where}: DataError: no Parquet image set at {where} (metadata.json missing). "
+        f"Create it with `python jobs/prepare_data.py --data-root DIR --out {where}`" for where in missing], out
+    error = err.strip().splitlines()[-1]
+    assert error.startswith("sd3ray: error: all 2 trials of sweep 'all-fail' failed (each is listed above with its "
+                            "error; tracebacks are in the trials' error.txt under "), err[-3000:]
+    assert f"The first: w32-uniform-parquet_dir{missing[0]}: DataError: no Parquet image set at " in error
+    assert "Traceback" not in err.split("sd3ray: error:")[-1]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("all-fail").experiment_id
+    (parent,) = client.search_runs([experiment], "attributes.run_name = 'sweep-all-fail'")
+    assert parent.info.status == "FAILED"
+    assert client.get_run(parent.info.run_id).data.metrics["sweep/failed"] == 2

@@ -156,3 +156,135 @@ def test_a_sweep_on_object_storage_keeps_the_uri_and_its_query_for_every_trial(t
     assert sweep_storage(spec) == "s3://bucket/sweeps/study?endpoint_override=127.0.0.1:9000&scheme=http"
     local = SweepSpec(name="study", storage_path="runs/tune")
     assert sweep_storage(local) == f"{(tmp_path.cwd() / 'runs/tune').resolve()}/study"
+
+
+def _sweep_in_space_form(tmp_path: Path, mnist_parquet: Path, space: dict, **extra) -> Path:
+    """A sweep file that writes its widths under `space: model.width`, as configs/tune_mnist.yaml does."""
+    import yaml
+
+    path = sweep_file(tmp_path, mnist_parquet, "points", [32], asha={"enabled": False}, **extra)
+    data = yaml.safe_load(path.read_text())
+    widths = data.pop("widths")
+    data["space"] = {"model.width": widths, **space}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_width_the_heads_cannot_divide_is_refused_when_the_sweep_loads_naming_its_point(tmp_path,
+                                                                                          mnist_parquet) -> None:
+    from sd3ray.config import ConfigError
+
+    path = _sweep_in_space_form(tmp_path, mnist_parquet, {"model.width": [64, 130]}, head_dim=32)
+    with pytest.raises(ConfigError) as refused:
+        load_sweep(path)
+    assert str(refused.value) == (
+        "sweep point model.width=130, flow=uniform cannot run: model.width: 130 is not a multiple of head_dim 32, so "
+        "the heads (width / head_dim) would not divide it; sweep widths that are multiples of 32 or change head_dim")
+    # the training config's own checks run on every point too: here, its head dim must be even
+    with pytest.raises(ConfigError, match=r"^sweep point model.width=66, flow=uniform cannot run: model.width: head "
+                                          r"dim \(width / num_heads\) must be even"):
+        load_sweep(_sweep_in_space_form(tmp_path, mnist_parquet, {"model.width": [66]}, head_dim=33))
+    with pytest.raises(ConfigError, match=r"^head_dim \(0\) must be a positive integer"):
+        load_sweep(path, ["head_dim=0"])
+
+
+def test_every_combination_of_the_grid_is_built_and_a_bad_one_names_all_its_values(tmp_path, mnist_parquet) -> None:
+    from sd3ray.config import ConfigError
+
+    # each value is fine on its own (the base has eval_every = ckpt_every = 2); only eval 4 with ckpt 6 is not
+    path = _sweep_in_space_form(tmp_path, mnist_parquet, {"train.eval_every": [2, 4], "train.ckpt_every": [4, 6]})
+    with pytest.raises(ConfigError) as refused:
+        load_sweep(path)
+    assert str(refused.value) == (
+        "sweep point model.width=32, flow=uniform, train.ckpt_every=6, train.eval_every=4 cannot run: "
+        "train.ckpt_every (6) must be a multiple of train.eval_every (4) in a sweep, so every report carries loss/val")
+
+
+def test_a_valid_grid_loads_after_every_point_and_each_ranges_ends_are_built(tmp_path, mnist_parquet,
+                                                                            monkeypatch) -> None:
+    from sd3ray.sweeps import spec as spec_module
+    from sd3ray.sweeps.spec import point_params, sweep_points, trial_config
+
+    path = _sweep_in_space_form(tmp_path, mnist_parquet, {
+        "model.width": [32, 48], "sample.guidance": [1.5, 2.5], "train.ema_decay": {"uniform": [0.9, 0.99]},
+        "model.depth": {"randint": [1, 4]}}, seeds=2)
+    spec = load_sweep(path)
+    built = []
+    monkeypatch.setattr(spec_module, "trial_config", lambda s, params: built.append(params) or trial_config(s, params))
+    spec_module.check_points(spec)
+    # 2 widths × 2 schemes × 2 guidances × 2 ends of the uniform × 2 ends of the randint × 2 seeds
+    assert len(built) == 64
+    assert {p["set"]["model.depth"] for p in built} == {1, 3}  # randint excludes its high end, as Tune draws it
+    assert {p["set"]["train.ema_decay"] for p in built} == {0.9, 0.99}
+    assert all(isinstance(p["set"]["train.ema_decay"], float) for p in built)
+    assert {(p["width"], p["set"]["sample.guidance"], p["seed"]) for p in built} == {
+        (w, g, s) for w in (32, 48) for g in (1.5, 2.5) for s in (0, 1)}
+    first = next(sweep_points(spec))
+    assert point_params(first) == built[0]
+
+    # past the cap, each value is built once beside the others' first values, and a bad one is still found
+    monkeypatch.setattr(spec_module, "MAX_CHECKED_POINTS", 4)
+    assert len(list(sweep_points(spec))) == 2 + 2 + 2 + 2 + 2 + 2
+    bad = _sweep_in_space_form(tmp_path, mnist_parquet, {"model.width": [32, 48, 40], "sample.guidance": [1.5, 2.5]},
+                               head_dim=16)
+    from sd3ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^sweep point model.width=40, flow=uniform, sample.guidance=1.5 cannot"):
+        load_sweep(bad)
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    # Tune's randint never draws 4: its highest draw, 3, does not divide the checkpoint interval 2
+    ({"train.eval_every": {"randint": [1, 4]}},
+     "sweep point model.width=32, flow=uniform, train.eval_every=3 (the highest draw of randint [1, 4]) cannot run: "
+     "train.ckpt_every (2) must be a multiple of train.eval_every (3) in a sweep, so every report carries loss/val"),
+    # uniform draws floats, which an integer key refuses
+    ({"train.batch_size": {"uniform": [8, 16]}},
+     "sweep point model.width=32, flow=uniform, train.batch_size=8.0 (the low end of uniform [8, 16]) cannot run: "
+     "train.batch_size: expected int, got float 8.0"),
+    ({"train.ckpt_every": {"choice": [2, 3]}},
+     "sweep point model.width=32, flow=uniform, train.ckpt_every=3 cannot run: train.ckpt_every (3) must be a "
+     "multiple of train.eval_every (2)"),
+])
+def test_a_distribution_a_trial_cannot_run_at_is_refused_naming_the_draw(tmp_path, mnist_parquet, space,
+                                                                         message) -> None:
+    from sd3ray.config import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        load_sweep(_sweep_in_space_form(tmp_path, mnist_parquet, space))
+    assert str(refused.value).startswith(message)
+
+
+def test_the_summary_names_each_failed_trial_and_only_an_all_failed_sweep_is_an_error() -> None:
+    from sd3ray.errors import DataError
+    from sd3ray.sweeps.report import SweepFailed, check_some_trial_ran, error_line, summary_text
+    from sd3ray.sweeps.spec import SweepSpec
+
+    wrapped = RuntimeError("Traceback (most recent call last):\n  ...\nray.exceptions.RayTaskError: lost")
+    wrapped.__cause__ = DataError("no Parquet image set at /data/b (metadata.json missing)")
+    assert error_line(wrapped) == "DataError: no Parquet image set at /data/b (metadata.json missing)"
+    assert error_line(ValueError("Traceback ...\n  File x\nValueError: boom  ")) == "ValueError: boom"
+
+    class RayTaskErrorLike(DataError):  # what Ray raises for a trial's DataError: also a DataError, its text a trace
+        def __init__(self, cause: DataError) -> None:
+            super().__init__(f"ray::ImplicitFunc.train()\nTraceback ...\nsd3ray.errors.DataError: {cause}")
+            self.cause = cause
+
+    assert error_line(RayTaskErrorLike(DataError("no set at /a"))) == "DataError: no set at /a"
+
+    def row(trial: str, status: str, error: str = "") -> dict:
+        return {"trial": trial, "status": status, "error": error}
+
+    spec = SweepSpec(name="s")
+    mixed = [row("w64-uniform", "finished"), row("w40-uniform", "failed", "DataError: a")]
+    check_some_trial_ran(mixed, spec, "/runs/tune/s")  # some trained: the sweep stands, its failures listed
+    assert summary_text(mixed).splitlines()[-2:] == ["sd3ray: 1 of 2 trials failed:", "  w40-uniform: DataError: a"]
+    failed = [row("w32-uniform", "failed", "DataError: a"), row("w48-uniform", "failed", "DataError: b")]
+    assert summary_text(failed).splitlines()[-3:] == [
+        "sd3ray: 2 of 2 trials failed:", "  w32-uniform: DataError: a", "  w48-uniform: DataError: b"]
+    with pytest.raises(SweepFailed) as ended:
+        check_some_trial_ran(failed, spec, "/runs/tune/s")
+    assert str(ended.value).startswith("all 2 trials of sweep 's' failed (each is listed above with its error; "
+                                       "tracebacks are in the trials' error.txt under /runs/tune/s). The first: "
+                                       "w32-uniform: DataError: a. Fix that")
+    assert "failed" not in summary_text([row("w64-uniform", "finished")])
