@@ -3,7 +3,8 @@
 Metrics (all from the judge, none from the model being judged):
 - prompt accuracy: share of samples the judge reads as the prompted digit (overall, per digit, numeral vs word);
 - classifier-FID: Fréchet distance between the judge's penultimate features of samples and of the real test set,
-  reported beside its floor (real training images vs the test set at the same sample count);
+  reported beside its floor (real training images with the prompted digit counts vs the test set, the mean of
+  three draws);
 - diversity: mean pairwise feature distance within each prompted digit (mode collapse drives it to 0).
 
 The judge is trained once on the real training split, with small random shifts, rotations and scalings so that
@@ -188,24 +189,44 @@ class JudgeReport:
     images: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+FLOOR_SEEDS = (0, 1, 2)  # one draw's FID at 1,000 images varies by about ±1: the floor is the mean of three
+
+
+def balanced_draw(labels: torch.Tensor, digits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Indices of real images with exactly the digit counts of `digits` (what the samples were prompted for), each
+    digit's drawn without replacement. A draw with the set's natural class counts would add the multinomial noise
+    of those counts to the floor's FID, which samples prompted 100 per digit never have."""
+    index = []
+    for digit, count in enumerate(torch.bincount(digits, minlength=10).tolist()):
+        if count:
+            pool = torch.nonzero(labels == digit).flatten()
+            index.append(pool[torch.randperm(len(pool), generator=generator)[:count]])
+    return torch.cat(index)
+
+
 class Reference:
-    """Judge features of the real test set and the floor FID for a given sample count."""
+    """Judge features of the real test set and the floor FID for a given set of prompted digits."""
 
     def __init__(self, judge: Judge, train: ImageSet, test: ImageSet) -> None:
         self.judge = judge
         _, self.test_features = judge_outputs(judge, test.images)
-        self._train_images = train.images
-        self._floors: dict[int, float] = {}
+        self._train_images, self._train_labels = train.images, train.labels
+        self._floors: dict[tuple[int, ...], tuple[float, float]] = {}
         first = torch.arange(min(1000, len(test)))
         self.real_diversity = per_digit_diversity(self.test_features[first], test.labels[first])
 
-    def floor(self, n: int) -> float:
-        """FID of n real training images vs the test set: what a perfect generator would score at this n."""
-        if n not in self._floors:
-            index = torch.randperm(len(self._train_images), generator=torch.Generator().manual_seed(0))[:n]
-            _, feats = judge_outputs(self.judge, self._train_images[index])
-            self._floors[n] = frechet_distance(feats.numpy(), self.test_features.numpy())
-        return self._floors[n]
+    def floor(self, digits: torch.Tensor) -> tuple[float, float]:
+        """What a perfect generator would score when asked for `digits` (N,): the FID of real training images drawn
+        with those digit counts against the test set, as (mean, standard deviation) over FLOOR_SEEDS draws."""
+        key = tuple(torch.bincount(digits, minlength=10).tolist())
+        if key not in self._floors:
+            fids = []
+            for seed in FLOOR_SEEDS:
+                index = balanced_draw(self._train_labels, digits, torch.Generator().manual_seed(seed))
+                _, feats = judge_outputs(self.judge, self._train_images[index])
+                fids.append(frechet_distance(feats.numpy(), self.test_features.numpy()))
+            self._floors[key] = (float(np.mean(fids)), float(np.std(fids, ddof=1)))
+        return self._floors[key]
 
 
 # The judge's metric keys, named for the order MLflow's UI shows them in: sections by the key's prefix,
@@ -214,7 +235,7 @@ class Reference:
 # raw numbers and the per-digit accuracies come after, under `val/`.
 HEADLINE_PREFIX, DETAIL_PREFIXES = "samples/", ("val/accuracy_", "val/cfid", "val/diversity")
 # the same for every evaluation of a run (they depend on the reference set and the sample count only): MLflow params
-CONSTANT_METRICS = ("val/cfid_floor", "val/diversity_real")
+CONSTANT_METRICS = ("val/cfid_floor", "val/cfid_floor_std", "val/diversity_real")
 
 
 def is_judge_metric(key: str) -> bool:
@@ -227,9 +248,9 @@ def judge_images(reference: Reference, images: torch.Tensor, digits: torch.Tenso
     correct = (preds == digits).double()
     word = torch.tensor([is_word_prompt(p) for p in prompts])
     fid = frechet_distance(feats.numpy(), reference.test_features.numpy())
-    floor = reference.floor(len(images))
+    floor, floor_std = reference.floor(digits)
     metrics = {"samples/accuracy": correct.mean().item(), "val/cfid": fid, "val/cfid_floor": floor,
-               "samples/cfid_ratio": fid / max(floor, 1e-12)}
+               "val/cfid_floor_std": floor_std, "samples/cfid_ratio": fid / max(floor, 1e-12)}
     if word.any() and (~word).any():
         metrics["val/accuracy_word"] = correct[word].mean().item()
         metrics["val/accuracy_numeral"] = correct[~word].mean().item()

@@ -27,12 +27,10 @@ def test_judge_reads_shifted_digits(judge_reference: Reference, mnist_splits) ->
 
 
 def _held_out(mnist_splits, n: int = 1000):
-    """A random sample of real training digits that the floor's sample does not contain. (A contiguous slice
-    would not do: MNIST's training file is not shuffled by writer, and its last 1000 score 3× the floor.)"""
+    """A random sample of real training digits, with their natural digit counts. (A contiguous slice would not do:
+    MNIST's training file is not shuffled by writer, and its last 1000 score 3× the floor.)"""
     train, _ = mnist_splits
-    floor_sample = set(torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].tolist())
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(1)).tolist()
-    index = torch.tensor([i for i in order if i not in floor_sample][:n])
+    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:n]
     images, digits = train.images[index], train.labels[index]
     return images, digits, [str(int(d)) for d in digits]
 
@@ -139,3 +137,22 @@ def test_any_other_digit_set_trains_its_own_judge_once_then_loads_it_from_the_ca
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"judge-{judge_module.judge_cache_key(subset)}.pt"]
     for key, value in first.state_dict().items():
         assert torch.equal(value, second.state_dict()[key]), key
+
+
+def test_the_floor_draws_real_digits_as_the_samples_were_prompted(judge_reference: Reference, mnist_splits) -> None:
+    """The floor matches how samples are drawn (eval_prompts: exactly 100 of each digit at 1,000), so it carries
+    none of the noise of natural class counts: below a natural draw's FID, and steady across its three draws."""
+    from sd3ray.evaluation.judge import balanced_draw
+
+    train, test = mnist_splits
+    _, digits = eval_prompts(1000)
+    index = balanced_draw(train.labels, digits, torch.Generator().manual_seed(0))
+    assert torch.equal(torch.bincount(train.labels[index], minlength=10), torch.full((10,), 100))
+    assert len(set(index.tolist())) == 1000  # without replacement
+    floor, spread = judge_reference.floor(digits)
+    natural = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:1000]
+    _, feats = judge_outputs(judge_reference.judge, train.images[natural])
+    natural_fid = frechet_distance(feats.numpy(), judge_reference.test_features.numpy())
+    assert floor < natural_fid, (floor, natural_fid)
+    assert 0 < spread < 0.3 * floor
+    assert judge_reference.floor(digits[:250])[0] > floor  # fewer samples, a higher floor
