@@ -22,6 +22,7 @@ import torch
 from sd3ray.cli import add_guidance_args, add_tracking_args, job_parser, non_negative_float, positive_int, run_job
 from sd3ray.evaluation.figures import make_grid, save_png
 from sd3ray.inference import generate, load_ema_model, with_guidance
+from sd3ray.storage import writable_folder
 from sd3ray.training.context import default_device
 
 
@@ -62,7 +63,7 @@ def main() -> int:
     cfg = with_guidance(cfg, args.guidance_interval, args.guide)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
     images = generate(model, prompts, cfg, args.seed, device, args.guidance, args.steps, args.sampler)
-    args.output.mkdir(parents=True, exist_ok=True)
+    writable_folder(args.output, "--output", "choose a folder you can write to")
     save_png(make_grid(images, nrow=args.num_samples), args.output / "grid.png", scale=2)
     (args.output / "prompts.txt").write_text("\n".join(prompts) + "\n")
     np.savez_compressed(args.output / "samples.npz", images=images.numpy(), prompts=np.array(prompts))

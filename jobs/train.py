@@ -20,12 +20,14 @@ from sd3ray.cli import (
     add_config_args,
     add_data_args,
     add_tracking_args,
+    check_run_inputs,
     config_from_args,
     data_overrides,
     job_parser,
     non_negative_float,
     positive_int,
     run_job,
+    run_name,
 )
 
 GPU_CONFIG, CPU_CONFIG = "configs/mnist.yaml", "configs/mnist_tiny.yaml"
@@ -35,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = job_parser(__doc__)
     add_config_args(parser, default=None, default_help=f"{GPU_CONFIG} where there is a GPU, else {CPU_CONFIG}")
     parser.add_argument("--local", action="store_true", help="run in this process instead of on Ray workers")
-    parser.add_argument("--name", help="run name: checkpoints go to OUTPUT_DIR/NAME (default: config + time)")
+    parser.add_argument("--name", type=run_name,
+                        help="run name: checkpoints go to OUTPUT_DIR/NAME (default: config + time)")
     parser.add_argument("--resume", metavar="latest|PATH",
                         help="continue or extend the run --name names (latest), or, in local mode, continue from a "
                              "checkpoint folder (PATH); rerunning an interrupted run's command continues it too")
@@ -86,6 +89,7 @@ def main() -> int:
     name = args.name or f"{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not cfg.tracking.run_name:  # the MLflow run carries the run's name, not a random one
         cfg = replace(cfg, tracking=replace(cfg.tracking, run_name=name))
+    check_run_inputs(cfg, tracking=not args.no_tracking)
     if args.local:
         from sd3ray.training.local import run_local
 

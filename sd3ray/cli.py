@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sd3ray.config import Config, ConfigError, load_config
 from sd3ray.errors import explained_error
@@ -30,6 +31,8 @@ def run_job(main: Callable[[], int]) -> NoReturn:
     SD3RAY_DEBUG=1 they raise as usual. Any other exception is a bug and keeps its traceback."""
     debug = "--debug" in sys.argv[1:] or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     from sd3ray.training.signals import Interrupted
+
+    show_warnings_as_lines()
 
     try:
         code = main()
@@ -82,6 +85,46 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
     out = [f"data.raw_root={args.data_root}"] if args.data_root else []
     out += [f"data.parquet_dir={args.parquet_dir}"] if args.parquet_dir else []
     return out + ([f"tracking.uri={args.tracking_uri}"] if getattr(args, "tracking_uri", "") else [])
+
+
+def check_run_inputs(cfg: Config, tracking: bool = True) -> None:
+    """What a training job checks once its config is known, before it builds a model or starts Ray: a prepared image
+    set at `data.parquet_dir` must hold the model's images, and the tracking store must be what its URI says and
+    answer (a server, a database, a SQLite file). Each problem is one message naming it and the fix."""
+    from sd3ray.data.format import check_image_set
+    from sd3ray.storage import resolve_tracking_uri
+
+    check_image_set(cfg)
+    if tracking:
+        from sd3ray.tracking.mlflow_tracker import check_reachable
+
+        check_reachable(resolve_tracking_uri(cfg.tracking.uri))
+
+
+def run_name(text: str) -> str:
+    """A run's --name: one folder name under the output or storage folder, in any script ("数字-run" is fine), but
+    no path: "a/b" would nest it and "../x" would write outside the folder every other run lives in."""
+    if not text.strip() or text in (".", "..") or any(c in text for c in "/\\") or text.startswith(".") \
+            or not text.isprintable():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a run name: use one folder name (letters, digits, '-', "
+                                         f"'_', '.'; not starting with '.'), without '/', such as my-run-2")
+    return text
+
+
+def show_warnings_as_lines() -> None:
+    """sd3ray's own warnings (a prompt cut to text.max_length, ...) as one console line each, instead of Python's
+    form with the file, line number and the source line that raised it."""
+    default = warnings.showwarning
+    package = f"{os.sep}sd3ray{os.sep}"
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if package not in filename:
+            default(message, category, filename, lineno, file, line)
+            return
+        print(f"sd3ray: warning: {redact(str(message))}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
 
 
 def positive_int(text: str) -> int:

@@ -91,6 +91,21 @@ def read_user_text(path: Path, what: str) -> str:
             from None
 
 
+def writable_folder(path: Path, what: str, fix: str) -> Path:
+    """Make `path` (and its parents) and check a file can be created in it, before any work that would be lost if
+    it could not; else one StorageError naming `what`, the reason (read-only, permissions, a file in the way) and
+    `fix`."""
+    import tempfile
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".sd3ray-write-check-"):
+            pass
+    except OSError as exc:
+        raise StorageError(f"{what} {path} is not a writable folder ({exc.strerror or exc}); {fix}") from None
+    return Path(path)
+
+
 def read_json(path: Path, what: str, fix: str, error: type[Sd3rayError]) -> Any:
     """A JSON file sd3ray wrote (a manifest, metadata), or one `error` naming the file and `fix` when it is
     damaged: cut short, edited by hand, or not JSON at all."""
@@ -124,13 +139,16 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 def resolve_tracking_uri(configured: str = "") -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else ./mlflow.db. Relative SQLite paths become absolute so Ray
-    workers (which run in another directory) write to the same database as the driver."""
+    workers (which run in another directory) write to the same database as the driver. Its scheme must be one MLflow
+    opens, and a SQLite file must be one (`check_sqlite_file`); whether a server answers is `check_reachable`'s."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    check_scheme(uri, "tracking.uri" if configured else "MLFLOW_TRACKING_URI" if "MLFLOW_TRACKING_URI" in os.environ
-                 else "the default tracking URI")
+    source = "tracking.uri" if configured else "MLFLOW_TRACKING_URI" if "MLFLOW_TRACKING_URI" in os.environ \
+        else "the default tracking URI"
+    check_scheme(uri, source)
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
+    check_sqlite_file(uri, source)
     return uri
 
 
@@ -146,6 +164,58 @@ def check_scheme(uri: str, source: str) -> None:
         raise TrackingError(f"{source} {redact(uri)}: MLflow cannot open a {scheme}:// store; use "
                             f"http(s)://HOST:PORT for a tracking server or sqlite:///mlflow.db for a local file "
                             f"(also: {', '.join(s + '://' for s in TRACKING_SCHEMES[3:])})")
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file a `sqlite[+driver]:///PATH[?query]` URI names; None for other schemes and in-memory ones."""
+    head, sep, rest = uri.partition(":///")
+    if not sep or head.split("+", 1)[0].lower() != "sqlite":
+        return None
+    path = rest.split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def check_sqlite_file(uri: str, source: str) -> None:
+    """A SQLite tracking store must be a SQLite file or a place to make one. MLflow creates a missing file and its
+    missing folders; a folder, a file of something else, or a file where a folder must be would otherwise end in a
+    SQLAlchemy traceback when the run opens, after the model is built."""
+    path = sqlite_file(uri)
+    if path is None:
+        return
+    shown = redact(uri)
+    if path.is_dir():
+        raise TrackingError(f"{source} {shown} names the folder {path}, not a SQLite file; name a file in it, "
+                            f"e.g. sqlite:///{path / 'mlflow.db'}")
+    if path.is_file():
+        try:
+            with path.open("rb") as f:
+                header = f.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise TrackingError(f"{source} {shown}: {path} cannot be read ({exc.strerror}); check its "
+                                f"permissions or name another file") from None
+        if header and header != SQLITE_HEADER:  # an empty file is fine: SQLite makes a database of it
+            raise TrackingError(f"{source} {shown}: {path} is not a SQLite database (it does not start with "
+                                f"SQLite's header); name a new file (MLflow creates it) or the mlflow.db of an "
+                                f"earlier run, or move this file away")
+        check_sqlite_writable(path.parent, source, shown)
+        return
+    folder = next(parent for parent in path.parents if parent.exists())  # "/" always exists
+    if not folder.is_dir():
+        raise TrackingError(f"{source} {shown}: {folder} is a file, so the folder for {path.name} cannot be "
+                            f"made; name a file in a folder (e.g. sqlite:///{folder.parent / 'mlflow.db'})")
+    check_sqlite_writable(folder, source, shown)
+
+
+def check_sqlite_writable(folder: Path, source: str, shown: str) -> None:
+    """SQLite writes its database and a journal beside it: a read-only folder (a read-only mount, another user's
+    folder) would end in SQLAlchemy's "unable to open database file" once the run opens."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TrackingError(f"{source} {shown}: {folder} is not a folder sd3ray can write (read-only or another "
+                            f"user's); name a SQLite file in a writable folder, e.g. --tracking-uri "
+                            f"sqlite:///{Path.home() / 'mlflow.db'}")
 
 
 # ----------------------------------------------------------------------------- What every node of a cluster sees

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from sd3ray.config import Config, to_dict
 from sd3ray.data.prepare import prepare_dataset
 from sd3ray.data.streaming import streams
 from sd3ray.errors import ResourceError, StorageError
-from sd3ray.storage import check_shared, is_uri, join, redact, resolve_tracking_uri
+from sd3ray.storage import check_shared, is_uri, join, redact, resolve_tracking_uri, writable_folder
 from sd3ray.tracking.mlflow_tracker import check_reachable, review_hint, source_tags
 from sd3ray.training.run_folder import claim, finish
 from sd3ray.training.run_lock import run_lock
@@ -160,12 +159,8 @@ def check_storage(storage: str) -> None:
             raise StorageError(f"--storage-path {storage} cannot be opened ({exc}); use a local folder, NFS "
                                f"mount, or a URI such as s3://bucket/path with credentials set") from exc
         return
-    try:
-        Path(storage).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=storage):
-            pass
-    except OSError as exc:
-        raise StorageError(f"--storage-path {storage} is not a writable folder ({exc})") from exc
+    writable_folder(Path(storage), "--storage-path", "give a folder every node can write, or a URI such as "
+                    "s3://bucket/path")
 
 
 def default_cpus_per_worker(workers: int, use_gpu: bool, reserve: int = 0) -> int:
@@ -185,6 +180,7 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
     """Run checks and prepare data on the driver, then fit. `resume`: continue or extend the run folder's run
     (`--resume latest`); without it a folder whose run finished is refused (sd3ray.training.run_folder)."""
     storage = storage_path or default_storage(cfg)
+    check_storage(storage)
     run_storage = join(storage, name)
     run = claim(run_storage, name, resume, cfg.train.steps, checkpoints_at=run_storage)  # before Ray starts
     connect()
@@ -195,7 +191,6 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
         check_reachable(resolve_tracking_uri(cfg.tracking.uri))
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    check_storage(storage)
     prepare_dataset(cfg)  # once, here: the workers only read it
     # a streaming run's reading tasks need a CPU the training workers leave free, or the stream never starts
     reserve = STREAM_CPUS if streams(cfg) else 0

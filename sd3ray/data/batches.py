@@ -8,7 +8,7 @@ import torch
 
 from sd3ray.config import Config
 from sd3ray.core.flow import sample_timesteps
-from sd3ray.data.format import ImageSet, from_uint8
+from sd3ray.data.format import ImageSet, check_fits_model, from_uint8
 from sd3ray.data.prompts import PromptBank, Tokenize, default_tokenize, digit_prompts
 from sd3ray.errors import DataError
 
@@ -68,6 +68,7 @@ class TrainingBatches:
 
     def __init__(self, images: ImageSet, cfg: Config, rank: int, world_size: int, device: torch.device,
                  tokenize: Tokenize | None = None) -> None:
+        check_fits_model(images.images.shape[1], images.images.shape[-1], cfg, cfg.data.parquet_dir)
         prompts, candidates = prompt_candidates(images)
         self.bank = PromptBank.build(prompts, tokenize or default_tokenize(cfg.text)).to(device)
         row_of = {p: i for i, p in enumerate(self.bank.prompts)}

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from sd3ray.errors import DataError
 from sd3ray.storage import is_file, location_errors, open_folder
 
 SPLITS = ("train", "test")
+FIRST_USE_CHANNELS = {"mnist": 1, "shapes": 3}  # the sets `data.source` builds when none is there
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +130,23 @@ def write_split(
     writer.close()
 
 
+@contextmanager
+def staged_set(out_dir: str | Path) -> Iterator[Path]:
+    """Build a whole image set in `OUT.partial`, then put it in place of OUT: a build that is interrupted (Ctrl-C, a
+    crash, a full disk) leaves OUT as it was, a complete earlier set or nothing, never some splits of a new set beside
+    those of an old one; the next build starts clean. Yields the folder to build in."""
+    out = Path(out_dir)
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted build left
+    yield staging
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(staging, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -160,6 +181,35 @@ def read_metadata(parquet_dir: str | Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{parquet_dir}/metadata.json is damaged ({exc}); rebuild the set: python "
                         f"jobs/prepare_data.py --out {parquet_dir} (with the --source it was made from)") from None
+
+
+def check_fits_model(channels: int, image_size: int, cfg: Config, parquet_dir: str | Path) -> None:
+    """A set of C×S×S images (its metadata.json, or a batch of it) must be what the model takes: otherwise the first
+    step fails inside the model, after the data, the model and the tracker were all set up."""
+    mc, ms = cfg.model.channels, cfg.model.image_size
+    if (channels, image_size) == (mc, ms):
+        return
+    c, s = channels, image_size
+    fix = " ".join(f"--set model.{key}={have}" for key, have, want in (("channels", c, mc), ("image_size", s, ms))
+                   if have != want)
+    built = " (a folder that holds no set yet is built at that size on first use)" \
+        if FIRST_USE_CHANNELS.get(cfg.data.source) == mc else ""
+    raise DataError(f"the image set at {parquet_dir} holds {c}×{s}×{s} images but the model takes {mc}×{ms}×{ms} "
+                    f"(model.channels={mc}, model.image_size={ms}). Train on this set with {fix} (or a config made "
+                    f"for it), or give --parquet-dir a set of {mc}×{ms}×{ms} images{built}")
+
+
+def check_image_set(cfg: Config) -> None:
+    """Before anything is built: a set already at `data.parquet_dir` must fit the model (`check_fits_model`). A
+    folder without one passes: the set made there on first use is made to fit, and a missing one is
+    `prepare_dataset`'s to explain."""
+    where = cfg.data.parquet_dir
+    with location_errors(where, "open the image set at"):
+        fs, root = open_folder(where)
+        prepared = is_file(fs, f"{root}/metadata.json")
+    if prepared:
+        meta = read_metadata(where)
+        check_fits_model(meta["channels"], meta["image_size"], cfg, where)
 
 
 def upload_image_set(local_dir: Path, location: str) -> None:
@@ -224,5 +274,6 @@ def read_split(parquet_dir: str | Path, split: str) -> ImageSet:
 
 
 def load_splits(cfg: Config) -> tuple[ImageSet, ImageSet]:
-    """The loop's step: read the prepared train and test splits into memory."""
+    """The loop's step: read the prepared train and test splits into memory, once they are known to fit the model."""
+    check_image_set(cfg)
     return read_split(cfg.data.parquet_dir, "train"), read_split(cfg.data.parquet_dir, "test")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sd3ray.data.format import ShardWriter, read_metadata, upload_image_set
+from sd3ray.data.format import ShardWriter, read_metadata, staged_set, upload_image_set
 from sd3ray.errors import DataError
 from sd3ray.storage import is_uri, read_user_text
 
@@ -115,15 +115,16 @@ def write_image_set(out_dir: str | Path, chunks: Callable[[], Iterator[tuple[str
             local = write_image_set(Path(tmp) / "set", chunks, channels, image_size, labelled, shard_size, labels_of)
             upload_image_set(Path(local), str(out_dir))
         return out_dir
-    writers = {split: ShardWriter(out_dir, split, channels, image_size, labelled=labelled, captioned=True,
-                                  shard_size=shard_size) for split in ("train", "test")}
-    for split, images, captions in chunks():
-        writers[split].add(images, labels_of(captions) if labels_of else None, captions)
-    empty = [split for split, writer in writers.items() if writer.count + writer._pending_rows == 0]
-    if empty:
-        raise DataError(f"no images fell in the {empty[0]} split; import more images or change --test-fraction")
-    for writer in writers.values():
-        writer.close()
+    with staged_set(out_dir) as staging:  # an interrupted import never leaves a set that trains
+        writers = {split: ShardWriter(staging, split, channels, image_size, labelled=labelled, captioned=True,
+                                      shard_size=shard_size) for split in ("train", "test")}
+        for split, images, captions in chunks():
+            writers[split].add(images, labels_of(captions) if labels_of else None, captions)
+        empty = [split for split, writer in writers.items() if writer.count + writer._pending_rows == 0]
+        if empty:
+            raise DataError(f"no images fell in the {empty[0]} split; import more images or change --test-fraction")
+        for writer in writers.values():
+            writer.close()
     return Path(out_dir)
 
 

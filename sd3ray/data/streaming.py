@@ -23,7 +23,7 @@ import torch
 
 from sd3ray.config import Config
 from sd3ray.core.flow import sample_timesteps
-from sd3ray.data.format import from_uint8, image_array, read_metadata
+from sd3ray.data.format import check_fits_model, from_uint8, image_array, read_metadata
 from sd3ray.data.prompts import Tokenize, default_tokenize, digit_prompts
 from sd3ray.errors import DataError
 from sd3ray.storage import open_folder
@@ -152,6 +152,7 @@ class StreamedBatches:
         if images.shape[0] != self.cfg.train.batch_size:
             raise DataError(f"the stream gave a batch of {images.shape[0]}, not train.batch_size "
                             f"{self.cfg.train.batch_size}")
+        check_fits_model(images.shape[1], images.shape[-1], self.cfg, self.cfg.data.parquet_dir)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed * 1_000_003 + step)
         n, sl = self.global_batch, self.rank_slice
         t = sample_timesteps(self.cfg.flow, n, g, self.device)[sl]

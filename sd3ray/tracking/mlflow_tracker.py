@@ -50,8 +50,14 @@ WITHOUT_JOB_RUNNERS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 SYSTEM_PROGRESS_METRIC = "system/cpu_utilization_percentage"
 
 
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # each server's default, when a URI names none
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast with advice instead of letting the client retry for minutes against a dead server."""
+    if uri.split("://", 1)[0].split("+", 1)[0].lower() in DATABASE_PORTS:
+        check_database_answers(uri, timeout_s)
+        return
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -60,6 +66,32 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking server {redact(uri)} is unreachable ({exc}). Start it (mlflow server "
                             f"--backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000) or unset "
                             f"MLFLOW_TRACKING_URI to log to ./mlflow.db") from exc
+
+
+def check_database_answers(uri: str, timeout_s: float) -> None:
+    """A database store (postgresql://, mysql://, mssql://) must accept a TCP connection at its host and port:
+    without this, the run opens after the model is built and fails in the database driver with a traceback. Only the
+    connection is tried (no driver is imported); a URI without a host (a local socket) or with several is left to
+    MLflow."""
+    import socket
+    from urllib.parse import urlsplit
+
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname, parts.port or DATABASE_PORTS[scheme]
+    except ValueError:  # several hosts, or a port that is not a number
+        return
+    if not host:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__  # a timeout has no strerror
+        raise TrackingError(f"MLflow tracking store {redact(uri)} is unreachable: nothing accepts connections at "
+                            f"{host}:{port} ({reason}). Start the database or correct the host and port in the URI "
+                            f"({scheme}'s default port is {DATABASE_PORTS[scheme]}), or log to a local file: "
+                            f"--tracking-uri sqlite:///mlflow.db") from exc
 
 
 def git_commit() -> str:

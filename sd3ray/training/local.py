@@ -39,7 +39,8 @@ def claim_local(run_dir: Path, resume: str | None, steps: int) -> tuple[Claim, P
     """The folder's run (sd3ray.training.run_folder) and the checkpoint to continue it from: `--resume PATH` as
     given, else the newest checkpoint that run wrote (None for a new run, or one stopped before its first save)."""
     root = run_dir / "checkpoints"
-    run = claim(str(run_dir), run_dir.name, resume is not None, steps, checkpoints_at=str(root))
+    run = claim(str(run_dir), run_dir.name, resume is not None, steps, checkpoints_at=str(root),
+                from_path=resume not in (None, "latest"))
     if run.line:
         print(f"sd3ray: {run.line}", flush=True)
     if resume is not None and resume != "latest":

@@ -89,16 +89,17 @@ def write_record(location: str, record: RunRecord) -> None:
         tmp.replace(path)
 
 
-def claim(location: str, name: str, resume: bool, steps: int, checkpoints_at: str) -> Claim:
+def claim(location: str, name: str, resume: bool, steps: int, checkpoints_at: str, from_path: bool = False) -> Claim:
     """Decide, before anything trains, what this command does with the run folder at `location`.
 
     `resume`: the user asked to resume (continue or extend the folder's run). `steps`: the command's
     `train.steps`. `checkpoints_at`: the folder the run's `step_XXXXXXXX` checkpoints go to. A folder with
     checkpoints but no record was written before run records existed, and is taken as one interrupted run.
+    `from_path`: the resume names a checkpoint folder itself (`--resume PATH`), which its loader checks.
     """
     record = read_record(location)
     legacy_step = newest_step(checkpoints_at) if record is None else None
-    if record is None and legacy_step is None and resume:
+    if record is None and legacy_step is None and resume and not from_path:
         raise CheckpointError(f"--resume latest: run '{name}' has no checkpoint in {redact(location)}; run the "
                               f"command without --resume to start it")
     if record is None:

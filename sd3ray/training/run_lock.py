@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sd3ray.errors import Sd3rayError
+from sd3ray.storage import writable_folder
 
 LOCK_FILE = "RUN.lock"
 
@@ -23,7 +24,7 @@ class RunInUse(Sd3rayError):
 def run_lock(run_dir: Path) -> Iterator[Path]:
     """Hold `run_dir/RUN.lock` for the duration. The file records the holder's PID and host, for the message a
     second writer gets; a lock left by a process that died is free again (flock locks end with their process)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(run_dir, "run folder", "point train.output_dir at a writable folder (--set train.output_dir=DIR)")
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

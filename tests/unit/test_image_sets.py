@@ -114,3 +114,29 @@ def test_coloured_shapes_draw_what_their_captions_say() -> None:
         mean_rgb = image[:, shape_pixels].mean(axis=1)
         dominant = {"red": [0], "green": [1], "blue": [2], "yellow": [0, 1]}[colour]
         assert all(mean_rgb[c] > 150 for c in dominant), (caption, mean_rgb)
+
+
+def test_an_interrupted_import_leaves_the_previous_set_whole_and_the_next_one_starts_clean(tmp_path: Path) -> None:
+    """The fault: Ctrl-C between the train and test splits of a new import over an old set left the new train split
+    beside the old test split, a mixed set that trained."""
+    from sd3ray.data.image_sets import write_image_set
+
+    rng = np.random.default_rng(0)
+
+    def chunks(n: int, interrupt: bool = False):
+        def generate():
+            yield "train", rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8), [f"new {i}" for i in range(n)]
+            if interrupt:
+                raise KeyboardInterrupt  # between the splits, as a Ctrl-C lands
+            yield "test", rng.integers(0, 256, (4, 3, 8, 8), dtype=np.uint8), ["t"] * 4
+        return generate
+
+    out = tmp_path / "set"
+    write_image_set(out, chunks(10), channels=3, image_size=8, labelled=False, shard_size=100)
+    before = read_metadata(out)
+    with pytest.raises(KeyboardInterrupt):
+        write_image_set(out, chunks(20, interrupt=True), channels=3, image_size=8, labelled=False, shard_size=100)
+    assert read_metadata(out) == before and len(read_split(out, "train")) == 10  # the old set, untouched
+    write_image_set(out, chunks(30), channels=3, image_size=8, labelled=False, shard_size=100)
+    assert read_metadata(out)["splits"]["train"]["count"] == 30 and len(read_split(out, "test")) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]  # no staging or old set left beside it
