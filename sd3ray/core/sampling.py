@@ -32,12 +32,17 @@ def euler(velocity_fn: VelocityFn, noise: torch.Tensor, times: torch.Tensor) -> 
 
 @torch.no_grad()
 def heun(velocity_fn: VelocityFn, noise: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-    """Second-order: average the slopes at both ends of each step (exact when v is constant along the path)."""
+    """Second-order: average the slopes at both ends of each step (exact when v is linear in t along the path). A
+    step that ends at t = 0 is an Euler step, as in EDM and k-diffusion: the velocity at t = 0 is never evaluated,
+    a time training essentially never samples (and where v = (z_t − x0)/t has no limit the model learned)."""
     x = noise
     for t_cur, t_next in zip(times[:-1], times[1:]):
         dt = t_next - t_cur
         v_cur = velocity_fn(x, t_cur.expand(x.shape[0]))
         x_pred = x + dt * v_cur
+        if t_next <= 0:
+            x = x_pred
+            break
         v_next = velocity_fn(x_pred, t_next.expand(x.shape[0]))
         x = x + dt * 0.5 * (v_cur + v_next)
     return x

@@ -28,10 +28,25 @@ def test_euler_at_any_step_count_follows_the_straight_path(steps: int) -> None:
     torch.testing.assert_close(sample(_straight_path_field(x0), eps, steps), x0, atol=1e-5, rtol=1e-5)
 
 
-def test_heun_is_exact_on_linear_paths_where_euler_is_not() -> None:
-    # dz/dt = a + b·t integrates exactly to z(0) = z(1) − a − b/2; Heun's trapezoid rule is exact for it.
+def test_heun_is_exact_on_linear_paths_down_to_its_last_step_which_is_an_euler_step() -> None:
+    # dz/dt = a + b·t integrates exactly to z(s) = z(1) − a(1 − s) − b(1 − s²)/2; Heun's trapezoid rule is exact for
+    # it, and its last step, which ends at t = 0, is an Euler step from s = 1/3.
     a, b, z1 = torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3)
     field = lambda z, t: a + b * t.view(-1, 1, 1, 1)  # noqa: E731
-    exact = z1 - a - b / 2
-    torch.testing.assert_close(heun(field, z1, timestep_schedule(3)), exact)
-    assert not torch.allclose(euler(field, z1, timestep_schedule(3)), exact, atol=1e-3)
+    s = 1 / 3
+    z_s = z1 - a * (1 - s) - b * (1 - s * s) / 2
+    torch.testing.assert_close(heun(field, z1, timestep_schedule(3)), z_s - s * (a + b * s))
+    torch.testing.assert_close(heun(field, z1, timestep_schedule(2, shift=3.0)[:2]), z1 - a * 0.25 - b * 0.4375 / 2)
+    assert not torch.allclose(euler(field, z1, timestep_schedule(3)), z_s - s * (a + b * s), atol=1e-3)
+
+
+def test_heun_never_asks_for_the_velocity_at_t_zero() -> None:
+    x0, eps, asked = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), []
+    exact = _straight_path_field(x0)
+
+    def recording(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        asked.append(float(t[0]))
+        return exact(z, t)
+
+    torch.testing.assert_close(heun(recording, eps, timestep_schedule(4)), x0, atol=1e-5, rtol=1e-5)
+    assert min(asked) > 0 and len(asked) == 2 * 4 - 1  # two evaluations a step, one on the last
