@@ -20,6 +20,7 @@ import yaml
 from sd3ray.errors import Sd3rayError
 
 TimestepScheme = Literal["uniform", "logit_normal", "mode", "cosmap"]
+Prediction = Literal["velocity", "x0"]
 SamplerName = Literal["euler", "heun"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]
@@ -80,6 +81,10 @@ class FlowConfig:
     mode_scale: float = 1.29
     shift: float = 1.0
     num_val_levels: int = 8
+    # what the network outputs: the velocity itself, or the clean image x0, turned into the velocity the loss and the
+    # samplers use as v = (z_t − x̂0) / max(t, x0_t_min) (JiT, Li & He 2025: x-prediction with the velocity loss)
+    prediction: Prediction = "velocity"
+    x0_t_min: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,7 @@ def validate(cfg: Config) -> None:
     _require(-1.0 <= f.mode_scale <= 2.0 / (3.141592653589793 - 2.0), "flow.mode_scale",
              f"must be in [-1, 1.75] for a valid density, got {f.mode_scale}")
     _require(f.shift > 0, "flow.shift", f"must be > 0, got {f.shift}")
+    _require(0 < f.x0_t_min < 1, "flow.x0_t_min", f"must be in (0, 1), got {f.x0_t_min}")
     _require(cfg.sample.shift > 0, "sample.shift", f"must be > 0, got {cfg.sample.shift}")
     _require(cfg.sample.guidance >= 0, "sample.guidance", f"must be >= 0, got {cfg.sample.guidance}")
     interval = cfg.sample.guidance_interval

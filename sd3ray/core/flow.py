@@ -60,6 +60,14 @@ def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return eps - x0
 
 
+def velocity_from_x0(z_t: torch.Tensor, x0_hat: torch.Tensor, t: torch.Tensor, t_min: float) -> torch.Tensor:
+    """The velocity an x0-predicting network implies: z_t = (1 − t)·x0 + t·eps gives eps − x0 = (z_t − x0) / t. The
+    division is capped at 1/t_min, so near the data a small error in x̂0 is not blown up; the loss stays the
+    velocity loss on this v̂ (flow.prediction = x0)."""
+    t = t.view(-1, *([1] * (z_t.dim() - 1))).clamp_min(t_min)
+    return (z_t - x0_hat) / t
+
+
 def per_sample_loss(velocity_fn: VelocityFn, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """‖v̂(z_t, t) − (eps − x0)‖² averaged over pixels: (B,)."""
     v_hat = velocity_fn(interpolate(x0, eps, t), t)

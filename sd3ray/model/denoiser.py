@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sd3ray.config import Config
-from sd3ray.core.flow import VelocityFn
+from sd3ray.core.flow import VelocityFn, velocity_from_x0
 from sd3ray.model.mmdit import MMDiT
 from sd3ray.model.pretrained_text import PretrainedTextEncoder, is_pretrained
 from sd3ray.model.text_encoder import TextEncoder
@@ -33,11 +33,19 @@ class Denoiser(nn.Module):
         super().__init__()
         self.text_encoder = build_text_encoder(cfg)
         self.mmdit = MMDiT(cfg.model)
+        self.prediction, self.x0_t_min = cfg.flow.prediction, cfg.flow.x0_t_min
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Training: z_t (B,C,H,W), t (B,), prompt token ids and mask (B,L) -> velocity (B,C,H,W)."""
         context, pooled = self.text_encoder(ids, mask)
-        return self.mmdit(z_t, t, context, pooled, mask)
+        return self.as_velocity(self.mmdit(z_t, t, context, pooled, mask), z_t, t)
+
+    def as_velocity(self, out: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output as a velocity (flow.prediction): as it is, or from its clean-image estimate. The one
+        place training and every sampler get v̂ from."""
+        if self.prediction == "x0":
+            return velocity_from_x0(z_t, out, t, self.x0_t_min)
+        return out
 
     def condition(self, prompts: list[str]) -> Conditioning:
         """Encode prompts once, to reuse over every step of a trajectory."""
@@ -47,7 +55,7 @@ class Denoiser(nn.Module):
 
     def velocity(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """z_t (B,C,H,W), t (B,) -> v (B,C,H,W) for already encoded prompts."""
-        return self.mmdit(z_t, t, cond.context, cond.pooled, cond.mask)
+        return self.as_velocity(self.mmdit(z_t, t, cond.context, cond.pooled, cond.mask), z_t, t)
 
     def velocity_fn(self, prompts: list[str], guidance: float = 1.0, interval: tuple[float, ...] = (0.0, 1.0),
                     guide: Denoiser | None = None) -> VelocityFn:

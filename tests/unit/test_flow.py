@@ -90,3 +90,14 @@ def test_fixed_t_validation_loss() -> None:
     for level, loss in zip(levels, losses):
         z = (1 - level) * x0 + level * eps
         assert loss.item() == pytest.approx((z - (eps - x0)).pow(2).mean().item(), rel=1e-5)
+
+
+def test_an_exact_clean_image_estimate_gives_the_exact_velocity_above_t_min() -> None:
+    from sd3ray.core.flow import velocity_from_x0
+
+    x0, eps = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
+    t = torch.tensor([0.9, 0.5, 0.1, 0.02])
+    v = velocity_from_x0(interpolate(x0, eps, t), x0, t, t_min=0.05)
+    torch.testing.assert_close(v[:3], (eps - x0)[:3])
+    # below t_min the division is capped: v = (z_t − x0) / t_min = t·(eps − x0) / t_min
+    torch.testing.assert_close(v[3], 0.02 * (eps - x0)[3] / 0.05)

@@ -92,3 +92,23 @@ def test_euler_through_a_guided_linear_field_matches_its_closed_form(interval: t
 def test_a_bad_interval_is_one_clear_error(interval: str) -> None:
     with pytest.raises(ConfigError, match=r"sample.guidance_interval: must be \[lo, hi\]"):
         load_config("configs/mnist_tiny.yaml", [f"sample.guidance_interval={interval}"])
+
+
+@torch.no_grad()
+def test_an_x0_predicting_model_gives_training_and_every_sampler_the_same_implied_velocity() -> None:
+    """flow.prediction = x0: the network's output is x̂0, and the velocity used by the loss (forward) and by the
+    samplers (velocity, velocity_fn) is (z_t − x̂0) / max(t, x0_t_min), the same network with the same weights."""
+    torch.manual_seed(0)
+    cfg = load_config("configs/mnist_tiny.yaml", [*TINY, "flow.prediction=x0", "flow.x0_t_min=0.1"])
+    model = Denoiser(cfg).eval()
+    for p in model.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+    z_t, t = torch.randn(3, 1, 32, 32), torch.tensor([0.9, 0.4, 0.05])
+    ids, mask = model.text_encoder.tokenize(PROMPTS)
+    context, pooled = model.text_encoder(ids, mask)
+    x0_hat = model.mmdit(z_t, t, context, pooled, mask)
+    expected = (z_t - x0_hat) / t.clamp_min(0.1).view(-1, 1, 1, 1)
+    torch.testing.assert_close(model(z_t, t, ids, mask), expected)
+    torch.testing.assert_close(model.velocity_fn(PROMPTS)(z_t, t), expected)
+    with pytest.raises(ConfigError, match="flow.x0_t_min"):
+        load_config("configs/mnist_tiny.yaml", ["flow.x0_t_min=0"])
