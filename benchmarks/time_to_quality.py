@@ -80,10 +80,43 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| setup | budget | command to checkpoint (min) | steps | images/s | prompt acc | cFID | floor | "
              "cFID/floor | diversity (real) |", "|" + "---|" * 10]
     for r in rows:
-        lines.append(f"| {r['label']} | {budget_label(r)} | {r['wall_minutes']:.2f} | {r['step']} | "
+        seed = f" (seed {r['seed']})" if r.get("seed") is not None else ""
+        lines.append(f"| {r['label']}{seed} | {budget_label(r)} | {r['wall_minutes']:.2f} | {r['step']} | "
                      f"{r['images_seen'] / r['train_seconds']:.0f} | {r['samples/accuracy']:.3f} | "
                      f"{r['val/cfid']:.2f} | {r['val/cfid_floor']:.2f} | {r['samples/cfid_ratio']:.2f} | "
                      f"{r['samples/diversity']:.2f} ({r['val/diversity_real']:.2f}) |")
+    return "\n".join(lines) + "\n"
+
+
+SPREAD_KEYS = ("samples/accuracy", "val/cfid", "samples/cfid_ratio")
+
+
+def seed_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per setup and budget over its seeds: the mean and the sample standard deviation (n − 1; 0 for one
+    seed) of accuracy, cFID and cFID/floor. A lever counts only where its gain over another setup exceeds these
+    spreads."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], budget_label(r)), []).append(r)
+    summary = []
+    for (label, budget), members in groups.items():
+        row: dict[str, Any] = {"label": label, "budget": budget, "seeds": len(members),
+                               "step": members[0]["step"]}
+        for key in SPREAD_KEYS:
+            values = np.array([m[key] for m in members], dtype=float)
+            row[key] = float(values.mean())
+            row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary.append(row)
+    return summary
+
+
+def summary_table(summary: list[dict[str, Any]]) -> str:
+    lines = ["| setup | budget | seeds | prompt acc (mean ± std) | cFID (mean ± std) | cFID/floor (mean ± std) |",
+             "|" + "---|" * 6]
+    for r in summary:
+        lines.append(f"| {r['label']} | {r['budget']} | {r['seeds']} | {r['samples/accuracy']:.3f} ± "
+                     f"{r['samples/accuracy_std']:.3f} | {r['val/cfid']:.2f} ± {r['val/cfid_std']:.2f} | "
+                     f"{r['samples/cfid_ratio']:.2f} ± {r['samples/cfid_ratio_std']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -92,7 +125,8 @@ def ttq_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     metrics = {}
     for r in rows:
         prefix = f"ttq/{r['label']}/" + (f"{r['budget_steps']}steps" if r.get("budget_steps")
-                                          else f"{r['budget_minutes']:g}min")
+                                          else f"{r['budget_minutes']:g}min") + \
+            (f"/seed{r['seed']}" if r.get("seed") is not None else "")
         metrics.update({f"{prefix}/wall_minutes": r["wall_minutes"], f"{prefix}/steps": float(r["step"])})
         metrics.update({f"{prefix}/{key.split('/')[-1]}": r[key] for key in
                         ("samples/accuracy", "val/cfid", "val/cfid_floor", "samples/cfid_ratio")})

@@ -6,9 +6,12 @@ figures and every budget's sample grid to MLflow as a run of its own.
     python jobs/time_to_quality.py --config configs/mnist_tiny.yaml --minutes 5 10 --num-samples 1000
     python jobs/time_to_quality.py --minutes 10 --setup base --setup lr2e-3 train.lr=2e-3   # compare levers
     python jobs/time_to_quality.py --steps 2000 --setup base --setup ema0.98 train.ema_decay=0.98  # per image
+    python jobs/time_to_quality.py --steps 2000 --seeds 3 --setup base --setup ema0.98 train.ema_decay=0.98
 
 With `--steps`, each setup trains exactly that many optimizer steps instead of a wall-clock budget: quality per
-image seen, which does not depend on the machine (the wall time is reported beside it).
+image seen, which does not depend on the machine (the wall time is reported beside it). With `--seeds K`, each
+setup and budget trains K times (train.seed 0..K−1) and a second table gives the mean ± standard deviation over the
+seeds: a lever counts only where its gain exceeds that spread.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def build_parser():
     parser.add_argument("--setup", nargs="+", action="append", metavar=("LABEL", "KEY=VALUE"),
                         help="a named set of overrides to measure (repeatable; default: the config as shipped)")
     parser.add_argument("--num-samples", type=positive_int, default=1000, help="judged samples per checkpoint")
+    parser.add_argument("--seeds", type=positive_int, default=1,
+                        help="train each setup and budget with train.seed 0..SEEDS-1, and report mean ± std")
     parser.add_argument("--reserve-s", type=float, default=0.0,
                         help="seconds of each budget not given to the run (its budget already counts start-up "
                              "and the final checkpoint)")
@@ -53,28 +58,42 @@ def main() -> int:
     if args.reserve_s < 0 or (not args.steps and min(args.minutes) * 60 <= args.reserve_s):
         parser.error(f"--reserve-s must be >= 0 and every budget longer than it ({args.reserve_s:g} s)")
 
-    from benchmarks.time_to_quality import judge_checkpoint, markdown_table, train_for, ttq_metrics
+    from benchmarks.time_to_quality import (
+        judge_checkpoint,
+        markdown_table,
+        seed_summary,
+        summary_table,
+        train_for,
+        ttq_metrics,
+    )
     from sd3ray.data.format import read_split
     from sd3ray.evaluation.judge import Reference, load_judge
     from sd3ray.training.context import default_device
 
     device, reference = default_device(), None
     rows, grids = [], {}
+    seeds = list(range(args.seeds)) if args.seeds > 1 else [None]  # one run keeps the config's own seed
     for label, *overrides in setups:
         for minutes, steps in budgets:
-            checkpoint, wall_s = train_for(args.config, minutes, args.reserve_s, args.output_dir, overrides, label,
-                                           steps)
-            if reference is None:  # the first run prepared the data; judging happens after training, off the clock
-                cfg = load_config(args.config, overrides)
-                train, test = (read_split(cfg.data.parquet_dir, split) for split in ("train", "test"))
-                reference = Reference(load_judge(train, device), train, test)
-            with torch.no_grad():
-                row, grids[f"{label}_{steps}steps" if steps else f"{label}_{minutes:g}min"] = judge_checkpoint(
-                    checkpoint, reference, args.num_samples, device)
-            rows.append({"label": label, "overrides": overrides, "budget_minutes": minutes, "budget_steps": steps,
-                         "wall_minutes": wall_s / 60, "checkpoint": str(checkpoint), **row})
-            print(markdown_table(rows[-1:]), flush=True)
+            for seed in seeds:
+                seeded = [*overrides, f"train.seed={seed}"] if seed is not None else overrides
+                run_label = f"{label}-seed{seed}" if seed is not None else label
+                checkpoint, wall_s = train_for(args.config, minutes, args.reserve_s, args.output_dir, seeded,
+                                               run_label, steps)
+                if reference is None:  # the first run prepared the data; judging is off the clock
+                    cfg = load_config(args.config, overrides)
+                    train, test = (read_split(cfg.data.parquet_dir, split) for split in ("train", "test"))
+                    reference = Reference(load_judge(train, device), train, test)
+                with torch.no_grad():
+                    row, grids[f"{run_label}_{steps}steps" if steps else f"{run_label}_{minutes:g}min"] = \
+                        judge_checkpoint(checkpoint, reference, args.num_samples, device)
+                rows.append({"label": label, "seed": seed, "overrides": seeded, "budget_minutes": minutes,
+                             "budget_steps": steps, "wall_minutes": wall_s / 60, "checkpoint": str(checkpoint),
+                             **row})
+                print(markdown_table(rows[-1:]), flush=True)
     table = markdown_table(rows)
+    if args.seeds > 1:
+        table += "\nOver the seeds:\n\n" + summary_table(seed_summary(rows))
     from sd3ray.training.machine import describe_machine
 
     report = (f"{describe_machine(device)}\n{args.config}, {args.num_samples} samples per checkpoint\n\n"

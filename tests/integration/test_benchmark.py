@@ -166,21 +166,25 @@ def test_gpu_report_levers_train_each_lever_and_judge_it_on_the_way(mnist_parque
     assert not (tmp_path / "bad.json").exists()  # refused before any work
 
 
-def test_time_to_quality_per_step_trains_exactly_that_many_steps(mnist_parquet: Path, tmp_path: Path) -> None:
+def test_time_to_quality_per_step_trains_exactly_that_many_steps_with_each_seed(mnist_parquet: Path,
+                                                                               tmp_path: Path) -> None:
     """--steps: quality per image seen; the run ends at the step count, not a clock, and the report names the
-    machine and the command."""
+    machine and the command. --seeds 2: each seed trains its own run, and the report gives mean ± std over them."""
     from tests.support import MICRO
 
     micro = ["micro", *MICRO, f"data.parquet_dir={mnist_parquet}", "train.log_every=4", "eval.batch_size=20"]
     proc = subprocess.run(
-        [sys.executable, "jobs/time_to_quality.py", "--steps", "8", "--num-samples", "20", "--output-dir",
-         str(tmp_path / "ttq"), "--no-tracking", "--setup", *micro],
+        [sys.executable, "jobs/time_to_quality.py", "--steps", "8", "--seeds", "2", "--num-samples", "20",
+         "--output-dir", str(tmp_path / "ttq"), "--no-tracking", "--setup", *micro],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads((tmp_path / "ttq" / "time_to_quality.json").read_text())
-    assert (row["budget_steps"], row["step"], row["images_seen"]) == (8, 8, 8 * 16)
+    rows = json.loads((tmp_path / "ttq" / "time_to_quality.json").read_text())
+    assert [(r["seed"], r["budget_steps"], r["step"], r["images_seen"]) for r in rows] == [(0, 8, 8, 128),
+                                                                                          (1, 8, 8, 128)]
+    assert rows[0]["val/cfid"] != rows[1]["val/cfid"]  # two trainings, not one judged twice
     report = (tmp_path / "ttq" / "time_to_quality.md").read_text()
-    assert report.startswith("CPU: ") and "--steps 8" in report and "| micro | 8 steps |" in report
+    assert report.startswith("CPU: ") and "--steps 8" in report and "| micro (seed 1) | 8 steps |" in report
+    assert "| micro | 8 steps | 2 |" in report and " ± " in report
 
 
 def test_time_to_quality_trains_each_budget_as_a_user_would_and_judges_it(micro_config, mnist_parquet: Path,

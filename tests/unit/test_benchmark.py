@@ -76,3 +76,19 @@ def test_report_and_metrics_carry_the_ratios() -> None:
     assert metrics["bench/sampling/images_per_s"] == 2.0
     ray_only = markdown_report("header", [], [], ray_rows)  # --skip-models: the Ray table alone
     assert "| model |" not in ray_only and "| ray | 95 | 0.95× | 9.0 |" in ray_only
+
+
+def test_seed_summary_gives_each_setups_mean_and_sample_spread() -> None:
+    from benchmarks.time_to_quality import seed_summary, summary_table
+
+    def row(label: str, seed: int, accuracy: float, cfid: float) -> dict:
+        return {"label": label, "seed": seed, "budget_steps": 2000, "budget_minutes": 0.0, "step": 2000,
+                "samples/accuracy": accuracy, "val/cfid": cfid, "samples/cfid_ratio": cfid / 4}
+
+    rows = [row("base", 0, 0.97, 20.0), row("base", 1, 0.99, 24.0), row("base", 2, 0.98, 22.0),
+            row("ema", 0, 0.99, 18.0)]
+    base, ema = seed_summary(rows)
+    assert (base["label"], base["seeds"], ema["seeds"]) == ("base", 3, 1)
+    assert base["val/cfid"] == pytest.approx(22.0) and base["val/cfid_std"] == pytest.approx(2.0)  # n − 1
+    assert base["samples/accuracy_std"] == pytest.approx(0.01) and ema["val/cfid_std"] == 0.0
+    assert "| base | 2000 steps | 3 | 0.980 ± 0.010 | 22.00 ± 2.00 | 5.50 ± 0.50 |" in summary_table([base])
