@@ -22,7 +22,7 @@ from sd3ray.errors import Sd3rayError
 TimestepScheme = Literal["uniform", "logit_normal", "mode", "cosmap"]
 Prediction = Literal["velocity", "x0"]
 SamplerName = Literal["euler", "heun"]
-LrSchedule = Literal["constant", "cosine"]
+LrSchedule = Literal["constant", "cosine", "wsd"]
 Precision = Literal["auto", "fp32", "bf16"]
 CompileMode = Literal["auto", "none", "blocks", "whole"]
 LogCheckpoints = Literal["final", "none"]
@@ -124,6 +124,8 @@ class TrainConfig:
     # with a budget, end the cosine where the clock will stop the run instead of at `steps` (measured: it costs
     # accuracy when the budget is far too short to converge, docs/quality.md)
     lr_decay_to_budget: bool = False
+    # wsd (warmup-stable-decay): constant, then linear to zero over this last share of the run (or of the budget)
+    decay_fraction: float = 0.2
     seed: int = 0
     # auto: bf16 autocast on a GPU; on a CPU, bf16 only where it has native bf16 matrix units and the config's
     # step measured faster in bf16 (sd3ray.training.step.resolve_step_settings says why; docs/performance.md)
@@ -235,6 +237,7 @@ def validate(cfg: Config) -> None:
     _require(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
     _require(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {tr.ema_decay}")
     _require(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}")
+    _require(0 < tr.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {tr.decay_fraction}")
     _require(tr.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {tr.grad_clip}")
     _require(tr.max_minutes >= 0, "train.max_minutes", f"must be >= 0 (0 = no budget), got {tr.max_minutes}")
     _require(cfg.eval.num_samples >= 0, "eval.num_samples", f"must be >= 0, got {cfg.eval.num_samples}")

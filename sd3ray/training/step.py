@@ -102,12 +102,17 @@ def long_run(tc: TrainConfig) -> bool:
 
 
 def learning_rate_factor(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
-    """Linear warmup, then constant or cosine decay to zero at `horizon` (default `train.steps`)."""
+    """Linear warmup, then constant, cosine decay to zero at `horizon` (default `train.steps`), or warmup-stable-
+    decay: constant, then linear to zero over the last `train.decay_fraction` of the horizon (a constant rate with
+    no cooldown leaves the last weights noisy; WSD anneals them while keeping the long constant phase)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return 1.0
     end = cfg.steps if horizon is None else horizon
+    if cfg.lr_schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * end))
+        return min(1.0, max(0.0, (end - step) / decay_steps))
     progress = (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 

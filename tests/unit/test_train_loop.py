@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sd3ray.checkpoint import latest_checkpoint, load_checkpoint
-from sd3ray.config import load_config
+from sd3ray.config import ConfigError, load_config
 from sd3ray.core.ema import EMA
 from sd3ray.tracking.protocol import NullTracker
 from sd3ray.training.context import LocalContext
@@ -145,6 +145,18 @@ def test_learning_rate_schedule() -> None:
     assert learning_rate_factor(9, cfg) == pytest.approx(1.0)
     assert learning_rate_factor(60, cfg) == pytest.approx(0.5)
     assert learning_rate_factor(110, cfg) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_warmup_stable_decay_is_constant_then_linear_to_zero_over_its_last_share() -> None:
+    cfg = load_config(None, ["train.warmup_steps=10", "train.steps=100", "train.lr_schedule=wsd",
+                             "train.decay_fraction=0.2"]).train
+    assert learning_rate_factor(4, cfg) == pytest.approx(0.5)  # warmup as before
+    assert [learning_rate_factor(s, cfg) for s in (10, 50, 80)] == [1.0, 1.0, 1.0]  # stable
+    assert learning_rate_factor(90, cfg) == pytest.approx(0.5) and learning_rate_factor(99, cfg) == pytest.approx(0.05)
+    assert learning_rate_factor(100, cfg) == 0.0
+    assert learning_rate_factor(450, cfg, horizon=500) == pytest.approx(0.5)  # a time budget's horizon moves it
+    with pytest.raises(ConfigError, match="train.decay_fraction"):
+        load_config(None, ["train.decay_fraction=0"])
 
 
 def test_decay_horizon_follows_the_time_budget() -> None:
