@@ -85,6 +85,9 @@ class FlowConfig:
     # samplers use as v = (z_t − x̂0) / max(t, x0_t_min) (JiT, Li & He 2025: x-prediction with the velocity loss)
     prediction: Prediction = "velocity"
     x0_t_min: float = 0.05
+    # this share of training timesteps drawn uniformly over (0, 1) instead of from `scheme`: coverage of the ends
+    # (the low-noise end, where samples get their texture) added without moving draws away from the middle
+    uniform_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -229,6 +232,7 @@ def validate(cfg: Config) -> None:
              f"must be in [-1, 1.75] for a valid density, got {f.mode_scale}")
     _require(f.shift > 0, "flow.shift", f"must be > 0, got {f.shift}")
     _require(0 < f.x0_t_min < 1, "flow.x0_t_min", f"must be in (0, 1), got {f.x0_t_min}")
+    _require(0 <= f.uniform_fraction <= 1, "flow.uniform_fraction", f"must be in [0, 1], got {f.uniform_fraction}")
     _require(cfg.sample.shift > 0, "sample.shift", f"must be > 0, got {cfg.sample.shift}")
     _require(cfg.sample.guidance >= 0, "sample.guidance", f"must be >= 0, got {cfg.sample.guidance}")
     interval = cfg.sample.guidance_interval

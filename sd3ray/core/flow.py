@@ -5,8 +5,8 @@ Convention, stated once: t = 0 is data and t = 1 is noise.
 so dz_t/dt = v and sampling integrates from t = 1 (noise) down to t = 0 (data). The network sees t·1000 in its
 sinusoidal embedding (sd3ray.model.embeddings).
 
-Training timesteps follow one of SD3 §3.1's densities over t, optionally moved towards noise by the resolution
-shift of §5.3.2: t' = α·t / (1 + (α − 1)·t).
+Training timesteps follow one of SD3 §3.1's densities over t, optionally mixed with a share of uniform draws
+(`flow.uniform_fraction`), then moved towards noise by the resolution shift of §5.3.2: t' = α·t / (1 + (α − 1)·t).
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ def sample_timesteps(
             # f_cosmap(u) = 1 − 1 / (tan(πu/2) + 1)
             u = torch.rand(n, generator=generator, device=device)
             t = 1 - 1 / (torch.tan(math.pi / 2 * u) + 1)
+    if cfg.uniform_fraction > 0:  # a mixture: each draw is uniform with this probability (no extra draws when 0)
+        uniform = torch.rand(n, generator=generator, device=device)
+        chosen = torch.rand(n, generator=generator, device=device) < cfg.uniform_fraction
+        t = torch.where(chosen, uniform, t)
     return shift_timesteps(t.clamp(0.0, 1.0), cfg.shift)
 
 

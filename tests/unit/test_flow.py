@@ -32,6 +32,9 @@ CDFS = {
     "mode(1.29)": (FlowConfig(scheme="mode", mode_scale=1.29), lambda t: _mode_cdf(t, 1.29)),
     "mode(-0.5)": (FlowConfig(scheme="mode", mode_scale=-0.5), lambda t: _mode_cdf(t, -0.5)),
     "cosmap": (FlowConfig(scheme="cosmap"), lambda t: 2 / math.pi * math.atan(t / (1 - t))),
+    # a mixture adds coverage without moving the rest: 80% logit-normal(0, 1), 20% uniform
+    "logit_normal + 20% uniform": (FlowConfig(scheme="logit_normal", uniform_fraction=0.2),
+                                   lambda t: 0.8 * stats.norm.cdf(math.log(t / (1 - t))) + 0.2 * t),
 }
 
 
