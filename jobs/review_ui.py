@@ -4,9 +4,10 @@
     python jobs/review_ui.py RUN_ID --tracking-uri http://127.0.0.1:5000 --out runs/ui-review
 
 It opens the experiment at the link sd3ray prints, then the run's Model metrics tab, scrolls to the sample grid
-and clicks its slider's far end; it reports the view that opened, the sections in order, the first chart and the
-grid's steps, and exits 1 when one of them is not what a person should see first. Needs Chromium (Debian:
-apt-get install -y chromium; another one with --browser or $SD3RAY_BROWSER).
+and clicks its slider's far end, taking each screenshot once its page has finished loading; it reports the view
+that opened, the sections in order, the first chart, how much of the grid's picture is in view and the grid's steps,
+and exits 1 when one of them is not what a person should see first or a page never finished loading. Needs Chromium
+(Debian: apt-get install -y chromium; another one with --browser or $SD3RAY_BROWSER).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def main() -> int:
                             f"a training run printed, and its store with --tracking-uri") from exc
     with ui_for(uri) as base:
         review = review_run(base, experiment_id, args.run_id, args.out)
+    grid = review.grid_at_open
     print(f"sd3ray: run {args.run_id} at {redact(uri)}: experiment opens in the {review.experiment_view} view; "
           f"sections {', '.join(review.sections)}; first chart {review.first_chart}; grid "
-          f"{'shown' if review.grid_at_open else 'missing'} at open, step {review.latest_grid_step} after one click")
+          f"{'shown' if grid.visible else 'not in view'} at open ({grid.shown:.0%} of its picture in view, "
+          f"{grid.width}×{grid.height} px), step {review.latest_grid_step} after one click")
     print("sd3ray: screenshots " + " ".join(str(path) for path in review.screenshots))
     problems = review.problems(latest_step=latest_eval_step(uri, args.run_id))
     for problem in problems:

@@ -1,6 +1,6 @@
-"""Headless Chromium over the DevTools protocol: enough to open MLflow's UI as a person would, read what it shows
-and save screenshots. It drives the machine's own browser (Debian: `apt-get install -y chromium`); nothing is
-downloaded. Only the UI review (`jobs/review_ui.py`) and its test use it.
+"""Headless Chromium over the DevTools protocol: enough to open MLflow's UI as a person would, wait until a page has
+finished loading, read what it shows and save screenshots. It drives the machine's own browser (Debian: `apt-get
+install -y chromium`); nothing is downloaded. Only the UI review (`jobs/review_ui.py`) and its test use it.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ class Browser:
         self.start_timeout_s = start_timeout_s
         self._ids = itertools.count(1)
         self._loop = asyncio.new_event_loop()
+        self._requests: dict[str, str] = {}  # the page's requests in flight: id -> URL
+        self._last_request_event = time.monotonic()  # when one last started or ended
 
     def __enter__(self) -> Browser:
         self._profile = Path(tempfile.mkdtemp(prefix="sd3ray-browser-"))
@@ -94,6 +96,7 @@ class Browser:
             target = json.loads(await reply.text())
         self._ws = await self._session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0)
         await self._call("Page.enable")
+        await self._call("Network.enable")  # its events say which requests are in flight (see `settle`)
         await self._call("Emulation.setDeviceMetricsOverride", width=self.width, height=self.height,
                          deviceScaleFactor=1, mobile=False)
 
@@ -105,12 +108,25 @@ class Browser:
     async def _call(self, method: str, **params: Any) -> dict:
         call_id = next(self._ids)
         await self._ws.send_str(json.dumps({"id": call_id, "method": method, "params": params}))
-        while True:  # events arrive between replies; the page's own are not needed here
+        while True:  # events arrive between replies, in order: the network's are counted, the rest not needed
             message = json.loads((await self._ws.receive()).data)
+            if message.get("method", "").startswith("Network."):
+                self._track_request(message["method"], message.get("params", {}))
             if message.get("id") == call_id:
                 if "error" in message:
                     raise TrackingError(f"the browser refused {method}: {message['error'].get('message')}")
                 return message.get("result", {})
+
+    def _track_request(self, event: str, params: dict) -> None:
+        if event == "Network.requestWillBeSent":
+            if not params.get("loaderId"):  # a worker's own script: it finishes in the worker, unheard of here
+                return
+            self._requests[params["requestId"]] = params.get("request", {}).get("url", "")
+        elif event in ("Network.loadingFinished", "Network.loadingFailed"):
+            self._requests.pop(params["requestId"], None)
+        else:
+            return
+        self._last_request_event = time.monotonic()
 
     def call(self, method: str, **params: Any) -> dict:
         return self._loop.run_until_complete(self._call(method, **params))
@@ -127,6 +143,7 @@ class Browser:
         """Load `url` afresh. A link into a single-page app that differs only after '#' would otherwise be a
         same-page navigation, which the app may overwrite with a redirect it still has pending."""
         self.call("Page.navigate", url="about:blank")
+        self._requests.clear()  # the blank page's navigation cancelled whatever the last page had in flight
         self.call("Page.navigate", url=url)
 
     def wait_for(self, expression: str, what: str, timeout_s: float = 60.0) -> Any:
@@ -138,6 +155,28 @@ class Browser:
             if time.monotonic() > deadline:
                 raise TrackingError(f"the page did not show {what} within {timeout_s:g} s "
                                     f"(at {self.evaluate('location.href')})")
+            time.sleep(0.25)
+
+    def settle(self, busy: str, timeout_s: float = 60.0, quiet_s: float = 1.5) -> str:
+        """Wait until the page has finished loading: its document complete, no request in flight and the JavaScript
+        expression `busy` (what the page itself shows while it loads: '' when nothing) empty, all three for `quiet_s`
+        on end (a single-page app fetches in waves, with short pauses between them). '' once it has; else what was
+        still loading when `timeout_s` ran out."""
+        deadline, quiet_since = time.monotonic() + timeout_s, None
+        while True:
+            loading = [self.evaluate(f"document.readyState === 'complete' ? ({busy}) || '' : 'the document'")]
+            if self._requests:
+                urls = sorted({url.split("?")[0] for url in self._requests.values()})
+                loading.append(f"{len(self._requests)} request(s) in flight ({', '.join(urls[:3])})")
+            state, now = ", ".join(filter(None, loading)), time.monotonic()
+            if state:
+                quiet_since = None
+            else:
+                quiet_since = quiet_since or now
+                if now - max(quiet_since, self._last_request_event) >= quiet_s:
+                    return ""
+            if now > deadline:
+                return state or "requests that kept starting"
             time.sleep(0.25)
 
     def click(self, x: float, y: float) -> None:

@@ -48,6 +48,12 @@ UI_PORT = 5000  # `mlflow ui`'s default
 # them, as infra/mlflow/serve.sh does; a user's own setting wins.
 WITHOUT_JOB_RUNNERS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 SYSTEM_PROGRESS_METRIC = "system/cpu_utilization_percentage"
+# The config keys a run logs as params: the model's width, the timestep scheme, the learning rate and the guidance,
+# what people compare first across runs (the runs table's columns and filters); the whole config is the run's
+# config.yaml artifact, and its sd3ray.config_hash tag tells two configs apart. Few and short on purpose: MLflow
+# 3.17's image card prints every param of a run above its picture, in a scroll area as tall as the picture, so each
+# line of them pushes ~6% of the sample grid out of view (docs/tracking.md); ~70 hid it whole.
+COMPARED_PARAMS = ("model.width", "flow.scheme", "train.lr", "sample.guidance")
 
 
 DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # each server's default, when a URI names none
@@ -172,11 +178,10 @@ class MlflowTracker:
                                      tags={k: redact(str(v)) for k, v in all_tags.items()})
         from mlflow.entities import Param
 
-        params = [Param(k, redact(str(v))) for k, v in flatten(cfg).items()]
-        for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        params = [Param(k, redact(str(v))) for k, v in compared_params(cfg).items()]
+        self.client.log_batch(run.info.run_id, params=params)
         self._params = {param.key for param in params}
-        self.client.log_text(run.info.run_id, redact(to_yaml(cfg)), "config.yaml")
+        self.client.log_text(run.info.run_id, redact(to_yaml(cfg)), "config.yaml")  # the whole config
         try:
             dataset = dataset_input(cfg.data.parquet_dir)
         except Sd3rayError:  # no set there yet (a sweep's parent run opens before its trials prepare it)
@@ -230,7 +235,8 @@ class MlflowTracker:
 
     def log_params(self, params: dict[str, float | int | str]) -> None:
         """Params not logged yet (a resumed run has its first logging's); MLflow refuses to change a param."""
-        fresh = {k: str(v) for k, v in params.items() if k not in self._params}
+        # a float in 6 digits: the image card prints every param, and 17 digits of a reference statistic are noise
+        fresh = {k: f"{v:.6g}" if isinstance(v, float) else str(v) for k, v in params.items() if k not in self._params}
         if not fresh:
             return
         self._params.update(fresh)
@@ -354,6 +360,12 @@ class MlflowTracker:
             shutil.rmtree(self._spool, ignore_errors=True)
             with contextlib.suppress(OSError):  # the folder of every run's leftovers goes when it holds none
                 self._spool.parent.rmdir()
+
+
+def compared_params(cfg: Config) -> dict[str, object]:
+    """The params a run logs of its config: COMPARED_PARAMS's values."""
+    values = flatten(cfg)
+    return {key: values[key] for key in COMPARED_PARAMS}
 
 
 def dataset_input(parquet_dir: str) -> DatasetInput:

@@ -6,8 +6,10 @@ checks that a sweep in which every trial failed ends the job with an error namin
 
 import runpy
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from sd3ray.config import ConfigError
@@ -45,7 +47,9 @@ def test_asha_stops_a_trial_without_leaking_it_and_resume_reruns_nothing(ray_hea
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     # every trial is a child run
     assert sorted(c.info.run_name for c in children) == ["w32-uniform", "w48-uniform", "w64-uniform"]
-    assert all(c.data.params["model.num_heads"] == str(int(c.data.params["model.width"]) // 16) for c in children)
+    configs = [client.download_artifacts(c.info.run_id, "config.yaml", str(tmp_path / c.info.run_id)) for c in children]
+    models = [yaml.safe_load(Path(config).read_text())["model"] for config in configs]
+    assert all(model["num_heads"] == model["width"] // 16 for model in models)
     # no child run is left RUNNING: the finished trial ended its own; ASHA's stopped ones are ended with the reason
     status = {c.info.run_name: c.info.status for c in children}
     assert status["w64-uniform"] == "FINISHED" and status["w32-uniform"] == "KILLED", status

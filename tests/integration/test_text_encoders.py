@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
 
 from sd3ray.config import load_config
 from sd3ray.data.image_sets import write_coloured_shapes
@@ -44,7 +45,8 @@ def test_ray_data_precomputes_prompts_then_two_workers_train_and_the_logged_mode
 
     client = mlflow.MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("text-encoders").experiment_id])
-    assert run.data.params["text.encoder"] == str(tuple(map(str, encoders)))
+    config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "config"))).read_text()
+    assert yaml.safe_load(config)["text"]["encoder"] == list(map(str, encoders))
     (logged,) = client.search_logged_models([run.info.experiment_id])
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(logged.model_uri)
