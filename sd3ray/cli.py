@@ -59,10 +59,54 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = "conf
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str] = ()) -> Config:
-    try:
-        return load_config(args.config, [*args.overrides, *extra])
+    overrides = [*args.overrides, *extra]
+    init_from = requested_init_from(args.config, overrides)
+    try:  # the pretrained transformer's shape first, so that the YAML's own model.* keys do not stand in its way
+        cfg = load_config(args.config, [*pretrained_model_overrides(init_from), *overrides] if init_from
+                          else overrides)
     except ConfigError as err:
         parser.error(str(err))
+    if cfg.model.init_from:
+        from sd3ray.model.interop import check_config, locate, model_keys, read_config
+
+        check_config(cfg.model, model_keys(read_config(locate(cfg.model.init_from)), cfg.model.init_from),
+                     cfg.model.init_from)  # a key the user set to another value than the checkpoint's: one message
+    return cfg
+
+
+def requested_init_from(config: str | None, overrides: list[str]) -> str:
+    """`model.init_from` as the command gives it (the last --set of it, else the YAML's), read before the config is
+    built: the rest of the config is checked against the transformer it names."""
+    for override in reversed(overrides):
+        if override.startswith("model.init_from="):
+            return override.split("=", 1)[1].strip()
+    try:
+        import yaml
+
+        raw = yaml.safe_load(open(config, encoding="utf-8")) if config else None
+        return str(((raw or {}).get("model") or {}).get("init_from") or "")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return ""  # load_config names what is wrong with the file
+
+
+def pretrained_model_overrides(init_from: str) -> list[str]:
+    """`model.*` overrides that make the config describe the diffusers transformer at `init_from` (its
+    config.json): the model follows the checkpoint, and a key the user sets explicitly still wins, so that a
+    mismatch is named rather than silently overruled."""
+    from sd3ray.model.interop import PIXEL_CHANNELS, InteropError, locate, model_keys, read_config
+
+    keys = model_keys(read_config(locate(init_from)), init_from)
+    if keys["channels"] not in PIXEL_CHANNELS:
+        raise InteropError(f"model.init_from {init_from} works on {keys['channels']}-channel latents; "
+                           f"sd3ray trains in pixel space (1 or 3 channels) until its latent path (a VAE) lands: it "
+                           f"imports and exports such a transformer (jobs/export.py), but cannot train it yet")
+
+    def yaml_value(value: object) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        return f"[{', '.join(map(str, value))}]" if isinstance(value, tuple) else str(value)
+
+    return [f"model.{key}={yaml_value(value)}" for key, value in keys.items()]
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

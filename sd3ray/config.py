@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ CompileMode = Literal["auto", "none", "blocks", "whole"]
 LogCheckpoints = Literal["final", "none"]
 Loading = Literal["auto", "memory", "stream"]
 DataSource = Literal["mnist", "shapes", "prepared"]
+Parallel = Literal["auto", "ddp", "fsdp"]
+ACTIVATION_CHECKPOINTING = re.compile(r"none|blocks|every_([1-9][0-9]*)")
 
 
 class ConfigError(Sd3rayError, ValueError):
@@ -53,6 +56,15 @@ class ModelConfig:
     # predicts per pixel, mixed across patch edges by a 3×3 convolution, instead of each patch independently.
     conv_stem: int = 0
     conv_head: int = 0
+    # start from a diffusers SD3Transformer2DModel's weights (sd3ray.model.interop): a folder holding its config.json
+    # and safetensors, a pipeline folder with a `transformer` subfolder, or a hub id; "" = random initialisation.
+    # The keys above must describe the same model (a mismatch names every key and the values to set)
+    init_from: str = ""
+    # SD3's position table: fixed positions on a pos_embed_max_size² grid, centre-cropped to the token grid and kept
+    # in checkpoints; 0 = sin-cos positions over the image_size grid, computed (today's pixel-space models)
+    pos_embed_max_size: int = 0
+    # the blocks with SD3.5's second, image-only attention (MMDiT-X, SD3.5 Medium: 0..12); () = none (SD3, SD3.5 Large)
+    dual_attention_layers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,21 @@ class DataConfig:
     prefetch_batches: int = 4  # streaming on Ray: batches each worker keeps ready ahead of the step
 
 
+LoraTarget = Literal["attention", "mlp"]
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (PEFT LoRA) on the MM-DiT's linears over the frozen `model.init_from` weights: attention
+    = each stream's q/k/v and output projections, mlp = both linears of each stream's MLP. rank 0 = full
+    fine-tuning (every weight trains)."""
+
+    rank: int = 0
+    alpha: float = 0.0  # the update is scaled by alpha / rank; 0 = rank (scale 1)
+    targets: tuple[LoraTarget, ...] = ("attention", "mlp")
+    dropout: float = 0.0  # dropout on the adapter's input while training
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 20000
@@ -135,7 +162,15 @@ class TrainConfig:
     precision: Precision = "auto"
     # none | blocks (one graph per MM-DiT block) | whole (the denoiser as one graph) | auto (by device, as above)
     compile: CompileMode = "auto"
+    # across workers: ddp (a whole replica of the training state on each), fsdp (FSDP2: weights, gradients, AdamW
+    # moments and the EMA sharded over the workers; sharded checkpoints), or auto: ddp while the training state fits
+    # one device with room for activations, fsdp beyond (sd3ray.training.parallel; docs/parallel.md)
+    parallel: Parallel = "auto"
+    # recompute MM-DiT blocks' activations in backward instead of keeping them: none, blocks (every block), or
+    # every_N (one block in N, from the first); gradients are unchanged, memory falls and a step takes longer
+    activation_checkpointing: str = "none"
     output_dir: str = "runs"
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(frozen=True)
@@ -243,10 +278,17 @@ def validate(cfg: Config) -> None:
     _require(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}")
     _require(0 < tr.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {tr.decay_fraction}")
     _require(tr.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {tr.grad_clip}")
+    _require(ACTIVATION_CHECKPOINTING.fullmatch(tr.activation_checkpointing) is not None,
+             "train.activation_checkpointing",
+             f"{tr.activation_checkpointing!r} is not allowed; expected none, blocks or every_N (N >= 1, e.g. every_2)")
+    _require(tr.parallel != "fsdp" or tr.lora.rank == 0, "train.parallel",
+             "fsdp does not shard a LoRA run (its EMA shares the frozen base with the model); an adapter's training "
+             "state is small: set train.parallel=ddp or auto")
     _require(tr.max_minutes >= 0, "train.max_minutes", f"must be >= 0 (0 = no budget), got {tr.max_minutes}")
     _require(cfg.eval.num_samples >= 0, "eval.num_samples", f"must be >= 0, got {cfg.eval.num_samples}")
     _require(cfg.eval.batch_size > 0, "eval.batch_size", f"must be > 0, got {cfg.eval.batch_size}")
     _require(cfg.data.num_val_images > 0, "data.num_val_images", "must be > 0")
+    validate_finetune(cfg)
     _require(cfg.data.stream_above_mb >= 0, "data.stream_above_mb", "must be >= 0")
     _require(cfg.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0 (0 = no row shuffle)")
     _require(cfg.data.prefetch_batches >= 0, "data.prefetch_batches", "must be >= 0")
@@ -254,6 +296,28 @@ def validate(cfg: Config) -> None:
              f"must be >= 0 (0 = off), got {cfg.tracking.system_metrics_every_s}")
     _require(cfg.tracking.flush_timeout_s >= 0, "tracking.flush_timeout_s",
              f"must be >= 0, got {cfg.tracking.flush_timeout_s}")
+
+
+def validate_finetune(cfg: Config) -> None:
+    """The pretrained-weights keys (model.init_from, the SD3 position table, dual attention) and train.lora."""
+    m, lora = cfg.model, cfg.train.lora
+    _require(m.pos_embed_max_size >= 0, "model.pos_embed_max_size",
+             f"must be >= 0 (0 = off), got {m.pos_embed_max_size}")
+    if m.pos_embed_max_size:
+        grid = m.image_size // m.patch_size
+        _require(grid <= m.pos_embed_max_size, "model.pos_embed_max_size",
+                 f"{m.pos_embed_max_size} positions per side cannot cover model.image_size/model.patch_size = {grid}")
+    bad = [i for i in m.dual_attention_layers if not 0 <= i < m.depth]
+    _require(not bad, "model.dual_attention_layers", f"{bad} are not blocks of a model.depth={m.depth} model "
+             f"(blocks are 0..{m.depth - 1})")
+    _require(lora.rank >= 0, "train.lora.rank", f"must be >= 0 (0 = full fine-tuning), got {lora.rank}")
+    _require(lora.alpha >= 0, "train.lora.alpha", f"must be >= 0 (0 = rank), got {lora.alpha}")
+    _require(0.0 <= lora.dropout < 1.0, "train.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    _require(len(lora.targets) > 0 and len(set(lora.targets)) == len(lora.targets), "train.lora.targets",
+             f"name each of attention, mlp at most once, got {list(lora.targets)}")
+    _require(lora.rank == 0 or bool(m.init_from), "train.lora.rank",
+             "a LoRA adapter trains on frozen pretrained weights: set model.init_from to the diffusers SD3 "
+             "transformer it adapts, or train.lora.rank=0 to train every weight")
 
 
 # ----------------------------------------------------------------------------------- dict <-> dataclass

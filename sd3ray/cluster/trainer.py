@@ -1,4 +1,5 @@
-"""Ray Train: the same `train()` on N workers (Train V2 `TorchTrainer`), DDP through `prepare_model`.
+"""Ray Train: the same `train()` on N workers (Train V2 `TorchTrainer`), DDP or FSDP2 through the run context's
+`prepare_model` (sd3ray.training.parallel).
 
 Checkpoints are reported to Ray and land in `storage_path/name/step_XXXXXXXX`; re-running with the same name and
 storage path resumes from the newest one (Train V2 restores it into `ray.train.get_checkpoint()`), and so does a

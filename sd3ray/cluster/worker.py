@@ -1,5 +1,6 @@
 """What runs on each Ray Train worker: `train_worker` calls the same `train()` as local mode, through `RayContext`,
-the run context over Ray Train (rank and world size, DDP, checkpoints reported to Ray storage, the stop signal).
+the run context over Ray Train (rank and world size, DDP or FSDP2, checkpoints reported to Ray storage, the
+stop signal).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import ray
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint
+from ray.train import Checkpoint, CheckpointUploadMode
 from torch import nn
 
-from sd3ray.checkpoint import CheckpointData, out_of_space, upload_checkpoint, write_checkpoint
+from sd3ray.checkpoint import MANIFEST, CheckpointData, out_of_space, upload_checkpoint, write_checkpoint
 from sd3ray.cluster.stop import StopWatcher
 from sd3ray.config import Config, from_dict
 from sd3ray.data.streaming import Batch
@@ -33,6 +34,7 @@ from sd3ray.storage import join, open_folder
 from sd3ray.tracking.mlflow_tracker import make_tracker
 from sd3ray.tracking.protocol import NullTracker
 from sd3ray.training.loop import train
+from sd3ray.training.parallel import ParallelPlan, whole_weights, wrap
 from sd3ray.training.run_folder import check_owner
 from sd3ray.training.signals import Interrupted
 
@@ -94,8 +96,8 @@ class RayContext:
             f.write("start\n")  # a worker (re)started: what follows is one attempt's passes
         return partial(record_samples, passes, log)
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return ray.train.torch.prepare_model(model, move_to_device=False)  # DDP when world_size > 1
+    def prepare_model(self, model: nn.Module, plan: ParallelPlan) -> nn.Module:
+        return wrap(model, plan, self.device)  # DDP, or FSDP2 over Ray Train's process group
 
     def _all_reduce(self, value: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
         if self.world_size > 1 and dist.is_initialized():
@@ -136,6 +138,8 @@ class RayContext:
         if data is None:
             ray.train.report(scalars)
             return None
+        if data.sharded:
+            return self._save_sharded(data, scalars)
         tmp = Path(tempfile.mkdtemp(prefix="sd3ray-ckpt-"))
         try:
             name = f"step_{data.step:08d}"
@@ -153,6 +157,34 @@ class RayContext:
             die_like_a_lost_node(data.step)
         return f"{self.run_storage}/{name}"
 
+
+    def _save_sharded(self, data: CheckpointData, scalars: dict[str, Any]) -> str:
+        """Every rank writes its shards into a folder of its own and uploads them into the step's folder in storage;
+        once all have, rank 0 uploads the manifest that makes the folder a checkpoint, and every rank reports that
+        one folder (Train V2 registers a checkpoint when all ranks reported the same path)."""
+        name = f"step_{data.step:08d}"
+        destination = join(self.run_storage, name)
+        tmp = Path(tempfile.mkdtemp(prefix="sd3ray-ckpt-"))
+        try:
+            try:
+                local = write_checkpoint(tmp / name, data)  # a collective: rank 0 gathers every rank's checksums
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise out_of_space(exc, tmp, data.step, "the checkpoints already in storage are intact") from exc
+            shards = [p.name for p in local.iterdir() if p.is_file() and p.name != MANIFEST]
+            upload_checkpoint(local, destination, names=shards)
+            dist.barrier()  # every rank's shards are in storage before the manifest names them
+            if self.is_main:
+                upload_checkpoint(local, destination, names=[MANIFEST])
+            fs, path = open_folder(destination)
+            ray.train.report(scalars, checkpoint=Checkpoint(path=path, filesystem=fs), checkpoint_dir_name=name,
+                             checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if data.step == self.debug.kill_after_checkpoint and self._restored is None and self.is_main:
+            die_like_a_lost_node(data.step)
+        return f"{self.run_storage}/{name}"
 
     def _upload(self, checkpoint: Checkpoint, dir_name: str) -> Checkpoint:
         """Ray's own upload gives up at the first failure; this one retries transient ones (upload_checkpoint)."""
@@ -201,7 +233,7 @@ def train_worker(config: dict[str, Any]) -> None:
         # An explained error needs no stack: Ray logs what the worker raised, and the driver prints the message.
         raise exc.with_traceback(None) from None
     if debug.save_replica_to:
-        torch.save(result.model.state_dict(), Path(debug.save_replica_to) / f"rank{ctx.rank}.pt")
+        torch.save(whole_weights(result.model), Path(debug.save_replica_to) / f"rank{ctx.rank}.pt")
 
 
 def record_samples(passes: Callable[[], Iterable[Batch]], log: Path) -> Iterator[Batch]:

@@ -57,3 +57,9 @@ def joint_attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L+N, hd)
     out = out.transpose(1, 2).flatten(2)  # (B, L+N, H·hd)
     return out[:, :length], out[:, length:]
+
+
+def self_attention(qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Attention over one stream alone (SD3.5's second, image-only attention): three (B, N, H, hd) -> (B, N, H·hd)."""
+    q, k, v = (x.transpose(1, 2) for x in qkv)  # (B, H, N, hd)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)

@@ -39,6 +39,13 @@ def sincos_position_embedding(width: int, grid_size: int) -> torch.Tensor:
     return emb.float()
 
 
+def crop_positions(table: torch.Tensor, max_size: int, rows: int, cols: int) -> torch.Tensor:
+    """The centre rows × cols of a (max_size², D) position table, as SD3 crops its table: (rows·cols, D)."""
+    top, left = (max_size - rows) // 2, (max_size - cols) // 2
+    grid = table.view(max_size, max_size, -1)[top : top + rows, left : left + cols]  # (rows, cols, D)
+    return grid.reshape(rows * cols, -1)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of t·1000: (B,) in [0, 1] -> (B, dim)."""
     half = dim // 2

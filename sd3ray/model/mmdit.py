@@ -9,7 +9,14 @@ from torch import nn
 
 from sd3ray.config import ModelConfig
 from sd3ray.model.block import MMDiTBlock, modulate
-from sd3ray.model.embeddings import PooledEmbedder, TimestepEmbedder, patchify, sincos_position_embedding, unpatchify
+from sd3ray.model.embeddings import (
+    PooledEmbedder,
+    TimestepEmbedder,
+    crop_positions,
+    patchify,
+    sincos_position_embedding,
+    unpatchify,
+)
 
 
 class FinalLayer(nn.Module):
@@ -66,12 +73,16 @@ class MMDiT(nn.Module):
         self.patch_dim = p * p * (cfg.conv_stem or cfg.channels)  # what a token is made of
         self.out_dim = p * p * (cfg.conv_head or cfg.channels)  # what a token predicts
         self.x_embedder = nn.Linear(self.patch_dim, d)
-        self.register_buffer("pos_embed", sincos_position_embedding(d, cfg.image_size // p), persistent=False)
+        if cfg.pos_embed_max_size:  # SD3's table: a pretrained model's own positions, so kept in checkpoints
+            self.register_buffer("pos_embed", sincos_position_embedding(d, cfg.pos_embed_max_size))
+        else:
+            self.register_buffer("pos_embed", sincos_position_embedding(d, cfg.image_size // p), persistent=False)
         self.t_embedder = TimestepEmbedder(d)
         self.pooled_embedder = PooledEmbedder(cfg.pooled_dim, d)
         self.context_embedder = nn.Linear(cfg.context_dim, d)
         self.blocks = nn.ModuleList(
-            MMDiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, context_pre_only=(i == cfg.depth - 1))
+            MMDiTBlock(d, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, context_pre_only=(i == cfg.depth - 1),
+                       dual_attention=i in cfg.dual_attention_layers)
             for i in range(cfg.depth)
         )
         self.final_layer = FinalLayer(d, self.out_dim)
@@ -96,6 +107,13 @@ class MMDiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def positions(self, height: int, width: int) -> torch.Tensor:
+        """(N, D) positions of an image's token grid: the computed grid, or the centre of SD3's table."""
+        if not self.cfg.pos_embed_max_size:
+            return self.pos_embed
+        p = self.cfg.patch_size
+        return crop_positions(self.pos_embed, self.cfg.pos_embed_max_size, height // p, width // p)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -109,7 +127,7 @@ class MMDiT(nn.Module):
             raise ValueError(f"MMDiT expects images of shape (B, {self.cfg.channels}, {self.cfg.image_size}, "
                              f"{self.cfg.image_size}) (model.channels, model.image_size), got {tuple(x.shape)}")
         pixels = self.stem(x) if self.stem is not None else x  # (B, C or conv_stem, H, W)
-        img = self.x_embedder(patchify(pixels, self.cfg.patch_size)) + self.pos_embed  # (B, N, D)
+        img = self.x_embedder(patchify(pixels, self.cfg.patch_size)) + self.positions(h, w)  # (B, N, D)
         ctx = self.context_embedder(context)  # (B, L, D)
         cond = self.t_embedder(t) + self.pooled_embedder(pooled)  # (B, D)
         for block in self.blocks:

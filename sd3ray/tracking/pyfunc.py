@@ -8,6 +8,8 @@ seed gives the same images.
 The model's artifacts hold a weights-only checkpoint with the EMA weights alone (what sampling uses), and its code
 is sd3ray itself (`code_paths`), so a fresh process with torch installed loads it without sd3ray installed. The
 model is logged as code (`pyfunc_entry.py`), not as a pickle: loading it runs sd3ray's code and unpickles nothing.
+A LoRA run's model holds its adapter alone (MBs) and the base model's source and hash: loading it reads the base
+from `model.init_from` (which must hold those very weights) and folds the adapter in (`sd3ray.checkpoint`).
 """
 
 from __future__ import annotations
@@ -60,9 +62,13 @@ class Sd3rayModel(mlflow.pyfunc.PythonModel):
 
 def requirements(cfg: Config) -> list[str]:
     """What serving installs: frozen pretrained text encoders load through transformers (their weights are not in
-    the model: its checkpoint names their folders and content hashes, and loading says what to fetch)."""
+    the model: its checkpoint names their folders and content hashes, and loading says what to fetch); a LoRA
+    model's base is read from its safetensors (a hub id's through huggingface_hub)."""
     pretrained = tuple(cfg.text.encoder) != ("byte",)
-    return REQUIREMENTS + (["transformers", "tokenizers", "safetensors"] if pretrained else [])
+    extra = ["transformers", "tokenizers", "safetensors"] if pretrained else []
+    if cfg.train.lora.rank:
+        extra += [name for name in ("safetensors", "huggingface_hub") if name not in extra]
+    return REQUIREMENTS + extra
 
 
 def signature(cfg: Config):

@@ -19,6 +19,7 @@ from sd3ray.config import Config
 
 if TYPE_CHECKING:
     from sd3ray.data.streaming import Batch
+    from sd3ray.training.parallel import ParallelPlan
     from sd3ray.training.signals import StopRequest
 
 
@@ -35,8 +36,9 @@ class RunContext(Protocol):
     @property
     def is_main(self) -> bool: ...
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        """Wrap for data parallelism (DDP) where there is more than one worker."""
+    def prepare_model(self, model: nn.Module, plan: ParallelPlan) -> nn.Module:
+        """What the step calls: `model` as `plan` spreads it over the workers (`sd3ray.training.parallel.wrap`:
+        DDP, or FSDP2 sharding it in place; activation checkpointing either way)."""
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor: ...
 
@@ -53,8 +55,9 @@ class RunContext(Protocol):
         batches of `train.batch_size` (see `sd3ray.data.streaming`)."""
 
     def save_and_report(self, data: CheckpointData | None, metrics: dict[str, Any]) -> str | None:
-        """Persist a checkpoint (rank 0 passes it, others None) and report metrics; every rank calls this the same
-        number of times. Returns where the checkpoint lives (a path or URI), if one was saved."""
+        """Persist a checkpoint (rank 0 passes it, others None; a sharded one every rank, its own shards) and report
+        metrics; every rank calls this the same number of times. Returns where the checkpoint lives (a path or
+        URI), if one was saved."""
 
 
 def default_device() -> torch.device:
@@ -94,8 +97,10 @@ class LocalContext:
     def checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return model
+    def prepare_model(self, model: nn.Module, plan: ParallelPlan) -> nn.Module:
+        from sd3ray.training.parallel import wrap
+
+        return wrap(model, plan, self.device)
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         return value

@@ -21,7 +21,6 @@ import torch
 
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config, TrainConfig
-from sd3ray.core.ema import EMA
 from sd3ray.data.batches import TrainingBatches
 from sd3ray.data.format import load_splits, read_split
 from sd3ray.data.streaming import StreamedBatches, describe_choice, streams
@@ -38,8 +37,9 @@ from sd3ray.storage import is_uri
 from sd3ray.tracking.protocol import EVAL_SECONDS, Tracker
 from sd3ray.training.context import RunContext
 from sd3ray.training.machine import peak_memory_gib
+from sd3ray.training.parallel import checkpoint_state, evaluation_model, restore_training_state, whole_state_dicts
 from sd3ray.training.signals import Interrupted, signal_name
-from sd3ray.training.step import build_train_state, resolve_step_settings, train_step
+from sd3ray.training.step import TrainState, build_train_state, resolve_step_settings, train_step
 
 
 class NonFiniteLossError(Sd3rayError):
@@ -223,7 +223,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     horizon = DecayHorizon(tc, start_step=0)
     settings = resolve_step_settings(cfg, device)
     state = build_train_state(cfg, device, settings, lambda: horizon.steps, ctx.prepare_model)
-    model, ema, optimizer, scheduler = state.model, state.ema, state.optimizer, state.scheduler
+    model, scheduler = state.model, state.scheduler
     text = model.text_encoder
     if isinstance(text, PretrainedTextEncoder):
         line = use_precomputed(text, cfg.data.parquet_dir)
@@ -233,7 +233,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
         if streaming else TrainingBatches(train_set, cfg, ctx.rank, ctx.world_size, device, text.tokenize)
     step, meta = 0, {}
     if (resume := ctx.resume_from()) is not None:
-        step, meta = restore(resume, cfg, model, ema, optimizer, scheduler, device)
+        step, meta = restore(resume, cfg, state)
         horizon.resume(step, meta.get("lr_horizon"))
     run_id, seconds_before = meta.get("mlflow_run_id"), float(meta.get("train_seconds", 0.0))
     run_id = tracker.start(cfg, run_id, tags={"sd3ray.world_size": str(ctx.world_size), **ctx.run_tags})
@@ -247,12 +247,16 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
               f"{tc.batch_size} on {device} ({torch.get_num_threads()} threads{niceness()}) | from step {step}",
               flush=True)
         print(f"sd3ray: step {settings.reason}", flush=True)
+        print(f"sd3ray: {state.plan.reason}", flush=True)
     tracker.log_params({"global_batch": batches.global_batch})
     val = ValidationSet.build(test_set, cfg, device) if ctx.is_main else None
-    if val is not None and step == 0:
+    if step == 0:  # every rank: a sharded EMA is gathered onto rank 0 (evaluation_model)
         # the untrained model's grid: MLflow's image card opens at step 0, so it shows a grid at once (and the
         # slider's far end the latest one) rather than "No image logged at this step"
-        tracker.log_image("samples/grid", make_grid(generate(ema.model, val.grid_prompts, cfg, GRID_SEED, device)), 0)
+        with evaluation_model(state) as ema_model:
+            if val is not None:
+                tracker.log_image("samples/grid",
+                                  make_grid(generate(ema_model, val.grid_prompts, cfg, GRID_SEED, device)), 0)
     judged = ctx.is_main and cfg.eval.num_samples > 0 and is_digit_data(test_set)
     judge = SampleJudge(cfg, train_set or read_split(cfg.data.parquet_dir, "train"), test_set, device) \
         if judged else None
@@ -269,17 +273,17 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     saved_step = step  # a resumed run's checkpoint is at its first step
 
     def checkpoint_data(at_step: int) -> CheckpointData | None:
-        """What this rank writes at a save: the checkpoint on rank 0, nothing on the others. Ranks writing one
-        folder at once would leave files of different ranks beside a MANIFEST that matches only one of them."""
-        if not ctx.is_main:
+        """What this rank writes at a save: the whole checkpoint on rank 0 and nothing on the others; or, sharded
+        (FSDP), every rank its own shards, which the checkpoint backend writes as one checkpoint with one MANIFEST."""
+        if not ctx.is_main and not state.plan.sharded:
             return None
-        tracker.flush()  # a run resumed from this checkpoint must find every step up to it logged
-        return CheckpointData(at_step, cfg, model.state_dict(), ema.model.state_dict(), optimizer.state_dict(),
-                              scheduler.state_dict(), rng_state(),
+        if ctx.is_main:
+            tracker.flush()  # a run resumed from this checkpoint must find every step up to it logged
+        return CheckpointData(at_step, cfg, *checkpoint_state(state), scheduler.state_dict(), rng_state(),
                               {"mlflow_run_id": run_id, "samples_seen": at_step * batches.global_batch,
                                **({"run_id": ctx.run_id} if ctx.run_id else {}),
                                "train_seconds": seconds_before + time.monotonic() - started,
-                               "lr_horizon": horizon.steps})
+                               "lr_horizon": horizon.steps}, sharded=state.plan.sharded)
 
     def stop_on_signal(signum: int, at_step: int, last_saved: int, last: str | None) -> NoReturn:
         """Save unless the last checkpoint is under a log interval old, then end the run naming what to resume."""
@@ -319,9 +323,11 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                 loss_sum, grad_sum, count = loss_sum * 0, grad_sum * 0, 0
                 budget_spent = horizon.last_log_step(spent, reserve)
             plan = plan_step(step, tc, budget_spent)
-            if plan.evaluate and ctx.is_main:
+            if plan.evaluate:  # every rank: a sharded EMA is gathered onto rank 0
                 eval_started = time.monotonic()
-                evaluated = validate_and_judge(ema.model, val, cfg, device, tracker, step, judge)
+                with evaluation_model(state) as ema_model:
+                    if ctx.is_main:
+                        evaluated = validate_and_judge(ema_model, val, cfg, device, tracker, step, judge)
                 eval_s = max(eval_s, time.monotonic() - eval_started)
             if plan.report:
                 save_started = time.monotonic()
@@ -341,8 +347,10 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                 print(f"sd3ray: train.max_minutes={tc.max_minutes} ends the run at step {step} (the next log step "
                       f"and the final save would pass it); stopped cleanly", flush=True)
                 break
+        exported = cfg.tracking.log_model or cfg.tracking.log_checkpoints != "none"
+        weights, ema_weights = whole_state_dicts(state) if exported else ({}, {})  # FSDP: gathered on rank 0
         if ctx.is_main:
-            finish_run(cfg, tracker, model, ema, step, checkpoint)
+            finish_run(cfg, tracker, weights, ema_weights, step, checkpoint)
     except Interrupted:
         tracker.finish("KILLED")  # MLflow's status for a run a person stopped
         raise
@@ -353,15 +361,9 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     return TrainResult(step, checkpoint, run_id, {**metrics, **evaluated}, model)
 
 
-def restore(path: Path, cfg: Config, model: Denoiser, ema: EMA, optimizer, scheduler,
-            device: torch.device) -> tuple[int, dict[str, Any]]:
-    from sd3ray.checkpoint import load_checkpoint
-
-    data = load_checkpoint(path, expected=cfg, map_location=device, weights_only_ok=False)
-    model.load_state_dict(data.model)
-    ema.model.load_state_dict(data.ema)
-    optimizer.load_state_dict(data.optimizer)
-    scheduler.load_state_dict(data.scheduler)
+def restore(path: Path, cfg: Config, state: TrainState) -> tuple[int, dict[str, Any]]:
+    """Continue from a checkpoint of either layout, under any parallel plan (sd3ray.training.parallel)."""
+    data = restore_training_state(path, cfg, state)
     torch.set_rng_state(data.rng["torch"])
     if "cuda" in data.rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(data.rng["cuda"])
@@ -369,15 +371,16 @@ def restore(path: Path, cfg: Config, model: Denoiser, ema: EMA, optimizer, sched
     return data.step, data.meta
 
 
-def finish_run(cfg: Config, tracker: Tracker, model: Denoiser, ema: EMA, step: int, checkpoint: str | None) -> None:
+def finish_run(cfg: Config, tracker: Tracker, model: dict[str, torch.Tensor], ema: dict[str, torch.Tensor], step: int,
+               checkpoint: str | None) -> None:
     """Record where the full checkpoint lives and, per tracking.log_checkpoints, upload the final weights."""
     if checkpoint:  # absolute: the tag is read from other folders and machines than the one that trained
         tracker.set_tags({"sd3ray.checkpoint_uri": checkpoint if is_uri(checkpoint) else
                           str(Path(checkpoint).resolve())})
     if cfg.tracking.log_model:
-        tracker.log_model(cfg, step, ema.model.state_dict(), cfg.tracking.registered_model)
+        tracker.log_model(cfg, step, ema, cfg.tracking.registered_model)
     if cfg.tracking.log_checkpoints == "none":
         return
     with tempfile.TemporaryDirectory() as tmp:
-        export = CheckpointData(step, cfg, model.state_dict(), ema.model.state_dict())
+        export = CheckpointData(step, cfg, model, ema)
         tracker.log_artifact(write_checkpoint(Path(tmp) / "checkpoint", export, weights_only=True), "checkpoint")

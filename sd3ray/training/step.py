@@ -1,9 +1,10 @@
 """THE training step: what the loop, every benchmark and the GPU report run, so what is timed is what trains.
 
 `TrainState` holds what one optimizer step changes (weights, EMA, AdamW moments, the learning-rate schedule) and
-how the step runs (autocast dtype, compilation, gradient clipping). `train_step` is one step of the rectified-flow
-objective on one batch: forward under autocast, loss, backward, clip, AdamW, scheduler, EMA. It returns the loss
-and the gradient norm as device tensors: reading them is the caller's choice, at log steps only.
+how the step runs (autocast dtype, compilation, gradient clipping, data parallelism). `train_step` is one step of the
+rectified-flow objective on one batch: forward under autocast, loss, backward, clip, AdamW, scheduler, EMA. It
+returns the loss and the gradient norm as device tensors: reading them is the caller's choice, at log steps only.
+The same step runs alone, under DDP and under FSDP2 (`sd3ray.training.parallel`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +24,10 @@ from sd3ray.config import Config, TrainConfig
 from sd3ray.core.ema import EMA
 from sd3ray.core.flow import flow_loss
 from sd3ray.model import Denoiser
+from sd3ray.model.lora import ema_for, prepare_finetune
+from sd3ray.training import parallel
 from sd3ray.training.machine import cpu_native_bf16
+from sd3ray.training.parallel import ParallelPlan, UnshardedCopy
 
 # Measured with `python -m benchmarks.step_speed` (docs/performance.md): on a CPU with AMX, bf16 autocast slowed
 # mnist_tiny's width-128 step (0.91x: its GEMMs are too small to repay the casts) and sped up wider models.
@@ -59,6 +64,8 @@ class TrainState:
     settings: StepSettings
     grad_clip: float  # 0 = no clipping
     device: torch.device
+    plan: ParallelPlan  # how the model is spread over the workers
+    unsharded_ema: UnshardedCopy | None = None  # under FSDP, rank 0's copy of the EMA to evaluate
 
 
 def resolve_step_settings(cfg: Config, device: torch.device) -> StepSettings:
@@ -119,8 +126,9 @@ def learning_rate_factor(step: int, cfg: TrainConfig, horizon: int | None = None
 
 def adamw(model: nn.Module, device: torch.device, **kwargs: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel where PyTorch has one: it updates every tensor in one pass, measured 4-5x
-    faster than foreach on CPU too."""
-    return torch.optim.AdamW(model.parameters(), fused=device.type in ("cuda", "cpu"), **kwargs)
+    faster than foreach on CPU too. Frozen weights (a LoRA base) are not its to hold."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trained, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
 CPP_EXTENSION_LOGGER = "torch.utils.cpp_extension"
@@ -152,20 +160,40 @@ def compile_model(model: nn.Module, net: nn.Module, mode: str) -> nn.Module:
 
 def build_train_state(cfg: Config, device: torch.device, settings: StepSettings,
                       horizon: Callable[[], int | None] = lambda: None,
-                      wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+                      wrap: Callable[[nn.Module, ParallelPlan], nn.Module] | None = None,
                       model: nn.Module | None = None) -> TrainState:
     """A fresh state for `cfg` on `device` (the caller seeds torch first: the weights come from its RNG).
 
     `horizon()` is read at every scheduler step: the step the cosine decays to zero at (None: `train.steps`),
-    which a time budget may move. `wrap` adds data parallelism (DDP on Ray). `model` replaces the Denoiser (the
-    benchmarks' MM-DiT-only comparisons); it must take `(z_t, t, ids=, mask=)`."""
+    which a time budget may move. `wrap` applies the parallel plan (`ctx.prepare_model`; default
+    `sd3ray.training.parallel.wrap`). `model` replaces the Denoiser (the benchmarks' MM-DiT-only comparisons); it
+    must take `(z_t, t, ids=, mask=)`."""
     tc = cfg.train
-    model = (model or Denoiser(cfg)).to(device)
-    ema = EMA(model, tc.ema_decay)
+    model = prepare_finetune(model or Denoiser(cfg), cfg)  # pretrained weights, LoRA adapters
+    plan = parallel.resolve_parallel(cfg, device, model, settings.dtype)
+    if not plan.sharded:  # FSDP moves each rank's shards to the device itself: the whole model never lands there
+        model = model.to(device)
+    ema = ema_for(model, tc.ema_decay)
+    unsharded_ema = UnshardedCopy(ema.model) if plan.sharded and parallel.is_main_rank() else None
+    net = wrap(model, plan) if wrap is not None else parallel.wrap(model, plan, device)
+    parallel.shard_like(ema.model, plan, device)
+    # after wrapping: FSDP replaced the parameters with sharded ones, which the optimizer must hold
     optimizer = adamw(model, device, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: learning_rate_factor(s, tc, horizon()))
-    net = compile_model(model, wrap(model), settings.compile)
-    return TrainState(model, net, ema, optimizer, scheduler, settings, tc.grad_clip, device)
+    net = compile_model(model, net, settings.compile)
+    return TrainState(model, net, ema, optimizer, scheduler, settings, tc.grad_clip, device, plan, unsharded_ema)
+
+
+def clip_gradients(parameters: list[nn.Parameter], limit: float) -> torch.Tensor:
+    """Scale the gradients to a global norm of at most `limit` (0: no clipping); return the norm before clipping,
+    as clip_grad_norm_ does. Under FSDP the norm of each rank's slices is a partial one: its full_tensor() is the
+    norm over every rank's, so the clip and the logged norm are those of the whole model."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total: Any = torch.nn.utils.get_total_norm(grads)
+    if parallel.is_dtensor(total):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(parameters, limit or float("inf"), total)
+    return total
 
 
 def train_step(state: TrainState, x0: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
@@ -177,7 +205,7 @@ def train_step(state: TrainState, x0: torch.Tensor, ids: torch.Tensor, mask: tor
     with state.settings.autocast(state.device):
         loss = flow_loss(partial(state.net, ids=ids, mask=mask), x0, eps, t)
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), state.grad_clip or float("inf"))
+    grad_norm = clip_gradients(list(state.model.parameters()), state.grad_clip)
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ job is checked end to end in test_first_steps).
 All fits share one Ray head (see conftest.ray_head); each is a few micro steps on CPU workers with gloo.
 """
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def _fit(cfg_overrides: list[str], mnist_parquet: Path, tmp_path: Path, name: st
          debug: dict | None = None, **kwargs):
     from sd3ray.config import load_config
 
-    replicas = tmp_path / f"{name}-replicas"
+    replicas = tmp_path / f"{name}-replicas-{workers}"
     replicas.mkdir()
     cfg = load_config(REPO_ROOT / "configs/mnist_tiny.yaml",
                       [*MICRO, f"data.parquet_dir={mnist_parquet}", f"train.output_dir={tmp_path}", *cfg_overrides])
@@ -40,12 +41,16 @@ def _dataset_managers(dashboard: str) -> int:
 
 def test_a_worker_failure_restarts_exactly_and_two_workers_of_batch_b_equal_one_of_batch_2b(
         ray_head, mnist_parquet: Path, tmp_path: Path) -> None:
-    """Three fits, each checked against the others (a fit is the costliest thing a test starts):
+    """Five fits, each checked against the others (a fit is the costliest thing a test starts):
 
     - two workers (batch 8 each) trained 4 steps without a fault;
     - the same, with a worker killed after the step-2 checkpoint: the restart from that checkpoint is bit-identical,
       in one MLflow run;
-    - one worker with batch 16: DDP's averaged gradients are one batch of twice the size, to float tolerance."""
+    - one worker with batch 16: DDP's averaged gradients are one batch of twice the size, to float tolerance;
+    - the faulty run again under FSDP: each rank reports its shards of one sharded checkpoint, the restart reads
+      it, and the weights are DDP's to float tolerance (reduce-scatter sums in another order), in one MLflow run;
+    - that run continued to step 6 by one worker of batch 16 (2 -> 1: DCP reshards), in the same MLflow run, and
+      sampled from its final sharded checkpoint."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["train.steps=4", "train.log_every=1", "train.ckpt_every=2", "train.eval_every=100", "train.grad_clip=0"]
     managers = _dataset_managers(ray_head["dashboard"])
@@ -55,6 +60,9 @@ def test_a_worker_failure_restarts_exactly_and_two_workers_of_batch_b_equal_one_
                                     "tracking.experiment=faulty"], mnist_parquet, tmp_path, "faulty", 2,
                                    debug={"kill_after_checkpoint": 2}, max_failures=1)
     _, one = _fit([*common, "train.batch_size=16"], mnist_parquet, tmp_path, "one", 1, tracking=False)
+    fsdp = [*common, "train.parallel=fsdp", f"tracking.uri={uri}", "tracking.experiment=fsdp"]
+    sharded, sharded_replicas = _fit([*fsdp, "train.batch_size=8"], mnist_parquet, tmp_path, "fsdp", 2,
+                                     debug={"kill_after_checkpoint": 2}, max_failures=1)
     assert clean.metrics["step"] == faulty.metrics["step"] == 4
     moved = 0
     for key, value in clean_replicas[0].items():
@@ -72,6 +80,35 @@ def test_a_worker_failure_restarts_exactly_and_two_workers_of_batch_b_equal_one_
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")]
     assert steps == [1, 2, 3, 4]  # one MLflow run across the restart, no duplicated steps
     assert run.data.tags["sd3ray.resumed_at_step"] == "2"  # and the run says where it restarted
+    _fsdp_restarts_resumes_on_one_worker_and_samples(sharded, sharded_replicas, clean_replicas, fsdp, mnist_parquet,
+                                                     tmp_path, client)
+
+
+def _fsdp_restarts_resumes_on_one_worker_and_samples(sharded, replicas, ddp_replicas, overrides, mnist_parquet,
+                                                     tmp_path, client) -> None:
+    from sd3ray.checkpoint import is_sharded_checkpoint
+    from sd3ray.inference import generate, load_ema_model
+
+    assert sharded.metrics["step"] == 4
+    for key, value in ddp_replicas[0].items():
+        assert torch.equal(replicas[0][key], replicas[1][key]), key  # every rank gathers the same whole weights
+        torch.testing.assert_close(replicas[0][key], value, atol=2e-5, rtol=1e-4, msg=key)
+    checkpoint = Path(sharded.checkpoint.path)
+    assert checkpoint.name == "step_00000004" and is_sharded_checkpoint(checkpoint)
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(json.loads((checkpoint / "MANIFEST.json").read_text()))
+    (run,) = client.search_runs([client.get_experiment_by_name("fsdp").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")] == [1, 2, 3, 4]
+    assert run.data.tags["sd3ray.resumed_at_step"] == "2"
+    # the same run name and storage: Ray Train restores the newest checkpoint, now on one worker of twice the batch
+    resumed, _ = _fit([*overrides, "train.steps=6", "train.batch_size=16"], mnist_parquet, tmp_path, "fsdp", 1)
+    assert resumed.metrics["step"] == 6
+    (run,) = client.search_runs([client.get_experiment_by_name("fsdp").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")] == [1, 2, 3, 4, 5, 6]
+    assert run.data.tags["sd3ray.resumed_at_step"] == "4"
+    final = Path(resumed.checkpoint.path)
+    assert json.loads((final / "meta.json").read_text())["world_size"] == 1
+    model, cfg, step = load_ema_model(str(final), torch.device("cpu"))  # the whole EMA, assembled in this process
+    assert step == 6 and generate(model, ["3", "7"], cfg, seed=0, device=torch.device("cpu")).shape == (2, 1, 32, 32)
 
 
 def test_impossible_requests_fail_fast_with_advice(ray_head, tmp_path: Path) -> None:
