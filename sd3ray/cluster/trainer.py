@@ -181,9 +181,6 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
     """Run checks and prepare data on the driver, then fit. `resume`: continue or extend the run folder's run
     (`--resume latest`); without it a folder whose run finished is refused (sd3ray.training.run_folder)."""
     storage = storage_path or default_storage(cfg)
-    check_storage(storage)
-    run_storage = join(storage, name)
-    run = claim(run_storage, name, resume, cfg.train.steps, checkpoints_at=run_storage)  # before Ray starts
     connect()
     nodes = sum(1 for node in ray.nodes() if node["Alive"])
     shared = {"--storage-path": storage, "data.parquet_dir (--parquet-dir)": cfg.data.parquet_dir}
@@ -192,6 +189,9 @@ def run_ray(cfg: Config, name: str, workers: int = 1, use_gpu: bool | None = Non
         check_reachable(resolve_tracking_uri(cfg.tracking.uri))
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    check_storage(storage)  # after check_shared: a folder every node cannot see is refused before it is made
+    run_storage = join(storage, name)
+    run = claim(run_storage, name, resume, cfg.train.steps, checkpoints_at=run_storage)  # before any data work
     prepare_dataset(cfg)  # once, here: the workers only read it
     # a streaming run's reading tasks need a CPU the training workers leave free, or the stream never starts
     reserve = STREAM_CPUS if streams(cfg) else 0
