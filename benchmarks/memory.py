@@ -1,6 +1,7 @@
-"""Peak memory per rank and step time under DDP, FSDP2 and FSDP2 + activation checkpointing, on 1 and 2 workers,
-running the library's own `train_step`; and the memory model of `sd3ray.training.parallel` (bytes per parameter per
-rank) checked against the figures, then extrapolated to SD3-sized models.
+"""Peak memory per rank and step time under DDP, FSDP2 and FSDP2 + activation checkpointing, on 1 and 2 workers
+(any other count through --variants, e.g. fsdp:4:blocks), running the library's own `train_step`; and the memory
+model of `sd3ray.training.parallel` (bytes per parameter per rank) checked against the figures, then extrapolated
+to SD3-sized models.
 
     python -m benchmarks.memory --config configs/mnist.yaml --data-root ../shared/data
 
@@ -13,8 +14,10 @@ Each variant starts fresh processes (gloo on CPU, NCCL on GPU) that load the dat
   - held: the training state this rank holds, counted from its tensors (its slices under FSDP): weights, EMA,
     AdamW moments, and gradients as large as the trained weights;
   - step time: the median over the timed steps of the slowest rank's step.
-The threads are split between the workers (2 cores: one worker with 2 threads, or two with 1), so a row's step time
-is that of the same machine, not of more hardware.
+The threads are split between the workers (2 cores: one worker with 2 threads, or two with 1; more workers than
+cores get one thread each and share the cores), so a row's step time is that of the same machine, not of more
+hardware. Under FSDP the ranks build their state one at a time (`build_in_turn`), so that several ranks on one host
+never each hold a whole model at once.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from sd3ray.data.format import read_split
 from sd3ray.data.prepare import prepare_dataset
 from sd3ray.training.machine import describe_machine
 from sd3ray.training.parallel import BYTES_ALL_PARAMS, BYTES_TRAINED_PARAMS, DDP_BUCKET_BYTES, is_dtensor, mmdit_blocks
-from sd3ray.training.step import StepSettings, build_train_state, train_step
+from sd3ray.training.step import StepSettings, TrainState, build_train_state, train_step
 
 # (train.parallel, workers, train.activation_checkpointing)
 VARIANTS = [("ddp", 1, "none"), ("fsdp", 1, "none"), ("fsdp", 1, "blocks"),
@@ -88,6 +91,26 @@ def held_bytes(state) -> dict[str, int]:
             "gradients": local_bytes(p for p in params if p.requires_grad), "AdamW moments": local_bytes(moments)}
 
 
+def build_in_turn(cfg: Config, device: torch.device, settings: StepSettings, rank: int,
+                  world: int) -> TrainState:
+    """The training state, built by one rank at a time under FSDP. Each rank builds the whole model and its EMA
+    copy before sharding them (8 B/param, 12 on rank 0 with its unsharded EMA twin): built together, N ranks on one
+    host would hold N whole models at once, more than the sharded steps that are measured. FSDP2's sharding runs no
+    collective, so a rank can build while the others wait; DDP's broadcast of the weights is one, so DDP ranks
+    build together. Built in turn or not, a rank's state is the same (same seed) and its peak is measured from the
+    first timed step."""
+    sharded = cfg.train.parallel == "fsdp" and world > 1
+    state: TrainState | None = None
+    for turn in range(world if sharded else 1):
+        if not sharded or turn == rank:
+            torch.manual_seed(cfg.train.seed)
+            state = build_train_state(cfg, device, settings)
+        if sharded:
+            dist.barrier()
+    assert state is not None
+    return state
+
+
 def run_rank(rank: int, world: int, port: int, cfg_dict: dict[str, Any], steps: int, threads: int,
              out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -98,8 +121,8 @@ def run_rank(rank: int, world: int, port: int, cfg_dict: dict[str, Any], steps: 
     cfg = from_dict(cfg_dict)
     batches = TrainingBatches(read_split(cfg.data.parquet_dir, "train"), cfg, rank, world, device)
     baseline = in_use(device)
-    torch.manual_seed(cfg.train.seed)
-    state = build_train_state(cfg, device, StepSettings(torch.bfloat16 if cuda else None, "none", "benchmark"))
+    state = build_in_turn(cfg, device, StepSettings(torch.bfloat16 if cuda else None, "none", "benchmark"), rank,
+                          world)
     seconds = []
     for step in range(steps + 1):
         if step == 1:
@@ -141,7 +164,8 @@ def model_figures(cfg: Config) -> dict[str, float]:
     """Parameters, and the largest MM-DiT block's: what FSDP gathers whole while that block runs."""
     from sd3ray.model import Denoiser
 
-    model = Denoiser(cfg)
+    with torch.device("meta"):  # shapes only: a 500M model's weights are not allocated to be counted
+        model = Denoiser(cfg)
     blocks = mmdit_blocks(model) or []
     return {"params": sum(p.numel() for p in model.parameters()),
             "block_params": max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0)}
