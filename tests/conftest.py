@@ -21,6 +21,7 @@ from tests.support import (
     MICRO,
     MNIST_ROOT,
     REPO_ROOT,
+    S3_KEYS,
     free_port,
     http_status,
     start_in_own_session,
@@ -130,8 +131,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("s3") / "moto.log"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {**os.environ, **S3_KEYS}
     server = start_in_own_session([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
                                    str(port)], env, log)
     try:

@@ -157,6 +157,8 @@ def _group_alive(pgid: int) -> bool:
 
 
 BUCKET = "sd3ray"
+# the keys moto's S3 server takes (tests.conftest.s3): fixed, so that a Ray head started before the server has them
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def numbered_set(path: Path, n: int, shard_size: int) -> Path:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import (
+    S3_KEYS,
     free_port,
     http_status,
     ray_temp_dir,
@@ -42,7 +43,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory):
     gcs_port, dashboard_port = free_port(), free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
            # every process of this cluster (Ray's own helpers too) joins this cluster and no other on the machine
-           "RAY_ADDRESS": f"127.0.0.1:{gcs_port}"}
+           "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
+           # the keys of the tier's S3 server (tests.conftest.s3), so that a fit may keep its checkpoints there
+           **S3_KEYS}
     temp_dir = ray_temp_dir()
     log_path = tmp_path_factory.mktemp("ray-head") / "head.log"
     # --block keeps `ray start` in the foreground as the leader of the new session, so the whole node (GCS,

@@ -18,14 +18,14 @@ from tests.support import MICRO, REPO_ROOT
 
 
 def _fit(cfg_overrides: list[str], mnist_parquet: Path, tmp_path: Path, name: str, workers: int,
-         debug: dict | None = None, **kwargs):
+         debug: dict | None = None, storage: str = "", **kwargs):
     from sd3ray.config import load_config
 
     replicas = tmp_path / f"{name}-replicas-{workers}"
     replicas.mkdir()
     cfg = load_config(REPO_ROOT / "configs/mnist_tiny.yaml",
                       [*MICRO, f"data.parquet_dir={mnist_parquet}", f"train.output_dir={tmp_path}", *cfg_overrides])
-    trainer = build_trainer(cfg, name, workers=workers, storage_path=str(tmp_path / "storage"),
+    trainer = build_trainer(cfg, name, workers=workers, storage_path=storage or str(tmp_path / "storage"),
                             debug=DebugHooks(**{"save_replica_to": str(replicas), **(debug or {})}), **kwargs)
     result = trainer.fit()
     return result, [torch.load(replicas / f"rank{r}.pt") for r in range(workers)]
@@ -48,9 +48,8 @@ def test_a_worker_failure_restarts_exactly_and_two_workers_of_batch_b_equal_one_
       in one MLflow run;
     - one worker with batch 16: DDP's averaged gradients are one batch of twice the size, to float tolerance;
     - the faulty run again under FSDP: each rank reports its shards of one sharded checkpoint, the restart reads
-      it, and the weights are DDP's to float tolerance (reduce-scatter sums in another order), in one MLflow run;
-    - that run continued to step 6 by one worker of batch 16 (2 -> 1: DCP reshards), in the same MLflow run, and
-      sampled from its final sharded checkpoint."""
+      it, and the weights are DDP's to float tolerance (reduce-scatter sums in another order), in one MLflow run.
+    (A sharded run continued on another worker count, in object storage: the S3 test below.)"""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     common = ["train.steps=4", "train.log_every=1", "train.ckpt_every=2", "train.eval_every=100", "train.grad_clip=0"]
     managers = _dataset_managers(ray_head["dashboard"])
@@ -80,14 +79,11 @@ def test_a_worker_failure_restarts_exactly_and_two_workers_of_batch_b_equal_one_
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")]
     assert steps == [1, 2, 3, 4]  # one MLflow run across the restart, no duplicated steps
     assert run.data.tags["sd3ray.resumed_at_step"] == "2"  # and the run says where it restarted
-    _fsdp_restarts_resumes_on_one_worker_and_samples(sharded, sharded_replicas, clean_replicas, fsdp, mnist_parquet,
-                                                     tmp_path, client)
+    _fsdp_restarts_from_its_sharded_checkpoint(sharded, sharded_replicas, clean_replicas, client)
 
 
-def _fsdp_restarts_resumes_on_one_worker_and_samples(sharded, replicas, ddp_replicas, overrides, mnist_parquet,
-                                                     tmp_path, client) -> None:
+def _fsdp_restarts_from_its_sharded_checkpoint(sharded, replicas, ddp_replicas, client) -> None:
     from sd3ray.checkpoint import is_sharded_checkpoint
-    from sd3ray.inference import generate, load_ema_model
 
     assert sharded.metrics["step"] == 4
     for key, value in ddp_replicas[0].items():
@@ -99,15 +95,37 @@ def _fsdp_restarts_resumes_on_one_worker_and_samples(sharded, replicas, ddp_repl
     (run,) = client.search_runs([client.get_experiment_by_name("fsdp").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")] == [1, 2, 3, 4]
     assert run.data.tags["sd3ray.resumed_at_step"] == "2"
-    # the same run name and storage: Ray Train restores the newest checkpoint, now on one worker of twice the batch
-    resumed, _ = _fit([*overrides, "train.steps=6", "train.batch_size=16"], mnist_parquet, tmp_path, "fsdp", 1)
+
+
+def test_fsdp_writes_each_ranks_shards_to_s3_and_another_worker_count_resumes_and_samples_from_them(
+        ray_head, s3, mnist_parquet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two FSDP workers write one sharded checkpoint into object storage, each rank uploading its own shards and
+    rank 0 the manifest last; the same run name continues on one worker of twice the batch (2 -> 1: DCP reshards
+    on read), in the same MLflow run, and the final sharded checkpoint samples straight from its URI."""
+    from sd3ray.inference import generate, load_ema_model
+    from tests.support import BUCKET
+
+    for key, value in s3["env"].items():  # this process reads the bucket; the head's workers have the same keys
+        monkeypatch.setenv(key, value)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = ["train.log_every=1", "train.ckpt_every=2", "train.eval_every=100", "train.grad_clip=0",
+                 "train.parallel=fsdp", f"tracking.uri={uri}", "tracking.experiment=fsdp-s3"]
+    storage = s3["uri"]("fsdp")
+    first, _ = _fit([*overrides, "train.steps=4", "train.batch_size=8"], mnist_parquet, tmp_path, "sharded", 2,
+                    storage=storage)
+    assert first.metrics["step"] == 4
+    listed = s3["client"].list_objects_v2(Bucket=BUCKET, Prefix="fsdp/sharded/step_00000004/")
+    keys = {item["Key"].rsplit("/", 1)[-1] for item in listed.get("Contents", [])}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "MANIFEST.json"} <= keys, keys
+    resumed, _ = _fit([*overrides, "train.steps=6", "train.batch_size=16"], mnist_parquet, tmp_path, "sharded", 1,
+                      storage=storage)
     assert resumed.metrics["step"] == 6
-    (run,) = client.search_runs([client.get_experiment_by_name("fsdp").experiment_id])
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("fsdp-s3").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/train")] == [1, 2, 3, 4, 5, 6]
     assert run.data.tags["sd3ray.resumed_at_step"] == "4"
-    final = Path(resumed.checkpoint.path)
-    assert json.loads((final / "meta.json").read_text())["world_size"] == 1
-    model, cfg, step = load_ema_model(str(final), torch.device("cpu"))  # the whole EMA, assembled in this process
+    final = s3["uri"]("fsdp/sharded/step_00000006")
+    model, cfg, step = load_ema_model(final, torch.device("cpu"))  # the whole EMA, assembled in this process
     assert step == 6 and generate(model, ["3", "7"], cfg, seed=0, device=torch.device("cpu")).shape == (2, 1, 32, 32)
 
 
