@@ -61,16 +61,15 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = "conf
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str] = ()) -> Config:
     overrides = [*args.overrides, *extra]
     init_from = requested_init_from(args.config, overrides)
+    pretrained = pretrained_model_keys(init_from) if init_from else {}
     try:  # the pretrained transformer's shape first, so that the YAML's own model.* keys do not stand in its way
-        cfg = load_config(args.config, [*pretrained_model_overrides(init_from), *overrides] if init_from
-                          else overrides)
+        cfg = load_config(args.config, [*pretrained_model_overrides(pretrained), *overrides])
     except ConfigError as err:
         parser.error(str(err))
-    if cfg.model.init_from:
-        from sd3ray.model.interop import check_config, locate, model_keys, read_config
+    if pretrained:
+        from sd3ray.model.interop import check_config
 
-        check_config(cfg.model, model_keys(read_config(locate(cfg.model.init_from)), cfg.model.init_from),
-                     cfg.model.init_from)  # a key the user set to another value than the checkpoint's: one message
+        check_config(cfg.model, pretrained, init_from)  # a key the user set to another value: one message
     return cfg
 
 
@@ -89,10 +88,9 @@ def requested_init_from(config: str | None, overrides: list[str]) -> str:
         return ""  # load_config names what is wrong with the file
 
 
-def pretrained_model_overrides(init_from: str) -> list[str]:
-    """`model.*` overrides that make the config describe the diffusers transformer at `init_from` (its
-    config.json): the model follows the checkpoint, and a key the user sets explicitly still wins, so that a
-    mismatch is named rather than silently overruled."""
+def pretrained_model_keys(init_from: str) -> dict[str, object]:
+    """The `model.*` values of the diffusers transformer at `init_from` (its config.json), read once; a latent-space
+    transformer is refused for training with what it would need."""
     from sd3ray.model.interop import PIXEL_CHANNELS, InteropError, locate, model_keys, read_config
 
     keys = model_keys(read_config(locate(init_from)), init_from)
@@ -100,11 +98,13 @@ def pretrained_model_overrides(init_from: str) -> list[str]:
         raise InteropError(f"model.init_from {init_from} works on {keys['channels']}-channel latents; "
                            f"sd3ray trains in pixel space (1 or 3 channels) until its latent path (a VAE) lands: it "
                            f"imports and exports such a transformer (jobs/export.py), but cannot train it yet")
+    return keys
 
-    def yaml_value(value: object) -> str:
-        if isinstance(value, bool):
-            return str(value).lower()
-        return f"[{', '.join(map(str, value))}]" if isinstance(value, tuple) else str(value)
+
+def pretrained_model_overrides(keys: dict[str, object]) -> list[str]:
+    """`model.*` overrides that make the config describe the pretrained transformer: the model follows the
+    checkpoint, and a key the user sets explicitly still wins, so that a mismatch is named rather than overruled."""
+    from sd3ray.model.interop import yaml_value
 
     return [f"model.{key}={yaml_value(value)}" for key, value in keys.items()]
 

@@ -202,7 +202,7 @@ def check_config(cfg: ModelConfig, keys: dict[str, Any], where: str) -> None:
     if wrong:
         lines = "\n  ".join(f"model.{k}: the checkpoint has {v!r}, the config {getattr(cfg, k)!r}"
                             for k, v in wrong.items())
-        fix = " ".join(f"model.{k}={_yaml_value(v)}" for k, v in wrong.items())
+        fix = " ".join(f"model.{k}={yaml_value(v)}" for k, v in wrong.items())
         latent = "" if keys["channels"] in PIXEL_CHANNELS else (
             f"\nNote: it works on {keys['channels']}-channel latents. sd3ray trains in pixel space (model.channels 1 "
             f"or 3): such a transformer imports and exports, but training it needs a latent path (a VAE) first")
@@ -214,7 +214,8 @@ def check_config(cfg: ModelConfig, keys: dict[str, Any], where: str) -> None:
                            f"{keys['pos_embed_max_size']} positions of {where}; lower model.image_size")
 
 
-def _yaml_value(value: Any) -> str:
+def yaml_value(value: Any) -> str:
+    """A model.* value as a `--set` takes it."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):
