@@ -113,7 +113,12 @@ class DecayHorizon:
         and the decay's horizon only when it follows the budget."""
         if self.cfg.max_minutes <= 0 or elapsed_s <= 0 or step <= self.start_step:
             return
+        # the slower of the session's mean and the latest log interval: a machine that slows down (another job on
+        # the cores) must pull the horizon in at once, and the stop rule (`no_room`) judges by that interval too, so
+        # the projected stop and the actual one agree
         per_step = elapsed_s / (step - self.start_step)
+        if self.interval_s > 0:
+            per_step = max(per_step, self.interval_s / self.cfg.log_every)
         left_s = 60 * self.cfg.max_minutes - (elapsed_s if spent_s is None else spent_s) - reserve_s
         projected = step + int(max(0.0, left_s) / per_step)
         last_log = projected // self.cfg.log_every * self.cfg.log_every
@@ -316,12 +321,12 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
                 # reduced over ranks (max), so every rank projects the same stop and learning rate
                 clocks = torch.tensor([now - started, now - budget_started, eval_s + save_s], dtype=torch.float64)
                 elapsed, spent, reserve = ctx.all_reduce_max(clocks.to(device)).tolist()
+                budget_spent = horizon.last_log_step(spent, reserve)  # measures the interval project() reads
                 horizon.project(step, elapsed, spent, reserve)
                 text_len = batch[1].shape[1]
                 metrics.update(progress.tick(step, horizon.end, mean_loss, lr, text_len) if ctx.is_main else {})
                 tracker.log_metrics(metrics, step)
                 loss_sum, grad_sum, count = loss_sum * 0, grad_sum * 0, 0
-                budget_spent = horizon.last_log_step(spent, reserve)
             plan = plan_step(step, tc, budget_spent)
             if plan.evaluate:  # every rank: a sharded EMA is gathered onto rank 0
                 eval_started = time.monotonic()

@@ -195,6 +195,24 @@ def test_decay_horizon_follows_the_time_budget() -> None:
     assert short.steps == 500  # train.steps comes first when the budget would allow more
 
 
+def test_a_machine_that_slows_down_pulls_the_horizon_in_to_where_the_clock_stops_the_run() -> None:
+    """0.05 s a step to step 400 (20 s), then 0.2 s a step (another job took a core). From step 450 the decay aims at
+    step 550, where the stop rule (next interval 10 s + a 6 s save past the minute) ends the run; the session's
+    mean alone (0.067 s a step) would aim at step 800 and leave the learning rate high at the stop."""
+    cfg = load_config(None, ["train.steps=100000", "train.max_minutes=1", "train.log_every=50",
+                             "train.lr_decay_to_budget=true"]).train
+    horizon = DecayHorizon(cfg, start_step=0)
+    horizon.last_log_s = 17.5  # step 350
+    clock = [(400, 20.0), (450, 30.0), (500, 40.0), (550, 50.0)]
+    stops, aims = [], []
+    for step, spent in clock:
+        stops.append(horizon.last_log_step(spent, reserve_s=6.0))
+        horizon.project(step, elapsed_s=spent, reserve_s=6.0)
+        aims.append(horizon.steps)
+    assert stops == [False, False, False, True]
+    assert aims == [1050, 550, 550, 551]  # 34 s left at 0.05 s a step; then 24 s, 14 s, 4 s left at 0.2 s a step
+
+
 def test_budget_keeps_time_for_start_up_and_the_final_save() -> None:
     """Counted from the command, 10 s of start-up and a 6 s final evaluation + checkpoint leave 44 s of a minute
     to train: at 0.06 s a step the stop is projected at step 733 (log step 700), and a log step 9 s before the
