@@ -43,11 +43,19 @@ def run_trial(config: dict[str, Any]) -> None:
     trainer.fit()
 
 
+# Ray's own name for a resource only the head node has (ray._common.constants.HEAD_NODE_RESOURCE_NAME)
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
 def trial_resources() -> dict[str, float]:
     """The trial function only waits on TorchTrainer.fit(); its workers hold the CPUs and GPUs. Tune cannot schedule
     a trial that asks for nothing, and even a sliver of CPU would stop trials from packing the cluster exactly, so
-    the trial driver reserves a little memory instead."""
-    return {"CPU": 0, "memory": 64 * 2**20}
+    the trial driver reserves a little memory instead.
+
+    It runs on the head node (a thousandth of the head's marker, as Ray's own state actor asks): Train's controller
+    follows its driver's node, so a trial driver on a worker node that is lost (a spot instance) fails a trial whose
+    workers were elsewhere, and a sweep that loses the head is lost anyway."""
+    return {"CPU": 0, "memory": 64 * 2**20, HEAD_NODE_RESOURCE: 0.001}
 
 
 def concurrency(spec: SweepSpec) -> int:
