@@ -7,6 +7,8 @@
     python jobs/prepare_data.py --source shapes --num-images 20000 --out data/shapes_parquet   # synthetic colour set
     python jobs/prepare_data.py --source shapes --out data/shapes_parquet \
         --text-encoder CLIP_L_DIR --text-encoder T5_DIR    # + each distinct prompt encoded once, on Ray Data actors
+    python jobs/prepare_data.py --source shapes --image-size 64 --out data/shapes64_parquet \
+        --vae stabilityai/sd-vae-ft-mse                     # + the latent cache: each picture encoded once
 
 --out may be a URI such as s3://bucket/my_set: the set is built locally, then uploaded.
 """
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 from sd3ray.cli import job_parser, positive_int, run_job
-from sd3ray.config import TextConfig
+from sd3ray.config import TextConfig, VaeConfig
 
 
 def main() -> int:
@@ -51,12 +53,19 @@ def main() -> int:
     text.add_argument("--encoder-actors", type=positive_int, default=1, help="Ray Data encoder actors")
     text.add_argument("--encoder-gpus", type=float, default=0.0, help="GPUs per encoder actor (0 = CPU)")
     text.add_argument("--existing", action="store_true",
-                      help="the set at --out is already prepared: only encode its prompts")
+                      help="the set at --out is already prepared: only encode its prompts and/or pictures")
+    vae = parser.add_argument_group("latent space (vae.source)")
+    vae.add_argument("--vae", metavar="FOLDER_OR_HUB_ID",
+                     help="cache the set's latents: every picture encoded once by this frozen AutoencoderKL, on Ray "
+                          "Data actors (--encoder-actors, --encoder-gpus), into latents/ beside the shards")
+    vae.add_argument("--vae-subfolder", default="", help="the VAE's subfolder (vae, in an SD3 pipeline folder)")
+    vae.add_argument("--vae-dtype", choices=["float16", "float32"], default="float16",
+                     help="what the cache stores (sets vae.cache_dtype; train with the same)")
     args = parser.parse_args()
     if args.existing:
-        if not args.text_encoder:
-            parser.error("--existing only encodes prompts: name the encoders with --text-encoder")
-        return encode_prompts(args)
+        if not (args.text_encoder or args.vae):
+            parser.error("--existing only encodes: name the encoders with --text-encoder, or the VAE with --vae")
+        return encode_existing(args)
 
     from sd3ray.data import image_sets
     from sd3ray.data.mnist import prepare_mnist
@@ -77,17 +86,34 @@ def main() -> int:
             out = image_sets.write_coloured_shapes(args.out, args.num_images, args.image_size,
                                                    shard_size=args.shard_size)
     print(f"wrote {image_sets.describe(out)}")
-    return encode_prompts(args) if args.text_encoder else 0
+    return encode_existing(args) if args.text_encoder or args.vae else 0
 
 
-def encode_prompts(args) -> int:
+def encode_existing(args) -> int:
+    """The prompts' embeddings and/or the pictures' latents of the set at --out, each computed once on Ray Data."""
     from sd3ray.cluster.connect import connect
-    from sd3ray.cluster.ray_data import precompute_text_embeddings
-    text = TextConfig(encoder=tuple(args.text_encoder), max_length=args.text_max_length)
+    from sd3ray.cluster.ray_data import precompute_latents, precompute_text_embeddings
     connect()
-    started = time.monotonic()
-    path, count = precompute_text_embeddings(str(args.out), text, args.encoder_actors, args.encoder_gpus)
-    print(f"sd3ray: encoded {count} distinct prompts in {time.monotonic() - started:.1f} s into {path}")
+    if args.text_encoder:
+        text = TextConfig(encoder=tuple(args.text_encoder), max_length=args.text_max_length)
+        started = time.monotonic()
+        path, count = precompute_text_embeddings(str(args.out), text, args.encoder_actors, args.encoder_gpus)
+        print(f"sd3ray: encoded {count} distinct prompts in {time.monotonic() - started:.1f} s into {path}")
+    if args.vae:
+        vae = VaeConfig(source=args.vae, subfolder=args.vae_subfolder, cache_dtype=args.vae_dtype)
+        started, done = time.monotonic(), [0]
+
+        def progress(name: str, images: int) -> None:
+            done[0] += images
+            rate = done[0] / max(time.monotonic() - started, 1e-9)
+            print(f"sd3ray: latents of {name}: {images:,} pictures ({rate:,.1f} pictures/s)", flush=True)
+
+        location, shards = precompute_latents(str(args.out), vae, args.encoder_actors, args.encoder_gpus,
+                                              on_shard=progress)
+        kept = "" if shards else " (every shard was cached already)"
+        print(f"sd3ray: latent cache {location}: {shards} shards encoded in {time.monotonic() - started:.1f} s{kept}; "
+              f"train with --set vae.source={args.vae}" + (f" vae.subfolder={args.vae_subfolder}"
+                                                          if args.vae_subfolder else ""))
     return 0
 
 

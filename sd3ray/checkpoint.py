@@ -43,8 +43,9 @@ import yaml
 
 from sd3ray.config import Config, config_hash, flatten, from_dict, to_yaml
 from sd3ray.errors import Sd3rayError, StorageError
-from sd3ray.model import interop, lora
+from sd3ray.model import interop, lora, vae
 from sd3ray.model.pretrained_text import fingerprint, is_pretrained, same_encoders
+from sd3ray.model.vae import uses_vae
 from sd3ray.storage import read_json, redact
 
 FORMAT_VERSION = 1
@@ -136,6 +137,8 @@ def describe(directory: Path, data: CheckpointData, extra: dict[str, Any]) -> li
             **extra}
     if is_pretrained(data.config.text):
         meta["text_encoders"] = fingerprint(data.config.text)
+    if uses_vae(data.config.vae):  # the frozen VAE is named and hashed, never copied here
+        meta["vae"] = vae.inspect(data.config.vae).fingerprint()
     if lora.is_adapter_state(data.ema):  # the base is model.init_from's, named and hashed, never copied here
         meta["base_model"] = interop.fingerprint(data.config.model.init_from)
     (directory / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -331,6 +334,23 @@ def check_text_encoders(directory: Path, saved: Config, meta: dict[str, Any]) ->
                               f"those paths")
 
 
+def check_vae(directory: Path, saved: Config, meta: dict[str, Any], expected: Config | None) -> None:
+    """A latent-space checkpoint samples only through the VAE it was trained with: another one decodes its latents
+    into something else. A missing VAE is the VAE's own message (what to fetch, where)."""
+    if expected is not None and uses_vae(expected.vae) != uses_vae(saved.vae):
+        space = lambda c: f"latent space (vae.source={c.vae.source})" if uses_vae(c.vae) else "pixel space"  # noqa: E731
+        raise CheckpointError(f"checkpoint {directory} was trained in {space(saved)}, this run is in "
+                              f"{space(expected)}; use the checkpoint's config.yaml or a fresh run name")
+    recorded = meta.get("vae")
+    if not uses_vae(saved.vae) or not recorded:
+        return
+    here = vae.inspect(saved.vae)
+    if here.sha256 != recorded["sha256"]:
+        raise CheckpointError(f"checkpoint {directory} was trained on the latents of VAE {recorded['source']} "
+                              f"(sha256 {recorded['sha256']}), but vae.source {here.source} now holds another "
+                              f"(sha256 {here.sha256}); put the VAE it was trained with back there")
+
+
 def load_tensors(path: Path, map_location: str | torch.device = "cpu") -> Any:
     """Tensors and plain containers from a torch file, never code: the manifest proves a file is whole, not that
     whoever wrote it (and its manifest) meant well, so nothing else is unpickled."""
@@ -369,6 +389,7 @@ def open_checkpoint(directory: Path, expected: Config | None, weights_only_ok: b
     encoders and base weights it was trained with; returns its meta and config."""
     meta = verify(directory)
     saved_cfg = from_dict(yaml.safe_load((directory / "config.yaml").read_text()))
+    check_vae(directory, saved_cfg, meta, expected)  # first: pixel against latent space explains every other key
     if expected is not None:
         mismatch = model_config_mismatch(saved_cfg, expected)
         if mismatch:

@@ -29,6 +29,7 @@ CompileMode = Literal["auto", "none", "blocks", "whole"]
 LogCheckpoints = Literal["final", "none"]
 Loading = Literal["auto", "memory", "stream"]
 DataSource = Literal["mnist", "shapes", "prepared"]
+LatentDtype = Literal["float16", "float32"]
 Parallel = Literal["auto", "ddp", "fsdp"]
 ACTIVATION_CHECKPOINTING = re.compile(r"none|blocks|every_([1-9][0-9]*)")
 
@@ -119,6 +120,20 @@ class DataConfig:
     stream_above_mb: float = 2048.0
     shuffle_buffer: int = 4096  # streaming: rows each worker shuffles through before batching
     prefetch_batches: int = 4  # streaming on Ray: batches each worker keeps ready ahead of the step
+
+
+@dataclass(frozen=True)
+class VaeConfig:
+    """Latent space (sd3ray.model.vae): a frozen diffusers AutoencoderKL whose latents the MM-DiT denoises, or none
+    (pixel space). With a VAE, model.channels and model.image_size are the latent's."""
+
+    source: str = "none"  # none, or a folder or hub id (SD3's: a pipeline folder or id with subfolder vae)
+    subfolder: str = ""
+    cache_dtype: LatentDtype = "float16"  # what the latent cache (jobs/prepare_data.py --vae) stores
+    # a set with no latent cache for this VAE and at most this many images is encoded once, in memory, at the
+    # start of a run; a larger one is refused, naming the command that caches it
+    encode_in_memory_max: int = 20000
+    batch_size: int = 64  # pictures per VAE encode or decode call
 
 
 LoraTarget = Literal["attention", "mlp"]
@@ -216,6 +231,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -243,7 +259,13 @@ def validate(cfg: Config) -> None:
     _require(tr.steps >= 0, "train.steps", f"must be >= 0, got {tr.steps}")
     for key, value in [("model.conv_stem", m.conv_stem), ("model.conv_head", m.conv_head)]:
         _require(value >= 0, key, f"must be >= 0 (0 = off), got {value}")
-    _require(m.channels in (1, 3), "model.channels", f"must be 1 or 3, got {m.channels}")
+    if cfg.vae.source == "none":
+        _require(m.channels in (1, 3), "model.channels", f"must be 1 or 3 in pixel space, got {m.channels}")
+    else:  # the latent's channels: the VAE's files say how many, checked against them when it is read
+        _require(m.channels > 0, "model.channels", f"must be positive, got {m.channels}")
+    _require(bool(cfg.vae.source.strip()), "vae.source", "name none (pixel space) or a VAE folder or hub id")
+    _require(cfg.vae.encode_in_memory_max >= 0, "vae.encode_in_memory_max", "must be >= 0 (0 = always cache)")
+    _require(cfg.vae.batch_size > 0, "vae.batch_size", f"must be > 0, got {cfg.vae.batch_size}")
     _require(m.width % m.num_heads == 0, "model.width",
              f"{m.width} is not divisible by model.num_heads={m.num_heads}; choose a width that is a multiple of it")
     _require((m.width // m.num_heads) % 2 == 0, "model.width", "head dim (width / num_heads) must be even")

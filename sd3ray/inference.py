@@ -28,8 +28,9 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 def generate(model: Denoiser, prompts: list[str], cfg: Config, seed: int, device: torch.device,
              guidance: float | None = None, steps: int | None = None, sampler: str | None = None,
              batch_size: int = 256) -> torch.Tensor:
-    """uint8 (N, C, H, W) samples, one per prompt; the same seed gives the same images. Unset sampler settings,
-    the guidance interval and the guide model (`sample.guide`, autoguidance) come from `cfg.sample`."""
+    """uint8 (N, C, H, W) pictures, one per prompt (decoded by the VAE in latent space); the same seed gives the
+    same images. Unset sampler settings, the guidance interval and the guide model (`sample.guide`, autoguidance)
+    come from `cfg.sample`."""
     m, s = cfg.model, cfg.sample
     guide = load_guide(s.guide, device, m.channels, m.image_size) if s.guide else None
     generator = torch.Generator().manual_seed(seed)
@@ -40,7 +41,7 @@ def generate(model: Denoiser, prompts: list[str], cfg: Config, seed: int, device
         velocity = model.velocity_fn(chunk, s.guidance if guidance is None else guidance, s.guidance_interval, guide)
         x = sample(velocity, noise[start : start + len(chunk)].to(device), steps or cfg.sample.steps,
                    sampler or cfg.sample.sampler, cfg.sample.shift)
-        out.append(to_uint8(x).cpu())
+        out.append(to_uint8(model.to_pictures(x)).cpu())
     return torch.cat(out)
 
 

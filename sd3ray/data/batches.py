@@ -8,7 +8,7 @@ import torch
 
 from sd3ray.config import Config
 from sd3ray.core.flow import sample_timesteps
-from sd3ray.data.format import ImageSet, check_fits_model, from_uint8
+from sd3ray.data.format import ImageSet, check_fits_model, to_model_space
 from sd3ray.data.prompts import PromptBank, Tokenize, default_tokenize, digit_prompts
 from sd3ray.errors import DataError
 
@@ -90,4 +90,4 @@ class TrainingBatches:
         dropped = (torch.rand(n, generator=g, device=self.device) < self.cfg.text.prompt_dropout)[sl]
         index = self.sampler.indices(step).to(self.device, non_blocking=True)
         rows = torch.where(dropped, 0, self.candidates[index, choice])  # bank row 0 is the empty prompt
-        return from_uint8(self.images[index]), self.bank.ids[rows], self.bank.mask[rows], t, eps
+        return to_model_space(self.images[index]), self.bank.ids[rows], self.bank.mask[rows], t, eps

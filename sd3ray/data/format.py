@@ -24,6 +24,7 @@ import torch
 
 from sd3ray.config import Config
 from sd3ray.errors import DataError
+from sd3ray.model.vae import check_shapes, inspect, uses_vae
 from sd3ray.storage import is_file, location_errors, open_folder
 
 SPLITS = ("train", "test")
@@ -38,6 +39,12 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def from_uint8(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> model space [-1, 1] (float32)."""
     return x.float() / 127.5 - 1.0
+
+
+def to_model_space(x: torch.Tensor) -> torch.Tensor:
+    """A set's stored rows -> what the model takes: uint8 pictures to [-1, 1], cached latents (float16/32, already
+    normalised, `sd3ray.data.latents`) to float32 as they are."""
+    return from_uint8(x) if x.dtype == torch.uint8 else x.float()
 
 
 # ------------------------------------------------------------------------------------------------- Parquet
@@ -209,7 +216,11 @@ def check_image_set(cfg: Config) -> None:
         prepared = is_file(fs, f"{root}/metadata.json")
     if prepared:
         meta = read_metadata(where)
-        check_fits_model(meta["channels"], meta["image_size"], cfg, where)
+        if uses_vae(cfg.vae):  # the model takes the VAE's latents of these pictures
+            check_shapes(inspect(cfg.vae), meta["channels"], meta["image_size"], cfg.model.channels,
+                         cfg.model.image_size, str(where))
+        else:
+            check_fits_model(meta["channels"], meta["image_size"], cfg, where)
 
 
 def upload_image_set(local_dir: Path, location: str) -> None:
@@ -274,6 +285,6 @@ def read_split(parquet_dir: str | Path, split: str) -> ImageSet:
 
 
 def load_splits(cfg: Config) -> tuple[ImageSet, ImageSet]:
-    """The loop's step: read the prepared train and test splits into memory, once they are known to fit the model."""
+    """Read the prepared train and test splits into memory, once they are known to fit the model."""
     check_image_set(cfg)
     return read_split(cfg.data.parquet_dir, "train"), read_split(cfg.data.parquet_dir, "test")

@@ -21,11 +21,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sd3ray.config import Config
+from sd3ray.config import Config, ConfigError
 from sd3ray.core.flow import sample_timesteps
 from sd3ray.data.format import check_fits_model, from_uint8, image_array, read_metadata
 from sd3ray.data.prompts import Tokenize, default_tokenize, digit_prompts
 from sd3ray.errors import DataError
+from sd3ray.model.vae import inspect, uses_vae
 from sd3ray.storage import open_folder
 
 Batch = dict[str, np.ndarray]  # "image" (n, C, S, S) uint8, "label" (n,) int64, "caption" (n,) object or absent
@@ -41,6 +42,14 @@ def loading_choice(cfg: Config) -> tuple[bool, int]:
     """(whether this run streams its training data, the train split's decoded bytes): `data.loading` memory/stream,
     or `auto` by that size against `data.stream_above_mb`. Reads metadata.json once."""
     size = train_split_bytes(cfg.data.parquet_dir)
+    if uses_vae(cfg.vae):  # SD3's latents are 6× smaller than their pictures (16 float16 for 3×8×8 bytes)
+        if cfg.data.loading == "stream":
+            raise ConfigError("data.loading=stream: latent space trains from its latent cache held in memory (SD3's "
+                              "latents of a 256px picture are 32 KB in float16); set data.loading=memory or auto")
+        spec, itemsize = inspect(cfg.vae), 2 if cfg.vae.cache_dtype == "float16" else 4
+        meta = read_metadata(cfg.data.parquet_dir)
+        per_image = spec.latent_channels * spec.latent_size(meta["image_size"]) ** 2 * itemsize
+        return False, meta["splits"]["train"]["count"] * per_image
     if cfg.data.loading != "auto":
         return cfg.data.loading == "stream", size
     return size > cfg.data.stream_above_mb * 2**20, size
@@ -55,6 +64,8 @@ def describe_choice(cfg: Config) -> str:
     how = "streamed from its shards" if streamed else "held in memory"
     why = f"data.loading={cfg.data.loading}" if cfg.data.loading != "auto" else \
         f"{'above' if streamed else 'within'} data.stream_above_mb={cfg.data.stream_above_mb:g}"
+    if uses_vae(cfg.vae):
+        return f"sd3ray: the train split's latents ({size / 2**20:,.1f} MB) are held in memory (latent space)"
     return f"sd3ray: the train split ({size / 2**20:,.0f} MB decoded) is {how} ({why})"
 
 

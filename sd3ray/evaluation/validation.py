@@ -9,7 +9,7 @@ import torch
 
 from sd3ray.config import Config
 from sd3ray.core.flow import fixed_t_validation_loss, validation_levels
-from sd3ray.data.format import ImageSet, from_uint8
+from sd3ray.data.format import ImageSet, to_model_space
 from sd3ray.model import Denoiser
 
 # The seed's grid, row by row: numerals and words mixed so one glance shows both kinds of prompt.
@@ -42,7 +42,7 @@ class ValidationSet:
     @classmethod
     def build(cls, images: ImageSet, cfg: Config, device: torch.device) -> ValidationSet:
         n = min(cfg.data.num_val_images, len(images))
-        x0 = from_uint8(images.images[:n]).to(device)
+        x0 = to_model_space(images.images[:n]).to(device)
         eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(VAL_SEED)).to(device)
         if images.captions is not None:
             prompts = [c or "" for c in images.captions[:n]]

@@ -17,6 +17,7 @@ from sd3ray.core.flow import VelocityFn, velocity_from_x0
 from sd3ray.model.mmdit import MMDiT
 from sd3ray.model.pretrained_text import PretrainedTextEncoder, is_pretrained
 from sd3ray.model.text_encoder import TextEncoder
+from sd3ray.model.vae import FrozenVae, uses_vae
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Denoiser(nn.Module):
         self.text_encoder = build_text_encoder(cfg)
         self.mmdit = MMDiT(cfg.model)
         self.prediction, self.x0_t_min = cfg.flow.prediction, cfg.flow.x0_t_min
+        # latent space: the frozen VAE that turns what the MM-DiT draws into pictures (never a parameter)
+        self.vae = FrozenVae(cfg.vae) if uses_vae(cfg.vae) else None
+        self.vae_batch = cfg.vae.batch_size
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Training: z_t (B,C,H,W), t (B,), prompt token ids and mask (B,L) -> velocity (B,C,H,W)."""
@@ -46,6 +50,14 @@ class Denoiser(nn.Module):
         if self.prediction == "x0":
             return velocity_from_x0(z_t, out, t, self.x0_t_min)
         return out
+
+    def to_pictures(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model draws (B,C,H,W) in model space -> pictures in [-1, 1]: decoded by the VAE in latent space
+        (with the VAE's channels and H·f × W·f pixels), as they are in pixel space. Every edge a person looks at
+        (grids, samples.npz, the judge, the served model) gets its pictures from `generate`, which calls this."""
+        if self.vae is not None:
+            return self.vae.decode(x, self.vae_batch)
+        return x
 
     def condition(self, prompts: list[str]) -> Conditioning:
         """Encode prompts once, to reuse over every step of a trajectory."""

@@ -25,6 +25,7 @@ import pandas as pd
 
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config
+from sd3ray.model.vae import picture_shape, uses_vae
 
 ENTRY_FILE = Path(__file__).resolve().with_name("pyfunc_entry.py")
 CHECKPOINT_ARTIFACT = "checkpoint"
@@ -68,6 +69,8 @@ def requirements(cfg: Config) -> list[str]:
     extra = ["transformers", "tokenizers", "safetensors"] if pretrained else []
     if cfg.train.lora.rank:
         extra += [name for name in ("safetensors", "huggingface_hub") if name not in extra]
+    if uses_vae(cfg.vae):  # the VAE decodes the latents it draws; like the encoders, it is named, not bundled
+        extra += [name for name in ("diffusers", "safetensors", "huggingface_hub") if name not in extra]
     return REQUIREMENTS + extra
 
 
@@ -76,10 +79,11 @@ def signature(cfg: Config):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    m, s = cfg.model, cfg.sample
+    s = cfg.sample
+    channels, side = picture_shape(cfg.model, cfg.vae)  # pictures, decoded by the VAE in latent space
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, m.channels, m.image_size, m.image_size))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, side, side))]),
         params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("guidance", "double", float(s.guidance)),
                             ParamSpec("steps", "long", int(s.steps)), ParamSpec("sampler", "string", s.sampler),
                             # guidance acts for t in [guidance_low, guidance_high] only (t = 1 is noise)

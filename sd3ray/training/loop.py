@@ -22,7 +22,8 @@ import torch
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config, TrainConfig
 from sd3ray.data.batches import TrainingBatches
-from sd3ray.data.format import load_splits, read_split
+from sd3ray.data.format import read_split
+from sd3ray.data.latents import load_model_splits
 from sd3ray.data.streaming import StreamedBatches, describe_choice, streams
 from sd3ray.data.text_embeddings import use_precomputed
 from sd3ray.errors import Sd3rayError
@@ -33,6 +34,7 @@ from sd3ray.evaluation.validation import GRID_SEED, ValidationSet, validation_lo
 from sd3ray.inference import generate
 from sd3ray.model import Denoiser, count_parameters
 from sd3ray.model.pretrained_text import PretrainedTextEncoder
+from sd3ray.model.vae import uses_vae
 from sd3ray.storage import is_uri
 from sd3ray.tracking.protocol import EVAL_SECONDS, Tracker
 from sd3ray.training.context import RunContext
@@ -224,7 +226,8 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     streaming = streams(cfg)
     if ctx.is_main:
         print(describe_choice(cfg), flush=True)
-    train_set, test_set = (None, read_split(cfg.data.parquet_dir, "test")) if streaming else load_splits(cfg)
+    train_set, test_set = (None, read_split(cfg.data.parquet_dir, "test")) if streaming \
+        else load_model_splits(cfg, ctx.is_main)
     horizon = DecayHorizon(tc, start_step=0)
     settings = resolve_step_settings(cfg, device)
     state = build_train_state(cfg, device, settings, lambda: horizon.steps, ctx.prepare_model)
@@ -262,7 +265,8 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
             if val is not None:
                 tracker.log_image("samples/grid",
                                   make_grid(generate(ema_model, val.grid_prompts, cfg, GRID_SEED, device)), 0)
-    judged = ctx.is_main and cfg.eval.num_samples > 0 and is_digit_data(test_set)
+    # the judge's classifier reads 32×32 digits: pixel space only (a latent set's test split holds latents)
+    judged = ctx.is_main and cfg.eval.num_samples > 0 and not uses_vae(cfg.vae) and is_digit_data(test_set)
     judge = SampleJudge(cfg, train_set or read_split(cfg.data.parquet_dir, "train"), test_set, device) \
         if judged else None
     step_flops = partial(train_step_flops, cfg, tc.batch_size)  # of text length L: this worker's share of a step
