@@ -60,8 +60,9 @@ def add_config_args(parser: argparse.ArgumentParser, default: str | None = "conf
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str] = ()) -> Config:
     overrides = [*args.overrides, *extra]
-    init_from = requested_init_from(args.config, overrides)
-    pretrained = pretrained_model_keys(init_from) if init_from else {}
+    init_from = requested_value("model.init_from", args.config, overrides)
+    latent = requested_value("vae.source", args.config, overrides) not in ("", "none")
+    pretrained = pretrained_model_keys(init_from, latent) if init_from else {}
     try:  # the pretrained transformer's shape first, so that the YAML's own model.* keys do not stand in its way
         cfg = load_config(args.config, [*pretrained_model_overrides(pretrained), *overrides])
     except ConfigError as err:
@@ -73,31 +74,32 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     return cfg
 
 
-def requested_init_from(config: str | None, overrides: list[str]) -> str:
-    """`model.init_from` as the command gives it (the last --set of it, else the YAML's), read before the config is
-    built: the rest of the config is checked against the transformer it names."""
+def requested_value(key: str, config: str | None, overrides: list[str]) -> str:
+    """A `section.name` value as the command gives it (the last --set of it, else the YAML's), read before the config
+    is built: the rest of the config is checked against the transformer `model.init_from` names."""
     for override in reversed(overrides):
-        if override.startswith("model.init_from="):
+        if override.startswith(f"{key}="):
             return override.split("=", 1)[1].strip()
+    section, name = key.split(".", 1)
     try:
         import yaml
 
         raw = yaml.safe_load(open(config, encoding="utf-8")) if config else None
-        return str(((raw or {}).get("model") or {}).get("init_from") or "")
+        return str(((raw or {}).get(section) or {}).get(name) or "")
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         return ""  # load_config names what is wrong with the file
 
 
-def pretrained_model_keys(init_from: str) -> dict[str, object]:
+def pretrained_model_keys(init_from: str, latent: bool) -> dict[str, object]:
     """The `model.*` values of the diffusers transformer at `init_from` (its config.json), read once; a latent-space
-    transformer is refused for training with what it would need."""
+    transformer (SD3's take 16 channels) trains only in latent space, through a VAE (`vae.source`)."""
     from sd3ray.model.interop import PIXEL_CHANNELS, InteropError, locate, model_keys, read_config
 
     keys = model_keys(read_config(locate(init_from)), init_from)
-    if keys["channels"] not in PIXEL_CHANNELS:
-        raise InteropError(f"model.init_from {init_from} works on {keys['channels']}-channel latents; "
-                           f"sd3ray trains in pixel space (1 or 3 channels) until its latent path (a VAE) lands: it "
-                           f"imports and exports such a transformer (jobs/export.py), but cannot train it yet")
+    if keys["channels"] not in PIXEL_CHANNELS and not latent:
+        raise InteropError(f"model.init_from {init_from} works on {keys['channels']}-channel latents: train it in "
+                           f"latent space, through the VAE it was trained with: --set vae.source=PIPELINE "
+                           f"vae.subfolder=vae (SD3's pipeline folder or hub id; docs/latent.md)")
     return keys
 
 

@@ -36,7 +36,7 @@ WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # what diffusers' load_lora_adapter / load_lora_weights read
 SUBFOLDER = "transformer"  # where a pipeline folder or hub repository keeps its transformer
 DIFFUSERS_MLP_RATIO = 4.0  # diffusers' FeedForward default, fixed in SD3's block
-PIXEL_CHANNELS = (1, 3)  # what sd3ray's training data has (model.channels); SD3's own transformers take 16
+PIXEL_CHANNELS = (1, 3)  # a pixel-space model's channels; SD3's own transformers take 16 latent channels
 
 # a diffusers module and the row range [start, stop) of its weight; stop -1 = all rows (a module's only segment)
 Segment = tuple[str, int, int]
@@ -204,8 +204,8 @@ def check_config(cfg: ModelConfig, keys: dict[str, Any], where: str) -> None:
                             for k, v in wrong.items())
         fix = " ".join(f"model.{k}={yaml_value(v)}" for k, v in wrong.items())
         latent = "" if keys["channels"] in PIXEL_CHANNELS else (
-            f"\nNote: it works on {keys['channels']}-channel latents. sd3ray trains in pixel space (model.channels 1 "
-            f"or 3): such a transformer imports and exports, but training it needs a latent path (a VAE) first")
+            f"\nNote: it works on {keys['channels']}-channel latents: train it in latent space (vae.source, its "
+            f"VAE), where model.channels and model.image_size are the latent's")
         raise InteropError(f"model.init_from {where} is a different model than model.* describes:\n  {lines}\n"
                            f"Set them to the checkpoint's: --set {fix}{latent}")
     grid = cfg.image_size // cfg.patch_size

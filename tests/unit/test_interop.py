@@ -29,6 +29,7 @@ from sd3ray.model.mmdit import MMDiT
 from sd3ray.training.step import StepSettings, build_train_state, train_step
 from tests.sd3_models import VARIANTS, diffusers_velocity, make_sd3, tiny_sd3_config
 from tests.support import MICRO, REPO_ROOT
+from tests.vae_models import make_vae
 
 pytest.importorskip("diffusers")
 CPU = torch.device("cpu")
@@ -238,5 +239,10 @@ def test_the_jobs_model_config_follows_the_checkpoints_config_json(tmp_path: Pat
     with pytest.raises(InteropError, match=r"model.depth: the checkpoint has 3, the config 5"):
         config_from_args(parser, argparse.Namespace(config=args.config, overrides=[*args.overrides, "model.depth=5"]))
     latent = make_sd3(tmp_path / "latent", tiny_sd3_config())
-    with pytest.raises(InteropError, match="4-channel latents.*cannot train it yet"):
+    with pytest.raises(InteropError, match="4-channel latents: train it in latent space.*vae.source=PIPELINE"):
         config_from_args(parser, argparse.Namespace(config=args.config, overrides=[*text, f"model.init_from={latent}"]))
+    vae = make_vae(tmp_path / "vae")  # through a VAE of its 4 latent channels it is the model's shape at once
+    latent = make_sd3(tmp_path / "latent32", tiny_sd3_config(joint_attention_dim=32, pooled_projection_dim=32))
+    cfg = config_from_args(parser, argparse.Namespace(config=args.config, overrides=[
+        *text, f"model.init_from={latent}", f"vae.source={vae}", "model.image_size=8"]))
+    assert (cfg.model.channels, cfg.model.image_size, cfg.model.patch_size) == (4, 8, 2)

@@ -28,9 +28,9 @@ from sd3ray.data.latents import (
 )
 from sd3ray.errors import DataError
 from sd3ray.model.vae import FrozenVae, VaeError, check_shapes, inspect
+from sd3ray.tracking.protocol import NullTracker
 from sd3ray.training.context import LocalContext
 from sd3ray.training.loop import train
-from sd3ray.tracking.protocol import NullTracker
 from tests.support import MICRO, REPO_ROOT
 from tests.vae_models import make_vae, tiny_vae_config
 
@@ -204,3 +204,24 @@ def test_a_latent_run_decodes_its_grids_resumes_exactly_and_leaves_the_vae_as_it
     pixel = load_config(REPO_ROOT / "configs/mnist_tiny.yaml", MICRO)
     with pytest.raises(CheckpointError, match="latent space"):
         load_checkpoint(Path(result.checkpoint), expected=pixel)
+
+
+def test_an_sd3_transformer_on_latents_fine_tunes_with_lora_through_its_vae(vae_dir: Path, shapes: Path,
+                                                                           tmp_path: Path) -> None:
+    """SD3's path in miniature: a diffusers SD3 transformer of 4 latent channels as model.init_from, the VAE that
+    makes its latents, a LoRA adapter trained over it; the adapter checkpoint samples decoded pictures."""
+    from sd3ray.inference import generate, load_ema_model
+    from tests.sd3_models import make_sd3, tiny_sd3_config
+
+    pytest.importorskip("peft")
+    base = make_sd3(tmp_path / "sd3", tiny_sd3_config(joint_attention_dim=32, pooled_projection_dim=32))
+    cfg = _config(vae_dir, shapes, tmp_path, f"model.init_from={base}", "model.patch_size=2", "model.depth=3",
+                  "model.pos_embed_max_size=6", "model.qk_norm=false", "train.lora.rank=4", "train.steps=2",
+                  "train.log_every=1", "train.ckpt_every=2", "train.eval_every=100")
+    result = train(cfg, LocalContext(tmp_path / "run", torch.device("cpu")), NullTracker())
+    data = load_checkpoint(Path(result.checkpoint), merge=False)
+    assert data.meta["base_model"]["source"] == str(base) and data.meta["vae"]["source"] == str(vae_dir)
+    assert all(".lora_" in key or key.startswith("text_encoder.") for key in data.ema)  # the adapter alone
+    model, saved, _ = load_ema_model(result.checkpoint, torch.device("cpu"))  # base + adapter, folded
+    pictures = generate(model, ["a red circle"], saved, seed=0, device=torch.device("cpu"), steps=2)
+    assert pictures.shape == (1, 3, 32, 32) and pictures.dtype == torch.uint8

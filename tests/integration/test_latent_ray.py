@@ -1,0 +1,93 @@
+"""Latent space end to end on Ray: the latent cache precomputed on Ray Data actors (and resumed after an
+interruption), two Ray Train workers training on it, decoded grids in MLflow, and the logged model loading in a fresh
+process and returning pictures, or, where its VAE is missing, saying what to fetch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support import MICRO, REPO_ROOT
+from tests.vae_models import make_vae, tiny_vae_config
+
+pytest.importorskip("diffusers")
+
+PREDICT = """
+import json, sys
+import mlflow, numpy as np, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+images = model.predict(pd.DataFrame({"prompt": ["a red circle", "a blue square"]}), params={"seed": 1, "steps": 2})
+print(json.dumps({"dtype": str(images.dtype), "shape": list(images.shape), "spread": float(np.std(images))}))
+"""
+
+
+def _prepare(out: Path, vae: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/prepare_data.py", "--existing", "--out", str(out), "--vae", str(vae)],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_cached_latent_set_trains_on_two_workers_and_its_model_serves_pictures(ray_head, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from sd3ray.cluster.trainer import build_trainer
+    from sd3ray.config import load_config
+    from sd3ray.data.image_sets import write_coloured_shapes
+
+    # the shipped latent config's shape: 4 latent channels, 8× smaller per side, 64 px pictures
+    vae = make_vae(tmp_path / "vae", tiny_vae_config(block_out_channels=[8, 8, 8, 8], shift_factor=None,
+                                                     down_block_types=["DownEncoderBlock2D"] * 4,
+                                                     up_block_types=["UpDecoderBlock2D"] * 4))
+    data = tmp_path / "shapes"
+    write_coloured_shapes(data, 96, 64, num_test=40, shard_size=40)
+    env = {**ray_head["env"], "OMP_NUM_THREADS": "1"}
+    first = _prepare(data, vae, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "4 shards encoded" in first.stdout  # train 40+40+16, test 40
+    (cache,) = (data / "latents").iterdir()
+    kept = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.parquet")}
+    (cache / "train-00001.parquet").unlink()  # as an interrupted precompute leaves it: a shard and the metadata
+    (cache / "metadata.json").unlink()
+    again = _prepare(data, vae, env)
+    assert again.returncode == 0 and "latents of train-00001.parquet" in again.stdout, again.stderr[-3000:]
+    assert "1 shards encoded" in again.stdout  # the finished shards were not redone
+    redone = [name for name, t in kept.items() if cache.joinpath(name).stat().st_mtime_ns != t]
+    assert redone == ["train-00001.parquet"], redone
+    assert json.loads((cache / "metadata.json").read_text())["splits"]["train"]["count"] == 96
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(REPO_ROOT / "configs/shapes_latent.yaml", [
+        *MICRO, f"vae.source={vae}", "vae.encode_in_memory_max=0", f"data.parquet_dir={data}",
+        f"train.output_dir={tmp_path}",
+        "train.steps=4", "train.log_every=2", "train.ckpt_every=4", "train.eval_every=4", "train.batch_size=8",
+        f"tracking.uri={uri}", "tracking.experiment=latent", "tracking.log_model=true"])
+    result = build_trainer(cfg, "latent", workers=2, storage_path=str(tmp_path / "storage")).fit()
+    assert result.metrics["step"] == 4
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("latent").experiment_id])
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "images") if "grid" in a.path]
+    assert grids, "no sample grid logged"
+    from PIL import Image
+
+    local = client.download_artifacts(run.info.run_id, sorted(grids)[-1], str(tmp_path / "grid"))
+    picture = sorted(Path(local).rglob("*.png"))[-1] if Path(local).is_dir() else Path(local)
+    assert np.asarray(Image.open(picture).convert("RGB")).shape[0] > 8 * 64  # 8 rows of decoded 64² pictures
+
+    model_uri = run.data.tags["sd3ray.model_uri"]
+    fresh = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", PREDICT, model_uri], cwd=tmp_path, env=fresh, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["dtype"] == "uint8" and out["shape"] == [2, 3, 64, 64] and out["spread"] > 0  # pictures, not latents
+    vae.rename(tmp_path / "vae-elsewhere")  # served where its VAE is missing: one message says what to fetch
+    missing = subprocess.run([sys.executable, "-c", PREDICT, model_uri], cwd=tmp_path, env=fresh,
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode != 0 and f"vae.source: {vae} is not a folder on this machine" in missing.stderr
+    assert "hf download" in missing.stderr
