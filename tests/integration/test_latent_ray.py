@@ -91,3 +91,35 @@ def test_a_cached_latent_set_trains_on_two_workers_and_its_model_serves_pictures
                              capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0 and f"vae.source: {vae} is not a folder on this machine" in missing.stderr
     assert "hf download" in missing.stderr
+
+
+def test_a_latent_cache_in_object_storage_is_written_and_read_there(ray_head, s3, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--out s3://...`: the precompute writes the cache into the bucket beside the set's shards, and a run reads it
+    from there, the same latents as encoding the set in memory."""
+    import torch
+
+    from sd3ray.config import load_config
+    from sd3ray.data.format import upload_image_set
+    from sd3ray.data.image_sets import write_coloured_shapes
+    from sd3ray.data.latents import load_latent_splits
+
+    for key, value in s3["env"].items():  # this process writes and reads the bucket too
+        monkeypatch.setenv(key, value)
+    vae = make_vae(tmp_path / "vae")
+    local = tmp_path / "shapes"
+    write_coloured_shapes(local, 40, 32, num_test=20, shard_size=25)
+    uri = s3["uri"]("latent-sets/shapes")
+    upload_image_set(local, uri)
+    done = _prepare(uri, vae, {**ray_head["env"], "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0 and "3 shards encoded" in done.stdout, done.stderr[-3000:]
+    keys = [o["Key"] for o in s3["client"].list_objects_v2(Bucket="sd3ray", Prefix="latent-sets/shapes/latents/")
+            .get("Contents", [])]
+    assert sum(k.endswith(".parquet") for k in keys) == 3 and any(k.endswith("/metadata.json") for k in keys)
+    sets = [*MICRO, "model.channels=4", "model.image_size=8", "data.source=prepared", f"vae.source={vae}"]
+    cached = load_latent_splits(load_config(REPO_ROOT / "configs/mnist_tiny.yaml", [*sets, f"data.parquet_dir={uri}"]))
+    fresh = load_latent_splits(load_config(REPO_ROOT / "configs/mnist_tiny.yaml", [*sets, f"data.parquet_dir={local}"]))
+    assert "read from the cache" in cached.line and "in memory" in fresh.line
+    order = sorted(range(40), key=lambda i: cached.train.captions[i])  # rows come back in any order per shard
+    expected = sorted(range(40), key=lambda i: fresh.train.captions[i])
+    torch.testing.assert_close(cached.train.images[order].float(), fresh.train.images[expected].float())
