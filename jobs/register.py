@@ -38,7 +38,8 @@ def main() -> int:
 
     uri = resolve_tracking_uri(args.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="sd3ray-register-") as scratch:
-        data = load_checkpoint(resolve_checkpoint(args.checkpoint, uri, Path(scratch)))
+        # a LoRA checkpoint stays its adapter (MBs, with its base's source and hash), as training registers it
+        data = load_checkpoint(resolve_checkpoint(args.checkpoint, uri, Path(scratch)), merge=False)
     run_id = args.checkpoint if RUN_ID.match(args.checkpoint) and not Path(args.checkpoint).exists() else None
     tracker = MlflowTracker(uri, data.config.tracking.experiment, flush_timeout_s=data.config.tracking.flush_timeout_s)
     run_id = tracker.start(data.config, run_id, run_name=f"register-step{data.step}",

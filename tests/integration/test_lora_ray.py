@@ -3,13 +3,17 @@ an adapter and merged: diffusers draws sd3ray's velocities from both."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from sd3ray.checkpoint import load_checkpoint
 from tests.sd3_models import MICRO_SD3, MICRO_SD3_SETS, diffusers_velocity, make_sd3
 from tests.support import MICRO, REPO_ROOT
 
@@ -66,3 +70,19 @@ def test_lora_on_two_workers_exports_to_diffusers_with_output_parity(ray_head, m
             torch.testing.assert_close(diffusers_velocity(theirs, x, t, context, pooled), expected,
                                        atol=1e-5, rtol=1e-5)
         assert not torch.allclose(diffusers_velocity(plain, x, t, context, pooled), expected, atol=1e-4)
+
+    # registered after the fact, the model is the adapter (as a training run registers it) and loads base + adapter
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "jobs/register.py"), "--checkpoint", str(checkpoint),
+                           "--name", "lora-model", "--tracking-uri", uri], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "registered models:/lora-model/1" in proc.stdout, proc.stderr[-3000:]
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts("models:/lora-model/1", dst_path=str(tmp_path / "registered")))
+    saved = local / "artifacts" / "checkpoint"
+    assert json.loads((saved / "meta.json").read_text())["base_model"]["source"] == str(base)
+    assert all(".lora_" in k or k.startswith("text_encoder.") for k in load_checkpoint(saved, merge=False).ema)
+    images = mlflow.pyfunc.load_model("models:/lora-model/1").predict(
+        pd.DataFrame({"prompt": ["7"]}), params={"seed": 0, "steps": 2})
+    assert images.shape == (1, 1, 32, 32) and images.dtype == np.uint8
