@@ -3,6 +3,8 @@
     python jobs/prepare_data.py --data-root ../shared/data --out data/mnist_parquet          # MNIST (default)
     python jobs/prepare_data.py --source folder --images DIR --captions DIR/captions.csv \\
         --image-size 64 --channels 3 --out data/my_set                                     # your captioned images
+    python jobs/prepare_data.py --source folder --images DIR --captions DIR/captions.csv \
+        --image-size 64 --buckets --max-aspect 2 --out data/my_set                  # ... at their own aspect ratios
     python jobs/prepare_data.py --source cifar10 --data-root ~/data --out data/cifar10_parquet
     python jobs/prepare_data.py --source shapes --num-images 20000 --out data/shapes_parquet   # synthetic colour set
     python jobs/prepare_data.py --source shapes --out data/shapes_parquet \
@@ -42,6 +44,12 @@ def main() -> int:
     folder.add_argument("--captions", type=Path, help="CSV with columns file,caption, or JSON lines with both keys")
     folder.add_argument("--channels", type=int, choices=[1, 3], default=3, help="1 = greyscale, 3 = RGB")
     folder.add_argument("--test-fraction", type=float, default=0.05, help="held out by a hash of the file name")
+    folder.add_argument("--buckets", action="store_true",
+                        help="keep each image's aspect ratio: aspect-ratio buckets of about --image-size² pixels "
+                             "instead of centre-cropped squares (docs/data.md)")
+    folder.add_argument("--max-aspect", type=float, default=2.0, help="--buckets: the widest aspect kept (W/H or H/W)")
+    folder.add_argument("--bucket-multiple", type=positive_int, default=8,
+                        help="--buckets: both sides a multiple of this (the patch size, times the VAE's factor)")
     parser.add_argument("--num-images", type=positive_int, default=20000, help="shapes: training images")
     parser.add_argument("--shard-size", type=positive_int, default=20000, help="images per Parquet shard")
     text = parser.add_argument_group("frozen text encoders (text.encoder)")
@@ -78,8 +86,15 @@ def main() -> int:
                 parser.error("--source folder needs --images DIR and --captions FILE")
             if not 0 < args.test_fraction < 1:
                 parser.error(f"--test-fraction must be between 0 and 1, got {args.test_fraction}")
-            out = image_sets.import_captioned_folder(args.images, args.captions, args.out, args.image_size,
-                                                     args.channels, args.test_fraction, args.shard_size)
+            if args.buckets:
+                from sd3ray.data.bucketed_sets import import_bucketed_folder
+
+                out = import_bucketed_folder(args.images, args.captions, args.out, args.image_size, args.channels,
+                                             args.bucket_multiple, args.max_aspect, args.test_fraction,
+                                             args.shard_size)
+            else:
+                out = image_sets.import_captioned_folder(args.images, args.captions, args.out, args.image_size,
+                                                         args.channels, args.test_fraction, args.shard_size)
         case "cifar10":
             out = image_sets.import_cifar10(Path(args.data_root), args.out, args.shard_size)
         case "shapes":

@@ -21,7 +21,7 @@ import torch
 
 from sd3ray.cli import add_guidance_args, add_tracking_args, job_parser, non_negative_float, positive_int, run_job
 from sd3ray.evaluation.figures import make_grid, save_png
-from sd3ray.inference import generate, load_ema_model, with_guidance
+from sd3ray.inference import drawing_size, generate, load_ema_model, with_guidance
 from sd3ray.storage import writable_folder
 from sd3ray.training.context import default_device
 
@@ -37,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sampler", choices=["euler", "heun"], help="ODE sampler (default: the run's)")
     parser.add_argument("--guidance", type=non_negative_float, help="CFG scale; 1 = no guidance (default: the run's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", metavar="WxH", help="picture width x height, e.g. 48x32 (default: the model's "
+                                                      "square; other shapes need SD3's position table)")
     add_guidance_args(parser)
     parser.add_argument("--output", type=Path, default=Path("samples"))
     parser.add_argument("--device", choices=["cuda", "cpu"])
@@ -62,7 +64,8 @@ def main() -> int:
     model, cfg, step = load_ema_model(args.checkpoint, device, args.tracking_uri)
     cfg = with_guidance(cfg, args.guidance_interval, args.guide)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
-    images = generate(model, prompts, cfg, args.seed, device, args.guidance, args.steps, args.sampler)
+    size = drawing_size(cfg, args.size) if args.size else None
+    images = generate(model, prompts, cfg, args.seed, device, args.guidance, args.steps, args.sampler, size=size)
     writable_folder(args.output, "--output", "choose a folder you can write to")
     save_png(make_grid(images, nrow=args.num_samples), args.output / "grid.png", scale=2)
     (args.output / "prompts.txt").write_text("\n".join(prompts) + "\n")

@@ -30,6 +30,7 @@ LogCheckpoints = Literal["final", "none"]
 Loading = Literal["auto", "memory", "stream"]
 DataSource = Literal["mnist", "shapes", "prepared"]
 LatentDtype = Literal["float16", "float32"]
+ShiftRule = Literal["sqrt", "flux"]
 Parallel = Literal["auto", "ddp", "fsdp"]
 ACTIVATION_CHECKPOINTING = re.compile(r"none|blocks|every_([1-9][0-9]*)")
 
@@ -92,7 +93,11 @@ class FlowConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    shift: float = 1.0
+    # the resolution shift α of §5.3.2, or auto: from each batch's token count m (sd3ray.core.flow.resolve_shift),
+    # α = √(m / shift_reference_tokens) (shift_rule sqrt, SD3's), or Flux's exp(μ(m)) (shift_rule flux)
+    shift: float | Literal["auto"] = 1.0
+    shift_rule: ShiftRule = "sqrt"
+    shift_reference_tokens: int = 256  # where α = 1: SD3's 256² pictures (32² latents at patch 2)
     num_val_levels: int = 8
     # what the network outputs: the velocity itself, or the clean image x0, turned into the velocity the loss and the
     # samplers use as v = (z_t − x̂0) / max(t, x0_t_min) (JiT, Li & He 2025: x-prediction with the velocity loss)
@@ -194,7 +199,7 @@ class SampleConfig:
     sampler: SamplerName = "euler"
     steps: int = 25
     guidance: float = 4.0
-    shift: float = 1.0
+    shift: float | Literal["auto"] = 1.0  # auto: flow.shift_rule for the sampled size's token count
     # guidance acts only for t in [lo, hi] (Kynkäänniemi et al. 2024); elsewhere the conditional velocity alone
     guidance_interval: tuple[float, ...] = (0.0, 1.0)
     # autoguidance (Karras et al. 2024): guide with this weaker model (a checkpoint folder or URI, an MLflow run id,
@@ -288,10 +293,12 @@ def validate(cfg: Config) -> None:
     # f_mode is a monotone map of [0,1] onto [0,1] only for -1 <= s <= 2/(pi-2) (SD3 §3.1).
     _require(-1.0 <= f.mode_scale <= 2.0 / (3.141592653589793 - 2.0), "flow.mode_scale",
              f"must be in [-1, 1.75] for a valid density, got {f.mode_scale}")
-    _require(f.shift > 0, "flow.shift", f"must be > 0, got {f.shift}")
+    _require(f.shift == "auto" or f.shift > 0, "flow.shift", f"must be > 0 or auto, got {f.shift}")
+    _require(f.shift_reference_tokens > 0, "flow.shift_reference_tokens", "must be a positive token count")
     _require(0 < f.x0_t_min < 1, "flow.x0_t_min", f"must be in (0, 1), got {f.x0_t_min}")
     _require(0 <= f.uniform_fraction <= 1, "flow.uniform_fraction", f"must be in [0, 1], got {f.uniform_fraction}")
-    _require(cfg.sample.shift > 0, "sample.shift", f"must be > 0, got {cfg.sample.shift}")
+    _require(cfg.sample.shift == "auto" or cfg.sample.shift > 0, "sample.shift",
+             f"must be > 0 or auto, got {cfg.sample.shift}")
     _require(cfg.sample.guidance >= 0, "sample.guidance", f"must be >= 0, got {cfg.sample.guidance}")
     interval = cfg.sample.guidance_interval
     _require(len(interval) == 2 and 0.0 <= interval[0] < interval[1] <= 1.0, "sample.guidance_interval",

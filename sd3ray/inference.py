@@ -16,9 +16,13 @@ import torch
 
 from sd3ray.checkpoint import CheckpointError, load_checkpoint
 from sd3ray.config import Config, apply_overrides, from_dict, to_dict
+from sd3ray.core.flow import resolve_shift
 from sd3ray.core.sampling import sample
+from sd3ray.data.buckets import parse_size
 from sd3ray.data.format import to_uint8
 from sd3ray.model import Denoiser
+from sd3ray.model.vae import inspect as inspect_vae
+from sd3ray.model.vae import uses_vae
 from sd3ray.storage import is_uri, redact
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -27,22 +31,37 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 @torch.no_grad()
 def generate(model: Denoiser, prompts: list[str], cfg: Config, seed: int, device: torch.device,
              guidance: float | None = None, steps: int | None = None, sampler: str | None = None,
-             batch_size: int = 256) -> torch.Tensor:
+             batch_size: int = 256, size: tuple[int, int] | None = None) -> torch.Tensor:
     """uint8 (N, C, H, W) pictures, one per prompt (decoded by the VAE in latent space); the same seed gives the
     same images. Unset sampler settings, the guidance interval and the guide model (`sample.guide`, autoguidance)
-    come from `cfg.sample`."""
+    come from `cfg.sample`. `size` (H, W) is the model-space shape to draw at (latents in latent space; default the
+    square model.image_size), which needs SD3's position table for any other shape."""
     m, s = cfg.model, cfg.sample
     guide = load_guide(s.guide, device, m.channels, m.image_size) if s.guide else None
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(prompts), m.channels, m.image_size, m.image_size, generator=generator)
+    height, width = size or (m.image_size, m.image_size)
+    noise = torch.randn(len(prompts), m.channels, height, width, generator=generator)
+    tokens = (height // m.patch_size) * (width // m.patch_size)
+    shift = resolve_shift(s.shift, cfg.flow.shift_rule, cfg.flow.shift_reference_tokens, tokens)
     out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         velocity = model.velocity_fn(chunk, s.guidance if guidance is None else guidance, s.guidance_interval, guide)
         x = sample(velocity, noise[start : start + len(chunk)].to(device), steps or cfg.sample.steps,
-                   sampler or cfg.sample.sampler, cfg.sample.shift)
+                   sampler or cfg.sample.sampler, shift)
         out.append(to_uint8(model.to_pictures(x)).cpu())
     return torch.cat(out)
+
+
+def drawing_size(cfg: Config, text: str) -> tuple[int, int]:
+    """'WxH' pictures (width first, as image tools write it) -> the (H, W) the model draws at: the same in pixel
+    space, divided by the VAE's factor in latent space; sides must be multiples of the patch (times that factor)."""
+    factor = inspect_vae(cfg.vae).factor if uses_vae(cfg.vae) else 1
+    height, width = parse_size(text, cfg.model.patch_size * factor)
+    if not cfg.model.pos_embed_max_size and (height, width) != (cfg.model.image_size * factor,) * 2:
+        raise CheckpointError(f"size {text}: this model knows positions for its square {cfg.model.image_size * factor}"
+                              f" px only; other shapes need SD3's position table (model.pos_embed_max_size)")
+    return height // factor, width // factor
 
 
 def with_guidance(cfg: Config, interval: list[float] | None = None, guide: str | None = None) -> Config:

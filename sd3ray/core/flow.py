@@ -28,10 +28,30 @@ def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+FLUX_TOKENS, FLUX_MU = (256, 4096), (0.5, 1.15)  # Flux's μ(sequence length): a line through these two points
+
+
+def resolve_shift(shift: float | str, rule: str, reference_tokens: int, tokens: int | None) -> float:
+    """The resolution shift α for an image of `tokens` tokens: a number as it is; `auto` by SD3's rule, α = √(m/n)
+    (§5.3.2: the same noise destroys less of an image with more pixels, so time moves towards noise by the ratio of
+    their sides), n = `reference_tokens`; or Flux's, α = exp(μ) with μ linear in m through (256, 0.5) and
+    (4096, 1.15)."""
+    if shift != "auto":
+        return float(shift)
+    if tokens is None:
+        raise ValueError("flow.shift=auto needs the batch's token count")
+    if rule == "flux":
+        slope = (FLUX_MU[1] - FLUX_MU[0]) / (FLUX_TOKENS[1] - FLUX_TOKENS[0])
+        return math.exp(FLUX_MU[0] + slope * (tokens - FLUX_TOKENS[0]))
+    return math.sqrt(tokens / reference_tokens)
+
+
 def sample_timesteps(
-    cfg: FlowConfig, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    cfg: FlowConfig, n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+    tokens: int | None = None,
 ) -> torch.Tensor:
-    """n training timesteps in (0, 1) drawn from the configured density, then shifted."""
+    """n training timesteps in (0, 1) drawn from the configured density, then shifted (`flow.shift`, or with auto
+    from the batch's image `tokens`)."""
     match cfg.scheme:
         case "uniform":
             t = torch.rand(n, generator=generator, device=device)
@@ -51,7 +71,8 @@ def sample_timesteps(
         uniform = torch.rand(n, generator=generator, device=device)
         chosen = torch.rand(n, generator=generator, device=device) < cfg.uniform_fraction
         t = torch.where(chosen, uniform, t)
-    return shift_timesteps(t.clamp(0.0, 1.0), cfg.shift)
+    return shift_timesteps(t.clamp(0.0, 1.0), resolve_shift(cfg.shift, cfg.shift_rule, cfg.shift_reference_tokens,
+                                                            tokens))
 
 
 def interpolate(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -59,14 +59,17 @@ class ShardWriter:
     """
 
     def __init__(self, out_dir: str | Path, split: str, channels: int, image_size: int, labelled: bool,
-                 captioned: bool, shard_size: int = 20000) -> None:
+                 captioned: bool, shard_size: int = 20000, width: int | None = None) -> None:
         if channels not in (1, 3):
             raise DataError(f"images must have 1 or 3 channels, got {channels}")
         self.out, self.split, self.shard_size = Path(out_dir), split, shard_size
-        self.shape, self.labelled, self.captioned = (channels, image_size, image_size), labelled, captioned
+        # a bucket of an aspect-ratio bucketed set is H×W (metadata `width`); every other set is square
+        width = width or image_size
+        self.shape, self.labelled, self.captioned = (channels, image_size, width), labelled, captioned
         self.out.mkdir(parents=True, exist_ok=True)
         meta = read_metadata(self.out) if (self.out / "metadata.json").exists() else \
-            {"channels": channels, "image_size": image_size, "splits": {}}
+            {"channels": channels, "image_size": image_size, **({"width": width} if width != image_size else {}),
+             "splits": {}}
         if (meta["channels"], meta["image_size"]) != (channels, image_size):
             raise DataError(f"{self.out} holds {meta['channels']}×{meta['image_size']}² images; cannot add "
                             f"{channels}×{image_size}²")
@@ -91,8 +94,8 @@ class ShardWriter:
         flat, labels, captions = (np.concatenate([p[0] for p in self._pending]),
                                   np.concatenate([p[1] for p in self._pending]),
                                   [c for p in self._pending for c in p[2]])
-        c, s, _ = self.shape
-        image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(c * s * s), rows,
+        c, s, w = self.shape
+        image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(c * s * w), rows,
                                                          [None, pa.py_buffer(flat[:rows].tobytes())])
         table = pa.table({"image": image_col, "label": pa.array(labels[:rows]),
                           "caption": pa.array(captions[:rows], pa.string())})
@@ -233,17 +236,18 @@ def upload_image_set(local_dir: Path, location: str) -> None:
             out.write(path.read_bytes())
 
 
-def image_array(table: pa.Table, channels: int, size: int, where: str) -> np.ndarray:
-    """A table's `image` column as (N, C, S, S) uint8 (a copy, so torch can own it)."""
+def image_array(table: pa.Table, channels: int, size: int, where: str, width: int | None = None) -> np.ndarray:
+    """A table's `image` column as (N, C, S, S) uint8, or (N, C, S, width) (a copy, so torch can own it)."""
     column = table.column("image").combine_chunks()
-    per_image = channels * size * size
+    width = width or size
+    per_image = channels * size * width
     if pa.types.is_fixed_size_binary(column.type):
         raw = np.frombuffer(column.buffers()[1], np.uint8)[column.offset * per_image :][: len(column) * per_image]
     else:  # plain binary written by another tool
         raw = np.frombuffer(b"".join(column.to_pylist()), np.uint8)
     if raw.size != len(table) * per_image:
-        raise DataError(f"{where}: image bytes do not match {channels}×{size}×{size} per row")
-    return raw.reshape(len(table), channels, size, size).copy()
+        raise DataError(f"{where}: image bytes do not match {channels}×{size}×{width} per row")
+    return raw.reshape(len(table), channels, size, width).copy()
 
 
 @dataclass
@@ -278,7 +282,7 @@ def read_split(parquet_dir: str | Path, split: str) -> ImageSet:
     if missing:
         raise DataError(f"{parquet_dir} is incomplete: shards {missing} are missing; re-run jobs/prepare_data.py")
     table = pa.concat_tables(read_shard(fs, root, name, parquet_dir) for name in entry["shards"])
-    images = torch.from_numpy(image_array(table, c, s, f"{parquet_dir}/{split}"))
+    images = torch.from_numpy(image_array(table, c, s, f"{parquet_dir}/{split}", meta.get("width")))
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     captions = table.column("caption").to_pylist() if entry.get("captioned") else None
     return ImageSet(images, labels, captions)

@@ -258,4 +258,6 @@ def write_coloured_shapes(out_dir: str | Path, num_images: int, image_size: int 
 def describe(out: str | Path) -> str:
     meta = read_metadata(out)
     counts = ", ".join(f"{k}: {v['count']}" for k, v in meta["splits"].items())
-    return f"{out} ({meta['channels']}×{meta['image_size']}×{meta['image_size']}; {counts})"
+    buckets = "; buckets " + ", ".join(f"{name}: {sum(c.values())}" for name, c in meta["buckets"].items()) \
+        if "buckets" in meta else ""
+    return f"{out} ({meta['channels']}×{meta['image_size']}×{meta['image_size']}; {counts}{buckets})"

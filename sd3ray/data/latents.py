@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sd3ray.config import Config
+from sd3ray.data.bucketed_sets import is_bucketed, read_bucketed_split
 from sd3ray.data.format import (
     SPLITS,
     ImageSet,
@@ -180,9 +182,19 @@ def load_latent_splits(cfg: Config) -> LatentSplits:
                                      f"(no cache{others}; {rebuild_command(where, cfg)} writes one)")
 
 
-def load_model_splits(cfg: Config, announce: bool = True) -> tuple[ImageSet, ImageSet]:
+def load_model_splits(cfg: Config, announce: bool = True) -> tuple[Any, Any]:
     """The loop's step: the train and test splits in what the model takes, held in memory: the pictures in pixel
-    space, their latents in latent space (saying which path, when `announce`)."""
+    space (a `BucketedSet` for an aspect-ratio bucketed set), their latents in latent space (saying which path,
+    when `announce`)."""
+    meta = read_metadata(cfg.data.parquet_dir)
+    if is_bucketed(meta):
+        if uses_vae(cfg.vae):
+            raise DataError(f"{cfg.data.parquet_dir} is an aspect-ratio bucketed set: buckets train in pixel space "
+                            f"(latent caches are square); set vae.source=none, or import the set without --buckets")
+        if announce:
+            listed = ", ".join(f"{name} ({counts['train']:,})" for name, counts in meta["buckets"].items())
+            print(f"sd3ray: aspect-ratio buckets (height x width, training images): {listed}", flush=True)
+        return read_bucketed_split(cfg.data.parquet_dir, "train"), read_bucketed_split(cfg.data.parquet_dir, "test")
     if not uses_vae(cfg.vae):
         return load_splits(cfg)
     check_image_set(cfg)

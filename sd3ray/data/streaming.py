@@ -50,6 +50,11 @@ def loading_choice(cfg: Config) -> tuple[bool, int]:
         meta = read_metadata(cfg.data.parquet_dir)
         per_image = spec.latent_channels * spec.latent_size(meta["image_size"]) ** 2 * itemsize
         return False, meta["splits"]["train"]["count"] * per_image
+    if "buckets" in read_metadata(cfg.data.parquet_dir):  # one bucket a step, drawn from memory
+        if cfg.data.loading == "stream":
+            raise ConfigError("data.loading=stream: an aspect-ratio bucketed set trains from memory (one bucket a "
+                              "step); set data.loading=memory or auto")
+        return False, size
     if cfg.data.loading != "auto":
         return cfg.data.loading == "stream", size
     return size > cfg.data.stream_above_mb * 2**20, size
@@ -166,7 +171,8 @@ class StreamedBatches:
         check_fits_model(images.shape[1], images.shape[-1], self.cfg, self.cfg.data.parquet_dir)
         g = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed * 1_000_003 + step)
         n, sl = self.global_batch, self.rank_slice
-        t = sample_timesteps(self.cfg.flow, n, g, self.device)[sl]
+        tokens = (self.cfg.model.image_size // self.cfg.model.patch_size) ** 2
+        t = sample_timesteps(self.cfg.flow, n, g, self.device, tokens)[sl]
         eps = torch.randn((n, *images.shape[1:]), generator=g, device=self.device)[sl]
         choice = torch.randint(0, 1 << 30, (n,), generator=g, device=self.device)[sl].tolist()
         dropped = (torch.rand(n, generator=g, device=self.device) < self.cfg.text.prompt_dropout)[sl].tolist()

@@ -114,6 +114,21 @@ class MMDiT(nn.Module):
         p = self.cfg.patch_size
         return crop_positions(self.pos_embed, self.cfg.pos_embed_max_size, height // p, width // p)
 
+    def check_shape(self, c: int, h: int, w: int) -> None:
+        """With SD3's position table, any H×W whose token grid fits in it (aspect-ratio buckets); without it, the
+        square model.image_size its computed positions were made for."""
+        m, p = self.cfg, self.cfg.patch_size
+        if m.pos_embed_max_size:
+            fits = c == m.channels and h % p == 0 and w % p == 0 and max(h, w) // p <= m.pos_embed_max_size
+            if not fits:
+                raise ValueError(f"MMDiT takes (B, {m.channels}, H, W) with H and W multiples of model.patch_size={p} "
+                                 f"and at most {m.pos_embed_max_size * p} (model.pos_embed_max_size patches), got "
+                                 f"{(c, h, w)}")
+        elif (c, h, w) != (m.channels, m.image_size, m.image_size):
+            raise ValueError(f"MMDiT expects images of shape (B, {m.channels}, {m.image_size}, {m.image_size}) "
+                             f"(model.channels, model.image_size), got {(c, h, w)}; other shapes need SD3's position "
+                             f"table (model.pos_embed_max_size)")
+
     def forward(
         self,
         x: torch.Tensor,
@@ -123,9 +138,7 @@ class MMDiT(nn.Module):
         context_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, c, h, w = x.shape
-        if c != self.cfg.channels or h != self.cfg.image_size or w != self.cfg.image_size:
-            raise ValueError(f"MMDiT expects images of shape (B, {self.cfg.channels}, {self.cfg.image_size}, "
-                             f"{self.cfg.image_size}) (model.channels, model.image_size), got {tuple(x.shape)}")
+        self.check_shape(c, h, w)
         pixels = self.stem(x) if self.stem is not None else x  # (B, C or conv_stem, H, W)
         img = self.x_embedder(patchify(pixels, self.cfg.patch_size)) + self.positions(h, w)  # (B, N, D)
         ctx = self.context_embedder(context)  # (B, L, D)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from sd3ray.config import Config
+from sd3ray.core.flow import resolve_shift
 from sd3ray.errors import Sd3rayError
 from sd3ray.model import interop
 from sd3ray.model.pretrained_text import inspect as inspect_encoder
@@ -68,6 +69,12 @@ def copy_model_files(source: Path, destination: Path) -> None:
             shutil.copy2(path, destination / path.name)
 
 
+def sampling_shift(cfg: Config) -> float:
+    """The run's sampling shift at its own size (the scheduler's fixed `shift`)."""
+    tokens = (cfg.model.image_size // cfg.model.patch_size) ** 2
+    return resolve_shift(cfg.sample.shift, cfg.flow.shift_rule, cfg.flow.shift_reference_tokens, tokens)
+
+
 def save_pipeline(mmdit: dict[str, torch.Tensor], cfg: Config, out: Path) -> Path:
     """Write the SD3 pipeline folder at `out` from the MM-DiT's state (merged: a pipeline has no adapters)."""
     import diffusers
@@ -91,6 +98,6 @@ def save_pipeline(mmdit: dict[str, torch.Tensor], cfg: Config, out: Path) -> Pat
     (out / "scheduler").mkdir(exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": SCHEDULER_CLASS, "_diffusers_version": diffusers.__version__, "num_train_timesteps": 1000,
-         "shift": float(cfg.sample.shift)}, indent=2))
+         "shift": sampling_shift(cfg)}, indent=2))
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out

@@ -47,7 +47,7 @@ class Sd3rayModel(mlflow.pyfunc.PythonModel):
 
     # a DataFrame hint is one MLflow infers no schema from (`signature()` states it) and that stops its warning
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
-        from sd3ray.inference import generate, with_guidance
+        from sd3ray.inference import drawing_size, generate, with_guidance
 
         params = params or {}
         prompts = [str(prompt) for prompt in model_input["prompt"]]
@@ -55,9 +55,10 @@ class Sd3rayModel(mlflow.pyfunc.PythonModel):
         interval = [float(params.get(f"guidance_{edge}", value)) for edge, value in
                     zip(("low", "high"), sample.guidance_interval)]
         cfg = with_guidance(self.cfg, interval)
+        size = str(params.get("size", "") or "")  # "WxH" pictures; "" = the model's square
         images = generate(self.model, prompts, cfg, int(params.get("seed", 0)), self.device,
                           float(params.get("guidance", sample.guidance)), int(params.get("steps", sample.steps)),
-                          str(params.get("sampler", sample.sampler)))
+                          str(params.get("sampler", sample.sampler)), size=drawing_size(cfg, size) if size else None)
         return images.numpy()
 
 
@@ -83,12 +84,15 @@ def signature(cfg: Config):
     channels, side = picture_shape(cfg.model, cfg.vae)  # pictures, decoded by the VAE in latent space
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, side, side))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, *((-1, -1) if cfg.model.pos_embed_max_size
+                                                                          else (side, side))))]),
         params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("guidance", "double", float(s.guidance)),
                             ParamSpec("steps", "long", int(s.steps)), ParamSpec("sampler", "string", s.sampler),
                             # guidance acts for t in [guidance_low, guidance_high] only (t = 1 is noise)
                             ParamSpec("guidance_low", "double", float(s.guidance_interval[0])),
-                            ParamSpec("guidance_high", "double", float(s.guidance_interval[1]))]))
+                            ParamSpec("guidance_high", "double", float(s.guidance_interval[1])),
+                            # "WxH" pictures (a model with SD3's position table draws any bucket); "" = its square
+                            ParamSpec("size", "string", "")]))
 
 
 def model_name(run_name: str) -> str:

@@ -21,7 +21,8 @@ import torch
 
 from sd3ray.checkpoint import CheckpointData, write_checkpoint
 from sd3ray.config import Config, TrainConfig
-from sd3ray.data.batches import TrainingBatches
+from sd3ray.data.batches import BucketedBatches, TrainingBatches
+from sd3ray.data.bucketed_sets import BucketedSet
 from sd3ray.data.format import read_split
 from sd3ray.data.latents import load_model_splits
 from sd3ray.data.streaming import StreamedBatches, describe_choice, streams
@@ -152,6 +153,14 @@ class DecayHorizon:
         self.start_step, self.steps = step, min(saved, self.cfg.steps) if saved and follows_budget else self.cfg.steps
 
 
+def in_memory_batches(train_set: Any, cfg: Config, rank: int, world_size: int, device: torch.device,
+                      tokenize: Any) -> TrainingBatches | BucketedBatches:
+    """A square set's batches, or an aspect-ratio bucketed set's (one bucket a step)."""
+    if isinstance(train_set, BucketedSet):
+        return BucketedBatches(train_set, cfg, rank, world_size, device, tokenize)
+    return TrainingBatches(train_set, cfg, rank, world_size, device, tokenize)
+
+
 def niceness() -> str:
     """', nice N' when this process runs below normal priority (it then loses every CPU contest), else ''."""
     nice = os.nice(0) if hasattr(os, "nice") else 0
@@ -238,7 +247,7 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
         if ctx.is_main:
             print(f"sd3ray: {line}", flush=True)
     batches = StreamedBatches(ctx.train_stream(cfg), cfg, ctx.rank, ctx.world_size, device, text.tokenize) \
-        if streaming else TrainingBatches(train_set, cfg, ctx.rank, ctx.world_size, device, text.tokenize)
+        if streaming else in_memory_batches(train_set, cfg, ctx.rank, ctx.world_size, device, text.tokenize)
     step, meta = 0, {}
     if (resume := ctx.resume_from()) is not None:
         step, meta = restore(resume, cfg, state)
@@ -257,6 +266,8 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
         print(f"sd3ray: step {settings.reason}", flush=True)
         print(f"sd3ray: {state.plan.reason}", flush=True)
     tracker.log_params({"global_batch": batches.global_batch})
+    if isinstance(test_set, BucketedSet):  # the validation loss and the grid at the most common shape
+        test_set = test_set.largest()
     val = ValidationSet.build(test_set, cfg, device) if ctx.is_main else None
     if step == 0:  # every rank: a sharded EMA is gathered onto rank 0 (evaluation_model)
         # the untrained model's grid: MLflow's image card opens at step 0, so it shows a grid at once (and the

@@ -206,3 +206,22 @@ def test_streaming_workers_share_each_pass_and_a_restart_replays_the_interrupted
     assert len(attempts[1][1]) == 1 and len(attempts[1][1][0]) == 6
     replayed = sorted(x for rank in (0, 1) for batch in attempts[rank][1][0] for x in batch)
     assert replayed == list(range(96))  # the resumed pass: all 96 images, each once, over the two workers
+
+
+@pytest.mark.timeout(600)  # ranks that drew different buckets would wait on each other forever: a hang fails here
+def test_two_workers_draw_the_same_bucket_at_every_step_of_a_bucketed_set(ray_head, tmp_path: Path) -> None:
+    """Mixed-shape images in aspect-ratio buckets on two Ray Train workers: every step's all-reduce meets (one
+    bucket a step on both ranks), the run finishes, and DDP keeps the replicas identical."""
+    from sd3ray.data.bucketed_sets import import_bucketed_folder
+    from tests.unit.test_buckets import mixed_folder
+
+    images, captions = mixed_folder(tmp_path / "images")
+    data = tmp_path / "bucketed"
+    import_bucketed_folder(images, captions, data, 32, 3, multiple=8, max_aspect=2.0, test_fraction=0.25)
+    result, replicas = _fit(["model.channels=3", "model.patch_size=8", "model.pos_embed_max_size=6",
+                             "data.source=prepared", f"data.parquet_dir={data}", "train.batch_size=2",
+                             "train.steps=8", "train.log_every=2", "train.ckpt_every=8", "train.eval_every=100",
+                             "text.max_length=16"], data, tmp_path, "buckets", 2, tracking=False)
+    assert result.metrics["step"] == 8
+    for key, value in replicas[0].items():
+        assert torch.equal(value, replicas[1][key]), key
