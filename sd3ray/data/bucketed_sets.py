@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +72,14 @@ def import_bucketed_folder(images_dir: Path, captions_file: Path, out_dir: str |
             upload_tree(Path(local), str(out_dir))
         return out_dir
     members: dict[Bucket, list[tuple[str, str]]] = defaultdict(list)
+    squeezed = 0
     for name, caption in pairs:
         h, w = image_shape((images_dir / name).read_bytes(), name)
+        squeezed += max(h / w, w / h) > max_aspect
         members[bucket_for(h, w, image_size * image_size, multiple, max_aspect)].append((name, caption))
+    if squeezed:
+        warnings.warn(f"{squeezed} of {len(pairs)} images are more elongated than --max-aspect {max_aspect:g}:1 and "
+                      f"were squeezed to it; raise --max-aspect to keep their shapes", stacklevel=2)
     counts: dict[str, dict[str, int]] = {}
     with staged_set(out_dir) as staging:
         for bucket, rows in sorted(members.items()):

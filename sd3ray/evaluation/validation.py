@@ -3,7 +3,7 @@ and seed of the sample grid, so grids compare across steps and runs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,8 @@ class ValidationSet:
     prompts: list[str]
     levels: torch.Tensor  # (K,)
     grid_prompts: list[str]  # the sample grid's prompts, row by row
+    # (H, W) shapes drawn beside the square grid, one grid each (an aspect-ratio bucketed set's largest buckets)
+    grid_shapes: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def build(cls, images: ImageSet, cfg: Config, device: torch.device) -> ValidationSet:

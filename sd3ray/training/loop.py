@@ -153,6 +153,13 @@ class DecayHorizon:
         self.start_step, self.steps = step, min(saved, self.cfg.steps) if saved and follows_budget else self.cfg.steps
 
 
+def grid_shapes(data: BucketedSet, cfg: Config, most: int = 3) -> list[tuple[int, int]]:
+    """The shapes of a bucketed set's `most` largest buckets other than the square grid's."""
+    square = (cfg.model.image_size, cfg.model.image_size)
+    ranked = sorted(zip(data.buckets, data.parts), key=lambda pair: -len(pair[1]))
+    return [bucket for bucket, _ in ranked if bucket != square][:most]
+
+
 def in_memory_batches(train_set: Any, cfg: Config, rank: int, world_size: int, device: torch.device,
                       tokenize: Any) -> TrainingBatches | BucketedBatches:
     """A square set's batches, or an aspect-ratio bucketed set's (one bucket a step)."""
@@ -214,6 +221,9 @@ def validate_and_judge(ema_model: Denoiser, val: ValidationSet, cfg: Config, dev
     started = time.perf_counter()
     grid = generate(ema_model, val.grid_prompts, cfg, GRID_SEED, device)
     tracker.log_image("samples/grid", make_grid(grid), step)
+    for height, width in val.grid_shapes:  # the same prompts at the buckets' shapes, two rows each
+        shaped = generate(ema_model, val.grid_prompts[:16], cfg, GRID_SEED, device, size=(height, width))
+        tracker.log_image(f"samples/grid_{height}x{width}", make_grid(shaped), step)
     if judge is not None:
         report = judge(ema_model, step)
         metrics.update(report.metrics)
@@ -266,9 +276,12 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
         print(f"sd3ray: step {settings.reason}", flush=True)
         print(f"sd3ray: {state.plan.reason}", flush=True)
     tracker.log_params({"global_batch": batches.global_batch})
+    shapes = grid_shapes(train_set, cfg) if isinstance(train_set, BucketedSet) else []
     if isinstance(test_set, BucketedSet):  # the validation loss and the grid at the most common shape
         test_set = test_set.largest()
     val = ValidationSet.build(test_set, cfg, device) if ctx.is_main else None
+    if val is not None:
+        val.grid_shapes = shapes
     if step == 0:  # every rank: a sharded EMA is gathered onto rank 0 (evaluation_model)
         # the untrained model's grid: MLflow's image card opens at step 0, so it shows a grid at once (and the
         # slider's far end the latest one) rather than "No image logged at this step"

@@ -124,6 +124,8 @@ def bucketed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images, captions = mixed_folder(tmp_path_factory.mktemp("mixed") / "images")
     out = tmp_path_factory.mktemp("bucketed") / "set"
     import_bucketed_folder(images, captions, out, 32, 3, multiple=8, max_aspect=2.0, test_fraction=0.25)
+    with pytest.warns(UserWarning, match="36 of 48 images are more elongated than --max-aspect 1.2:1"):
+        import_bucketed_folder(images, captions, out.with_name("narrow"), 32, 3, multiple=8, max_aspect=1.2)
     return out
 
 
@@ -146,9 +148,24 @@ def _bucket_config(data: Path, out: Path, *extra: str):
         "flow.shift_reference_tokens=16", "text.max_length=16", *extra])
 
 
+class GridKeys(NullTracker):
+    """The shape of each sample grid a run logs, by key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict[str, tuple[int, ...]] = {}
+
+    def log_image(self, key, image, step):
+        self.shapes[key] = np.asarray(image).shape
+
+
 def test_a_bucketed_run_resumes_exactly_and_samples_at_two_shapes(bucketed: Path, tmp_path: Path) -> None:
+    grids = GridKeys()
     straight = train(_bucket_config(bucketed, tmp_path / "a", "train.steps=6"),
-                     LocalContext(tmp_path / "a" / "run", torch.device("cpu")), NullTracker())
+                     LocalContext(tmp_path / "a" / "run", torch.device("cpu")), grids)
+    # the square grid, and one per bucket shape beside it (the three largest buckets other than the square)
+    assert {"samples/grid", "samples/grid_24x40", "samples/grid_24x48", "samples/grid_48x24"} <= set(grids.shapes)
+    assert grids.shapes["samples/grid_24x48"][1] > grids.shapes["samples/grid_24x48"][0]  # wider than tall
     first = train(_bucket_config(bucketed, tmp_path / "b", "train.steps=4"),
                   LocalContext(tmp_path / "b" / "run", torch.device("cpu")), NullTracker())
     resumed = train(_bucket_config(bucketed, tmp_path / "b", "train.steps=6"),
