@@ -69,6 +69,8 @@ def main() -> int:
     vae.add_argument("--vae-subfolder", default="", help="the VAE's subfolder (vae, in an SD3 pipeline folder)")
     vae.add_argument("--vae-dtype", choices=["float16", "float32"], default="float16",
                      help="what the cache stores (sets vae.cache_dtype; train with the same)")
+    vae.add_argument("--vae-batch-size", type=positive_int, default=64,
+                     help="pictures per VAE call on each actor: lower it if the VAE runs out of memory")
     args = parser.parse_args()
     if args.existing:
         if not (args.text_encoder or args.vae):
@@ -124,7 +126,7 @@ def encode_existing(args) -> int:
             print(f"sd3ray: latents of {name}: {images:,} pictures ({rate:,.1f} pictures/s)", flush=True)
 
         location, shards = precompute_latents(str(args.out), vae, args.encoder_actors, args.encoder_gpus,
-                                              on_shard=progress)
+                                              args.vae_batch_size, on_shard=progress)
         kept = "" if shards else " (every shard was cached already)"
         print(f"sd3ray: latent cache {location}: {shards} shards encoded in {time.monotonic() - started:.1f} s{kept}; "
               f"train with --set vae.source={args.vae}" + (f" vae.subfolder={args.vae_subfolder}"
