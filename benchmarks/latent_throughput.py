@@ -66,7 +66,7 @@ def steps_timer(cfg: Config, steps: int, pictures: torch.Tensor, encode: FrozenV
     def run() -> None:
         for _ in range(steps):
             x0 = pictures if pixel_space else encode.encode(pictures) if encode is not None else cached
-            t = sample_timesteps(cfg.flow, b, g, device)
+            t = sample_timesteps(cfg.flow, b, g, device, (m.image_size // m.patch_size) ** 2)
             train_step(state, x0, ids, mask, t, torch.randn(x0.shape, generator=g), step[0])
             step[0] += 1
 
