@@ -155,8 +155,12 @@ class FrozenVae:
 
     def load(self, device: torch.device) -> Any:
         if self.model is None:
-            from diffusers import AutoencoderKL
-            from diffusers.utils import logging as diffusers_logging
+            try:
+                from diffusers import AutoencoderKL
+                from diffusers.utils import logging as diffusers_logging
+            except ImportError:
+                raise VaeError("vae.source: latent space loads the VAE through diffusers, which is not installed: "
+                               "pip install -e '.[latent]'") from None
 
             diffusers_logging.set_verbosity_error()
             try:
