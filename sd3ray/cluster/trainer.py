@@ -35,12 +35,21 @@ from sd3ray.training.signals import Interrupted, signal_name
 
 
 def _absolute_paths(cfg: Config) -> Config:
-    """Workers run in other directories: hand them absolute data paths (URIs as they are)."""
+    """Workers run in other directories: hand them absolute data paths (URIs as they are), and the pretrained
+    folders (VAE, text encoders, base transformer, guide) absolute where they exist here; hub ids stay ids."""
     def absolute(location: str) -> str:
         return location if is_uri(location) else str(Path(location).resolve())
 
+    def local_folder(value: str) -> str:
+        here = bool(value) and not is_uri(value) and Path(value).expanduser().exists()
+        return str(Path(value).expanduser().resolve()) if here else value
+
     return replace(cfg, data=replace(cfg.data, parquet_dir=absolute(cfg.data.parquet_dir),
-                                     raw_root=absolute(cfg.data.raw_root)))
+                                     raw_root=absolute(cfg.data.raw_root)),
+                   model=replace(cfg.model, init_from=local_folder(cfg.model.init_from)),
+                   vae=replace(cfg.vae, source=local_folder(cfg.vae.source)),
+                   text=replace(cfg.text, encoder=tuple(local_folder(e) for e in cfg.text.encoder)),
+                   sample=replace(cfg.sample, guide=local_folder(cfg.sample.guide)))
 
 
 def default_storage(cfg: Config) -> str:
