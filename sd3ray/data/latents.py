@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sd3ray.config import Config
-from sd3ray.data.bucketed_sets import is_bucketed, read_bucketed_split
+from sd3ray.data.bucketed_sets import BucketedSet, is_bucketed, read_bucketed_split
 from sd3ray.data.format import (
     SPLITS,
     ImageSet,
@@ -100,7 +100,9 @@ def finish(location: str, parquet_dir: str, spec: VaeSpec, image_size: int, dtyp
             raise DataError(f"the latent cache at {location} holds {sum(counts)} {split} rows for "
                             f"{entry['count']} images; delete it and run the precompute again")
         splits[split] = {**entry, "count": sum(counts)}
+    width = meta.get("width", image_size)  # a bucket of an aspect-ratio bucketed set is H×W
     record = {"channels": spec.latent_channels, "image_size": spec.latent_size(image_size), "dtype": dtype,
+              **({"width": spec.latent_size(width)} if width != image_size else {}),
               "picture_size": image_size, "picture_channels": meta["channels"], "vae": spec.fingerprint(),
               "images": dataset_digest(parquet_dir), "splits": splits}
     with fs.open_output_stream(f"{root}/metadata.json") as out:
@@ -123,12 +125,13 @@ def read_latent_split(location: str, split: str) -> ImageSet:
     """A cached split as an ImageSet whose `images` are latents (N, c, h, w) in the cache's float dtype."""
     meta = read_metadata(location)
     entry, c, s = meta["splits"][split], meta["channels"], meta["image_size"]
+    w = meta.get("width", s)
     dtype = NUMPY_DTYPES[meta["dtype"]]
     fs, root = open_folder(location)
     table = pa.concat_tables(read_shard(fs, root, name, location) for name in entry["shards"])
     column = table.column("latent").combine_chunks()
-    raw = np.frombuffer(column.buffers()[1], dtype)[column.offset * c * s * s:][: len(table) * c * s * s]
-    latents = torch.from_numpy(raw.reshape(len(table), c, s, s).copy())
+    raw = np.frombuffer(column.buffers()[1], dtype)[column.offset * c * s * w:][: len(table) * c * s * w]
+    latents = torch.from_numpy(raw.reshape(len(table), c, s, w).copy())
     labels = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     captions = table.column("caption").to_pylist() if entry.get("captioned") else None
     return ImageSet(latents, labels, captions)
@@ -145,8 +148,8 @@ def encode_set(images: ImageSet, vae: FrozenVae, batch_size: int, dtype: str) ->
 
 @dataclass(frozen=True)
 class LatentSplits:
-    train: ImageSet
-    test: ImageSet
+    train: ImageSet | None  # None only for a bucket without images in that split
+    test: ImageSet | None
     line: str  # which path the run took and why
 
 
@@ -157,6 +160,13 @@ def load_latent_splits(cfg: Config) -> LatentSplits:
     meta = read_metadata(where)
     spec = inspect(cfg.vae)
     check_shapes(spec, meta["channels"], meta["image_size"], cfg.model.channels, cfg.model.image_size, where)
+    return latents_at(where, cfg, spec, sum(entry["count"] for entry in meta["splits"].values()))
+
+
+def latents_at(where: str, cfg: Config, spec: VaeSpec, count: int) -> LatentSplits:
+    """The latents of the set at `where` (a whole set, or one bucket of a bucketed set whose images number
+    `count` in all, which decides whether encoding in memory is allowed)."""
+    meta = read_metadata(where)
     key = cache_key(spec, meta["image_size"], cfg.vae.cache_dtype)
     keys = cached_keys(where)
     if key in keys:
@@ -165,10 +175,10 @@ def load_latent_splits(cfg: Config) -> LatentSplits:
         if cached["images"] != dataset_digest(where):
             raise DataError(f"the latent cache {location} was made from other images than the set now at {where} "
                             f"(it was rebuilt since); make it again: {rebuild_command(where, cfg)}")
-        return LatentSplits(*(read_latent_split(location, split) for split in SPLITS),
+        return LatentSplits(*(read_latent_split(location, split) if split in cached["splits"] else None
+                              for split in SPLITS),
                             f"latents: read from the cache {location} (VAE {spec.source}, made once; no VAE loads "
                             f"to train)")
-    count = sum(entry["count"] for entry in meta["splits"].values())
     others = f" (it has caches for other VAEs, sizes or dtypes: {', '.join(keys)}; never reused)" if keys else ""
     if count > cfg.vae.encode_in_memory_max:
         raise DataError(f"{where} has no latent cache for VAE {spec.source} at {meta['image_size']}px in "
@@ -177,9 +187,31 @@ def load_latent_splits(cfg: Config) -> LatentSplits:
                         f"cache them once with {rebuild_command(where, cfg)}")
     vae = FrozenVae(cfg.vae)
     train, test = (encode_set(read_split(where, split), vae, cfg.vae.batch_size, cfg.vae.cache_dtype)
-                   for split in SPLITS)
+                   if read_metadata(where)["splits"].get(split, {}).get("count") else None for split in SPLITS)
     return LatentSplits(train, test, f"latents: {count:,} images encoded once, in memory, by VAE {spec.source} "
                                      f"(no cache{others}; {rebuild_command(where, cfg)} writes one)")
+
+
+def bucketed_latents(cfg: Config, meta: dict) -> tuple[BucketedSet, BucketedSet, str]:
+    """An aspect-ratio bucketed set's latents, bucket by bucket (each bucket's own cache), as BucketedSets whose
+    shapes are the latents' (picture sides / the VAE's factor)."""
+    where, spec = str(cfg.data.parquet_dir), inspect(cfg.vae)
+    total = sum(entry["count"] for entry in meta["splits"].values())
+    splits: dict[str, tuple[list, list]] = {split: ([], []) for split in SPLITS}
+    lines = set()
+    for name in sorted(meta["buckets"]):
+        height, width = (int(v) for v in name.split("x"))
+        if height % spec.factor or width % spec.factor:
+            raise DataError(f"bucket {name} of {where} is not a multiple of the VAE's {spec.factor}× downsampling: "
+                            f"re-import with --bucket-multiple {spec.factor * cfg.model.patch_size}")
+        found = latents_at(join(where, name), cfg, spec, total)
+        lines.add(found.line.split(" (")[0].replace(join(where, name), where))
+        for split, part in zip(SPLITS, (found.train, found.test)):
+            if part is not None and len(part):
+                splits[split][0].append((height // spec.factor, width // spec.factor))
+                splits[split][1].append(part)
+    train, test = (BucketedSet(*splits[split]) for split in SPLITS)
+    return train, test, f"{'; '.join(sorted(lines))} for each of {len(meta['buckets'])} buckets"
 
 
 def load_model_splits(cfg: Config, announce: bool = True) -> tuple[Any, Any]:
@@ -188,12 +220,14 @@ def load_model_splits(cfg: Config, announce: bool = True) -> tuple[Any, Any]:
     when `announce`)."""
     meta = read_metadata(cfg.data.parquet_dir)
     if is_bucketed(meta):
-        if uses_vae(cfg.vae):
-            raise DataError(f"{cfg.data.parquet_dir} is an aspect-ratio bucketed set: buckets train in pixel space "
-                            f"(latent caches are square); set vae.source=none, or import the set without --buckets")
         if announce:
             listed = ", ".join(f"{name} ({counts['train']:,})" for name, counts in meta["buckets"].items())
             print(f"sd3ray: aspect-ratio buckets (height x width, training images): {listed}", flush=True)
+        if uses_vae(cfg.vae):
+            train, test, line = bucketed_latents(cfg, meta)
+            if announce:
+                print(f"sd3ray: {line}", flush=True)
+            return train, test
         return read_bucketed_split(cfg.data.parquet_dir, "train"), read_bucketed_split(cfg.data.parquet_dir, "test")
     if not uses_vae(cfg.vae):
         return load_splits(cfg)

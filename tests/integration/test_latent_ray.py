@@ -123,3 +123,26 @@ def test_a_latent_cache_in_object_storage_is_written_and_read_there(ray_head, s3
     order = sorted(range(40), key=lambda i: cached.train.captions[i])  # rows come back in any order per shard
     expected = sorted(range(40), key=lambda i: fresh.train.captions[i])
     torch.testing.assert_close(cached.train.images[order].float(), fresh.train.images[expected].float())
+
+
+def test_a_bucketed_sets_latents_are_cached_bucket_by_bucket(ray_head, tmp_path: Path) -> None:
+    """`--vae` on an aspect-ratio bucketed set: each bucket's pictures are encoded at their own shape into the
+    bucket's cache, and a run reads every bucket from it."""
+    from sd3ray.config import load_config
+    from sd3ray.data.bucketed_sets import import_bucketed_folder
+    from sd3ray.data.latents import load_model_splits
+    from tests.unit.test_buckets import mixed_folder
+
+    vae = make_vae(tmp_path / "vae")
+    images, captions = mixed_folder(tmp_path / "images")
+    data = tmp_path / "bucketed"
+    import_bucketed_folder(images, captions, data, 32, 3, multiple=8, max_aspect=2.0, test_fraction=0.25)
+    done = _prepare(data, vae, {**ray_head["env"], "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    cached = sorted(p.parent.parent.parent.name for p in data.glob("*/latents/*/metadata.json"))
+    assert cached == ["24x40", "24x48", "32x32", "48x24"]
+    cfg = load_config(REPO_ROOT / "configs/mnist_tiny.yaml", [
+        *MICRO, "model.channels=4", "model.image_size=8", "model.patch_size=2", "model.pos_embed_max_size=6",
+        "data.source=prepared", f"data.parquet_dir={data}", f"vae.source={vae}", "vae.encode_in_memory_max=0"])
+    train, test = load_model_splits(cfg, announce=False)
+    assert train.buckets == [(6, 10), (6, 12), (8, 8), (12, 6)] and len(train) + len(test) == 48

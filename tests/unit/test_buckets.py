@@ -187,3 +187,28 @@ def test_a_bucketed_set_needs_a_position_table_that_covers_its_largest_bucket(bu
     cfg = _bucket_config(bucketed, tmp_path, "model.patch_size=4", "model.pos_embed_max_size=8", "train.steps=2")
     with pytest.raises(DataError, match="model.pos_embed_max_size=12"):
         train(cfg, LocalContext(tmp_path / "run", torch.device("cpu")), NullTracker())
+
+
+def test_buckets_train_in_latent_space_and_decode_at_each_shape(bucketed: Path, tmp_path: Path) -> None:
+    """The bucketed set through a tiny VAE (4× smaller per side): each bucket's latents at its own shape, a grid
+    per shape decoded to pictures, samples at two aspects decoded to their picture sizes."""
+    pytest.importorskip("diffusers")
+    from sd3ray.data.latents import load_model_splits
+    from tests.vae_models import make_vae
+
+    vae = make_vae(tmp_path / "vae")
+    cfg = _bucket_config(bucketed, tmp_path, "model.channels=4", "model.image_size=8", "model.patch_size=2",
+                         "model.pos_embed_max_size=6", f"vae.source={vae}", "train.steps=2", "train.eval_every=2")
+    train_set, _ = load_model_splits(cfg, announce=False)
+    assert train_set.buckets == [(6, 10), (6, 12), (8, 8), (12, 6)]  # 24x40, 24x48, 32x32, 48x24 pictures / 4
+    assert all(part.images.shape[1:] == (4, *bucket) for bucket, part in zip(train_set.buckets, train_set.parts))
+    grids = GridKeys()
+    result = train(cfg, LocalContext(tmp_path / "run", torch.device("cpu")), grids)
+    assert grids.shapes["samples/grid_6x12"][1] > 8 * 48  # 8 decoded 24×48 pictures a row, not 6×12 latents
+    model, saved, _ = load_ema_model(result.checkpoint, torch.device("cpu"))
+    wide = drawing_size(saved, "48x24")
+    assert wide == (6, 12)  # the latent's shape
+    pictures = generate(model, ["a blue bar"], saved, 0, torch.device("cpu"), steps=2, size=wide)
+    assert pictures.shape == (1, 3, 24, 48)
+    with pytest.raises(DataError, match="multiples of 8"):  # the patch (2) times the VAE's factor (4)
+        drawing_size(saved, "44x24")
