@@ -14,7 +14,7 @@ import numpy as np
 from sd3ray.errors import Sd3rayError, explained_error
 from sd3ray.evaluation.figures import line_plot
 from sd3ray.storage import redact
-from sd3ray.sweeps.spec import SchemeSpec, SweepSpec, base_config, trial_label
+from sd3ray.sweeps.spec import SchemeSpec, SweepSpec, base_config, resolved_params, trial_label
 from sd3ray.sweeps.study import by_point, study_markdown, study_plot
 from sd3ray.tracking.protocol import Tracker
 
@@ -35,7 +35,7 @@ def summarize(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
     for result in results:
         # a restored sweep has no config for trials that failed before their first report; Tune's params.json does
         config = result.config or json.loads((Path(result.path) / "params.json").read_text())
-        params, metrics = config["params"], result.metrics or {}
+        params, metrics = resolved_params(spec, config["params"]), result.metrics or {}
         reached = metrics.get("step", 0)
         status = "failed" if result.error else ("finished" if reached >= steps else "stopped early")
         row = {"trial": trial_label(params), "width": params["width"], "scheme": SchemeSpec(**params["scheme"]).label}

@@ -130,6 +130,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None, config_over
     spec = replace(spec, overrides=(*spec.overrides, *config_overrides))
     if not spec.widths or not spec.schemes:
         raise ConfigError("widths and schemes: give at least one value each")
+    labels = [scheme.label for scheme in spec.schemes]
+    if len(set(labels)) < len(labels):  # a trial's scheme is found by its label
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        raise ConfigError(f"schemes: {', '.join(twice)} is given twice; give each scheme once (seeds: N repeats it)")
     if spec.metric in RENAMED_METRICS:
         raise ConfigError(f"metric {spec.metric} is now called {RENAMED_METRICS[spec.metric]}: write metric: "
                           f"{RENAMED_METRICS[spec.metric]} in {path}")
@@ -375,6 +379,15 @@ def trial_label(params: dict[str, Any]) -> str:
     return label
 
 
+def resolved_params(spec: SweepSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's params as Tune holds them, with the scheme's label turned back into its flow keys (a sweep saved
+    before labels were used holds the dict itself)."""
+    if not isinstance(params["scheme"], str):
+        return params
+    schemes = {scheme.label: vars(scheme) for scheme in spec.schemes}
+    return {**params, "scheme": dict(schemes[params["scheme"]])}
+
+
 def named_values(spec: SweepSpec) -> dict[str, list[Any]]:
     """The named dimensions as the trial's params hold them: width, scheme (a dict of flow keys), depth, lr, shift."""
     dims: dict[str, list[Any]] = {
@@ -388,10 +401,13 @@ def named_values(spec: SweepSpec) -> dict[str, list[Any]]:
 
 
 def search_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's param space. A scheme is there as its label (`logit_normal(0,1)`), which Tune's status table shows
+    whole; its dict of flow keys would be cut to its tail. `resolved_params` turns the label back."""
     from ray import tune
 
     pick = tune.grid_search if spec.search == "grid" else tune.choice
     params: dict[str, Any] = {k: pick(v) for k, v in named_values(spec).items()}
+    params["scheme"] = pick([scheme.label for scheme in spec.schemes])
     distributions = {"grid": pick, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
                      "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
     if spec.space:

@@ -15,6 +15,7 @@ from sd3ray.storage import join
 from sd3ray.sweeps.spec import (
     SweepSpec,
     base_config,
+    resolved_params,
     search_space,
     spec_dict,
     sweep_root,
@@ -32,8 +33,9 @@ def run_trial(config: dict[str, Any]) -> None:
     from sd3ray.cluster.trainer import build_trainer
 
     spec = build_dataclass(SweepSpec, config["spec"])
-    label = trial_label(config["params"])
-    cfg = trial_config(spec, config["params"],
+    params = resolved_params(spec, config["params"])
+    label = trial_label(params)
+    cfg = trial_config(spec, params,
                        [f"tracking.run_name={label}", f"tracking.parent_run_id={config['parent']}"])
     trial_id = tune.get_context().get_trial_id()
     trainer = build_trainer(cfg, f"{label}-{trial_id}", workers=spec.workers_per_trial, use_gpu=spec.use_gpu,
@@ -98,7 +100,8 @@ def build_tuner(spec: SweepSpec, parent_run_id: str, tracking: bool):
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=search_alg,
                                     num_samples=spec.num_samples, max_concurrent_trials=concurrency(spec),
-                                    trial_name_creator=lambda t: trial_label(t.config["params"])),
+                                    trial_name_creator=lambda t: trial_label(resolved_params(spec,
+                                                                                             t.config["params"]))),
         run_config=tune.RunConfig(name=spec.name, storage_path=sweep_root(spec),
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures)),
     )

@@ -18,6 +18,29 @@ def test_trial_settings_follow_the_sweep() -> None:
     assert "flow.scheme=mode" in trial_overrides(params, 32) and "train.lr=0.002" in trial_overrides(params, 32)
 
 
+def test_tune_holds_each_scheme_as_its_label_and_a_trial_gets_its_flow_keys_back(tmp_path, mnist_parquet) -> None:
+    """Tune's status table shows a param whole only when it is short: the label, not the dict's tail."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    from sd3ray.config import ConfigError
+    from sd3ray.sweeps.spec import resolved_params, search_space
+
+    path = sweep_file(tmp_path, mnist_parquet, "labels", [32], asha={"enabled": False},
+                      schemes=[{"scheme": "uniform"}, {"scheme": "logit_normal", "logit_mean": 0.5, "logit_std": 0.6},
+                               {"scheme": "mode", "mode_scale": 1.75}])
+    spec = load_sweep(path)
+    variants = [v["params"] for _, v in generate_variants(search_space(spec))]
+    assert [v["scheme"] for v in variants] == ["uniform", "logit_normal(0.5,0.6)", "mode(1.75)"]
+    trial = resolved_params(spec, variants[1])
+    assert trial["scheme"] == {"scheme": "logit_normal", "logit_mean": 0.5, "logit_std": 0.6, "mode_scale": 1.29}
+    assert {"flow.scheme=logit_normal", "flow.logit_mean=0.5", "flow.logit_std=0.6"} <= set(
+        trial_overrides(trial, spec.head_dim))
+    assert trial_label(trial) == "w32-logit_normal(0.5,0.6)" and variants[1]["scheme"] == "logit_normal(0.5,0.6)"
+    assert resolved_params(spec, trial) == trial  # a sweep saved with the dicts resumes as it was
+    with pytest.raises(ConfigError, match=r"schemes: mode\(1.75\) is given twice"):
+        load_sweep(path, ["schemes=[{scheme: mode, mode_scale: 1.75}, {scheme: mode, mode_scale: 1.75}]"])
+
+
 def test_sweep_specs_that_would_starve_tune_of_its_metric_are_refused(tmp_path, mnist_parquet) -> None:
     from sd3ray.config import ConfigError
 
@@ -34,7 +57,7 @@ def test_a_free_form_space_and_seeds_become_each_trials_overrides_and_label(tmp_
     from ray.tune.search.variant_generator import generate_variants
 
     from sd3ray.config import load_config
-    from sd3ray.sweeps.spec import Dimension, base_config, search_space
+    from sd3ray.sweeps.spec import Dimension, base_config, resolved_params, search_space
 
     path = sweep_file(tmp_path, mnist_parquet, "space", [32], seeds=2, asha={"enabled": False},
                       space={"sample.guidance": [1.5, 2.5], "train.ema_decay": {"uniform": [0.9, 0.99]},
@@ -43,7 +66,7 @@ def test_a_free_form_space_and_seeds_become_each_trials_overrides_and_label(tmp_
     dims = {dim.key: dim for dim in spec.space}
     assert dims["sample.guidance"] == Dimension("sample.guidance", (1.5, 2.5), "grid") and spec.seeds == 2
     assert dims["train.ema_decay"] == Dimension("train.ema_decay", (0.9, 0.99), "uniform")
-    variants = [v["params"] for _, v in generate_variants(search_space(spec))]
+    variants = [resolved_params(spec, v["params"]) for _, v in generate_variants(search_space(spec))]
     # 1 width × 2 schemes × 2 guidances × 2 seeds grid points; the distributions are drawn for each
     assert len(variants) == 8
     assert {(v["set"]["sample.guidance"], v["seed"]) for v in variants} == {(1.5, 0), (1.5, 1), (2.5, 0), (2.5, 1)}
