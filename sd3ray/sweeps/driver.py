@@ -22,6 +22,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
 
     base = base_config(spec)
     prepare_dataset(base)  # once, here: every trial's workers only read it
+    prepare_judge(base)
     storage = sweep_storage(spec)
     connect()
     check_sweep_storage(spec, base, tracking)
@@ -51,6 +52,25 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
     print(summary_text(rows), flush=True)
     check_some_trial_ran(rows, spec, storage)
     return rows
+
+
+def prepare_judge(base: Any) -> None:
+    """Find or train the judge here, once, before any trial: trials that start together would each train it (a few
+    minutes of CPU apiece) on a set without a shipped judge. Its cache (`SD3RAY_CACHE`) is on this node: trials
+    on other nodes find it only where that folder is shared."""
+    from sd3ray.data.bucketed_sets import is_bucketed
+    from sd3ray.data.format import read_metadata, read_split
+    from sd3ray.evaluation.judge import is_digit_data, load_judge
+    from sd3ray.model.vae import uses_vae
+
+    if base.eval.num_samples == 0 or uses_vae(base.vae):
+        return
+    meta = read_metadata(base.data.parquet_dir)
+    if is_bucketed(meta) or (meta["channels"], meta["image_size"]) != (1, 32):  # what the judge reads, as training
+        return
+    train = read_split(base.data.parquet_dir, "train")
+    if is_digit_data(train):
+        load_judge(train)
 
 
 def check_sweep_storage(spec: SweepSpec, base: Any, tracking: bool) -> None:

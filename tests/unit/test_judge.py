@@ -10,6 +10,7 @@ from scipy import linalg
 from sd3ray.data.format import ImageSet
 from sd3ray.evaluation import judge as judge_module
 from sd3ray.evaluation.judge import Reference, eval_prompts, frechet_distance, judge_images, judge_outputs
+from tests.support import REPO_ROOT
 
 
 def test_judge_reaches_992_on_the_real_test_set(judge_reference: Reference, mnist_splits) -> None:
@@ -156,3 +157,33 @@ def test_the_floor_draws_real_digits_as_the_samples_were_prompted(judge_referenc
     assert floor < natural_fid, (floor, natural_fid)
     assert 0 < spread < 0.3 * floor
     assert judge_reference.floor(digits[:250])[0] > floor  # fewer samples, a higher floor
+
+
+def test_a_sweep_trains_its_judge_once_before_any_trial_and_only_for_digits(mnist_splits, monkeypatch,
+                                                                             tmp_path: Path) -> None:
+    """Trials that start together would each train the judge of a set sd3ray ships none for."""
+    from sd3ray.config import load_config
+    from sd3ray.data.format import write_split
+    from sd3ray.sweeps.driver import prepare_judge
+
+    monkeypatch.setenv("SD3RAY_CACHE", str(tmp_path / "cache"))
+    trained = _count_trainings(monkeypatch)
+    train, test = mnist_splits
+    digits = tmp_path / "digits"
+    write_split(digits, "train", train.images[:512].numpy(), train.labels[:512].numpy())
+    write_split(digits, "test", test.images[:64].numpy(), test.labels[:64].numpy())
+    colour = tmp_path / "colour"
+    write_split(colour, "train", np.zeros((8, 3, 32, 32), np.uint8), np.zeros(8, np.int64))
+    write_split(colour, "test", np.zeros((8, 3, 32, 32), np.uint8), np.zeros(8, np.int64))
+
+    def config(folder: Path, *extra: str):
+        return load_config(REPO_ROOT / "configs/mnist_tiny.yaml", [f"data.parquet_dir={folder}", *extra])
+
+    prepare_judge(config(digits, "eval.num_samples=0"))  # no judge asked for
+    prepare_judge(config(colour))  # nothing the judge can read
+    assert trained == []
+    prepare_judge(config(digits))
+    prepare_judge(config(digits))
+    assert trained == [512]
+    subset = ImageSet(train.images[:512], train.labels[:512], None)
+    assert (tmp_path / "cache" / f"judge-{judge_module.judge_cache_key(subset)}.pt").is_file()
