@@ -9,7 +9,9 @@ Four sections, each written to the report as soon as it is measured (a run cut s
 4. levers: a config trained for a fixed number of steps under each of several sets of overrides (a levers file),
    judged along the way and at several guidance scales. Quality per optimizer step does not depend on the
    device, so a GPU compares in minutes the levers that a CPU's time budget (a known number of steps) would take
-   hours to compare.
+   hours to compare;
+5. study: every trial of a sweep file with seeds (configs/sweeps/sd3_timesteps.yaml, SD3's timestep study) trained
+   one after another, and the study's table of mean ± std over seeds per scheme beside SD3's Table 1 rank.
 
 It needs torch and sd3ray's own dependencies only (no ray, no mlflow), so it runs on a bare GPU machine.
 """
@@ -36,6 +38,8 @@ from sd3ray.data.prepare import prepare_dataset
 from sd3ray.evaluation.flops import peak_tflops, train_step_flops
 from sd3ray.evaluation.judge import Reference, is_judge_metric, judge_settings, load_judge
 from sd3ray.inference import load_ema_model
+from sd3ray.sweeps.spec import SchemeSpec, SweepSpec, point_params, sweep_points, trial_config, trial_label
+from sd3ray.sweeps.study import STUDY_METRICS, by_point, study_markdown
 from sd3ray.tracking.protocol import NullTracker
 from sd3ray.training.context import LocalContext
 from sd3ray.training.loop import train
@@ -239,6 +243,41 @@ def levers_section(plan: LeverPlan, device: torch.device, extra: list[str] = (),
     return section
 
 
+def study_section(spec: SweepSpec, device: torch.device, extra: list[str] = (), max_minutes: float = 0.0,
+                  on_trial: Callable[[dict[str, Any]], None] = lambda section: None) -> dict[str, Any]:
+    """A sweep file's trials (SD3's timestep study: each scheme × seeds) trained here one after another, without
+    Ray or MLflow, each judged at its end as `jobs/tune.py` judges it; then the study's table, mean ± std over seeds
+    per point beside SD3's Table 1 rank (sd3ray.sweeps.study). Trials not started within `max_minutes` are listed
+    as skipped and left out of the means."""
+    if any(dim.kind != "grid" for dim in spec.space):
+        raise ConfigError("the GPU report runs a sweep's grid only: give every space: entry as a list of values")
+    started, rows = time.monotonic(), []
+    section: dict[str, Any] = {"sweep": spec.name, "metric": spec.metric, "trials": rows, "table": ""}
+    for point in sweep_points(spec):
+        params = point_params(point)
+        row = {"trial": trial_label(params), "width": params["width"],
+               "scheme": SchemeSpec(**params["scheme"]).label, "seed": params.get("seed", 0)}
+        if max_minutes and time.monotonic() - started > 60 * max_minutes:
+            rows.append({**row, "status": "skipped"})
+            continue
+        with tempfile.TemporaryDirectory(prefix="sd3ray-study-") as tmp:
+            cfg = trial_config(spec, params, [f"train.output_dir={tmp}", "train.keep_checkpoints=1", *extra])
+            prepare_dataset(cfg)
+            trial_started = time.monotonic()
+            recorder = JudgementRecorder(trial_started)
+            result = train(cfg, LocalContext(Path(tmp) / "run", device), recorder)
+        final = recorder.evaluations[-1] if recorder.evaluations else {}
+        rows.append({**row, "status": "finished" if result.step >= cfg.train.steps else "stopped early",
+                     "step": result.step, "train_seconds": time.monotonic() - trial_started,
+                     **{key: final.get(key) for key in dict.fromkeys([spec.metric, *STUDY_METRICS])}})
+        print(f"study {row['trial']}: {result.step} steps in {rows[-1]['train_seconds']:.0f} s, "
+              f"{spec.metric} {final.get(spec.metric)}", flush=True)
+        section["table"] = study_markdown(by_point(rows, spec), spec)
+        on_trial(section)
+    section["minutes"] = (time.monotonic() - started) / 60
+    return section
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
@@ -301,6 +340,11 @@ def to_markdown(header: dict[str, Any], sections: dict[str, Any]) -> str:
         for lever in levers:
             lines += guidance_table(lever.get("final_by_guidance") or [], f"lever {lever['label']}")
         lines.append("")
+    if study := sections.get("study"):
+        done = sum(t["status"] == "finished" for t in study["trials"])
+        took = f", {study['minutes']:.1f} min" if "minutes" in study else ""
+        lines += [f"## Study: {study['sweep']}, {done} of {len(study['trials'])} trials finished{took}", "",
+                  study["table"], ""]
     return "\n".join(lines)
 
 

@@ -1,10 +1,12 @@
 """The GPU report in one command: bf16 training step against eager and compiled diffusers, MFU at the largest batch
 that fits, and the default model's time to quality, written to one report (JSON + markdown) as each part ends.
-With `--levers FILE` it also compares levers (learning rate, schedule, EMA, width...) per optimizer step.
+With `--levers FILE` it also compares levers (learning rate, schedule, EMA, width...) per optimizer step; with
+`--study FILE` it runs a sweep file's trials one after another and writes the study's table (no Ray needed).
 
     python jobs/gpu_report.py --output gpu_report.json                       # speed, mfu and quality
     python jobs/gpu_report.py --parts quality --minutes 5 --data-root DIR     # one part
     python jobs/gpu_report.py --parts levers --levers benchmarks/levers_mnist_tiny.yaml
+    python jobs/gpu_report.py --parts study --study configs/sweeps/sd3_timesteps.yaml   # SD3's timestep study
 
 Needs torch and sd3ray's own dependencies only (no ray or mlflow); diffusers (the `bench` extra) for its rows.
 """
@@ -29,6 +31,7 @@ from benchmarks.gpu_report import (
     quality_section,
     read_lever_plan,
     speed_section,
+    study_section,
 )
 from sd3ray.cli import (
     add_config_args,
@@ -40,9 +43,10 @@ from sd3ray.cli import (
     positive_int,
     run_job,
 )
+from sd3ray.sweeps.spec import load_sweep
 from sd3ray.training.context import default_device
 
-PARTS = ("speed", "mfu", "quality", "levers")
+PARTS = ("speed", "mfu", "quality", "levers", "study")
 DEFAULT_PARTS = ("speed", "mfu", "quality")
 
 
@@ -61,6 +65,9 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--levers", type=Path, help="levers: a levers file (see benchmarks/levers_mnist_tiny.yaml)")
     parser.add_argument("--levers-minutes", type=non_negative_float, default=0.0,
                         help="levers: start no lever after this many minutes (0: run them all)")
+    parser.add_argument("--study", type=Path, help="study: a sweep file with seeds (configs/sweeps/sd3_timesteps.yaml)")
+    parser.add_argument("--study-minutes", type=non_negative_float, default=0.0,
+                        help="study: start no trial after this many minutes (0: run them all)")
     add_data_args(parser)
     parser.add_argument("--device", choices=["cuda", "cpu"])
     parser.add_argument("--output", type=Path, default=Path("gpu_report.json"), help="JSON; markdown beside it")
@@ -70,6 +77,8 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
         parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     if "levers" in args.parts and args.levers is None:
         parser.error("--parts levers needs --levers FILE (e.g. benchmarks/levers_mnist_tiny.yaml)")
+    if "study" in args.parts and args.study is None:
+        parser.error("--parts study needs --study FILE (e.g. configs/sweeps/sd3_timesteps.yaml)")
     return parser, args
 
 
@@ -87,6 +96,7 @@ def main() -> int:
     parser, args = parse_args()
     cfg = config_from_args(parser, args, data_overrides(args))
     plan = read_lever_plan(args.levers) if "levers" in args.parts else None  # a bad file fails before any work
+    study = load_sweep(args.study, [], data_overrides(args)) if "study" in args.parts else None
     device = torch.device(args.device) if args.device else default_device()
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
@@ -109,6 +119,9 @@ def main() -> int:
     if plan is not None:
         report.add("levers", levers_section(plan, device, data_overrides(args), args.levers_minutes,
                                             on_lever=lambda section: report.add("levers", section)))
+    if study is not None:
+        report.add("study", study_section(study, device, max_minutes=args.study_minutes,
+                                          on_trial=lambda section: report.add("study", section)))
     print("\n" + args.output.with_suffix(".md").read_text(), flush=True)
     return 0
 

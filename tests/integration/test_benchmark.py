@@ -166,6 +166,34 @@ def test_gpu_report_levers_train_each_lever_and_judge_it_on_the_way(mnist_parque
     assert not (tmp_path / "bad.json").exists()  # refused before any work
 
 
+def test_gpu_report_study_trains_each_scheme_and_seed_into_the_study_table(mnist_parquet: Path, tmp_path: Path) -> None:
+    """The study part: a sweep file's trials run one after another without Ray, each judged at its end, and the
+    table gives mean ± std over the seeds per scheme, with SD3's Table 1 rank beside it."""
+    from tests.support import MICRO, sweep_file
+
+    micro = [o for o in MICRO if not o.startswith("eval.")]
+    study = sweep_file(tmp_path, mnist_parquet, "study", [32], seeds=2, metric="samples/cfid_ratio",
+                       asha={"enabled": False},
+                       schemes=[{"scheme": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0}, {"scheme": "cosmap"}],
+                       overrides=[*micro, f"data.parquet_dir={mnist_parquet}", "train.steps=4", "train.eval_every=4",
+                                  "train.ckpt_every=4", "eval.num_samples=20", "eval.batch_size=20"])
+    proc = subprocess.run(
+        [sys.executable, "jobs/gpu_report.py", "--device", "cpu", "--parts", "study", "--study", str(study),
+         "--output", str(tmp_path / "s.json")], cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    section = json.loads((tmp_path / "s.json").read_text())["study"]
+    trials = section["trials"]
+    assert [t["trial"] for t in trials] == ["w32-logit_normal(0,1)-seed0", "w32-logit_normal(0,1)-seed1",
+                                            "w32-cosmap-seed0", "w32-cosmap-seed1"]
+    assert all(t["status"] == "finished" and t["step"] == 4 and t["samples/cfid_ratio"] > 0 for t in trials)
+    # the seeds differ, so each point's two trials do too
+    assert trials[0]["samples/cfid_ratio"] != trials[1]["samples/cfid_ratio"]
+    rows = {line.split("|")[2].strip(): line for line in section["table"].splitlines()[2:]}
+    assert set(rows) == {"w32-logit_normal(0,1)", "w32-cosmap"}
+    assert rows["w32-logit_normal(0,1)"].rstrip(" |").endswith("1.54") and " ± " in rows["w32-cosmap"]
+    assert "## Study: study, 4 of 4 trials finished" in (tmp_path / "s.md").read_text()
+
+
 def test_time_to_quality_per_step_trains_exactly_that_many_steps_with_each_seed(mnist_parquet: Path,
                                                                                tmp_path: Path) -> None:
     """--steps: quality per image seen; the run ends at the step count, not a clock, and the report names the
