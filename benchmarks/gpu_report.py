@@ -39,7 +39,7 @@ from sd3ray.evaluation.flops import peak_tflops, train_step_flops
 from sd3ray.evaluation.judge import Reference, is_judge_metric, judge_settings, load_judge
 from sd3ray.inference import load_ema_model
 from sd3ray.sweeps.spec import SchemeSpec, SweepSpec, point_params, sweep_points, trial_config, trial_label
-from sd3ray.sweeps.study import STUDY_METRICS, by_point, study_markdown
+from sd3ray.sweeps.study import by_point, study_markdown, study_metrics
 from sd3ray.tracking.protocol import NullTracker
 from sd3ray.training.context import LocalContext
 from sd3ray.training.loop import train
@@ -269,7 +269,7 @@ def study_section(spec: SweepSpec, device: torch.device, extra: list[str] = (), 
         final = recorder.evaluations[-1] if recorder.evaluations else {}
         rows.append({**row, "status": "finished" if result.step >= cfg.train.steps else "stopped early",
                      "step": result.step, "train_seconds": time.monotonic() - trial_started,
-                     **{key: final.get(key) for key in dict.fromkeys([spec.metric, *STUDY_METRICS])}})
+                     **{key: final.get(key) for key in study_metrics(spec)}})
         print(f"study {row['trial']}: {result.step} steps in {rows[-1]['train_seconds']:.0f} s, "
               f"{spec.metric} {final.get(spec.metric)}", flush=True)
         section["table"] = study_markdown(by_point(rows, spec), spec)

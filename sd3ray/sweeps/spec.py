@@ -406,8 +406,8 @@ def search_space(spec: SweepSpec) -> dict[str, Any]:
     from ray import tune
 
     pick = tune.grid_search if spec.search == "grid" else tune.choice
-    params: dict[str, Any] = {k: pick(v) for k, v in named_values(spec).items()}
-    params["scheme"] = pick([scheme.label for scheme in spec.schemes])
+    values = {**named_values(spec), "scheme": [scheme.label for scheme in spec.schemes]}
+    params: dict[str, Any] = {k: pick(v) for k, v in values.items()}
     distributions = {"grid": pick, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v),
                      "loguniform": lambda v: tune.loguniform(*v), "randint": lambda v: tune.randint(*v)}
     if spec.space:

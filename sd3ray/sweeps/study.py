@@ -23,6 +23,11 @@ SD3_TABLE1_RANK = {  # rectified-flow variants of Table 1, under the labels Sche
 STUDY_METRICS = ("samples/accuracy", "samples/cfid_ratio", "loss/val")
 
 
+def study_metrics(spec: SweepSpec) -> list[str]:
+    """What a study reports per point: the sweep's ranking metric first, then the study's own, each once."""
+    return list(dict.fromkeys([spec.metric, *STUDY_METRICS]))
+
+
 def point_label(row: dict[str, Any]) -> str:
     """The trial's label without its seed: the point the seeds repeat."""
     return row["trial"].rsplit("-seed", 1)[0] if "seed" in row else row["trial"]
@@ -31,7 +36,7 @@ def point_label(row: dict[str, Any]) -> str:
 def by_point(rows: list[dict[str, Any]], spec: SweepSpec) -> list[dict[str, Any]]:
     """One row per point over its trials that reached the last step: n, mean and std of each metric, the rank by
     the sweep's metric (1 = best) and SD3's Table 1 rank of its scheme. Best first."""
-    metrics = list(dict.fromkeys([spec.metric, *STUDY_METRICS]))
+    metrics = study_metrics(spec)
     points: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         points.setdefault(point_label(row), []).append(row)
@@ -59,7 +64,7 @@ def _fmt(value: Any) -> str:
 
 def study_markdown(points: list[dict[str, Any]], spec: SweepSpec) -> str:
     """mean ± std per metric, the rank here and SD3's rank."""
-    metrics = list(dict.fromkeys([spec.metric, *STUDY_METRICS]))
+    metrics = study_metrics(spec)
     head = ["rank", "point", "seeds", *metrics, "SD3 Table 1 rank"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
