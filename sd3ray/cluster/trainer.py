@@ -34,7 +34,7 @@ from sd3ray.training.run_lock import run_lock
 from sd3ray.training.signals import Interrupted, signal_name
 
 
-def _absolute_paths(cfg: Config) -> Config:
+def absolute_paths(cfg: Config) -> Config:
     """Workers run in other directories: hand them absolute data paths (URIs as they are), and the pretrained
     folders (VAE, text encoders, base transformer, guide) absolute where they exist here; hub ids stay ids."""
     def absolute(location: str) -> str:
@@ -114,7 +114,7 @@ def build_trainer(cfg: Config, name: str, workers: int = 1, use_gpu: bool = Fals
     many nodes as it can (one per node where there are enough); PACK, Ray's default, fills a node first.
     `stop_flag` relays the driver's signals to the workers (sd3ray.cluster.stop); `run_id` is the run that owns
     storage_path/name (sd3ray.training.run_folder), recorded in its checkpoints."""
-    cfg = _absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
     storage = storage_path or default_storage(cfg)
     # Train V2 hands each worker's print() to a logger that writes to stderr and, because Ray wraps the worker's
     # stdout, to stdout as well: every line reached the console twice. Ray propagates this from the driver.

@@ -4,9 +4,11 @@ whose trials all failed ends in an error."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from sd3ray.config import ConfigError
+from sd3ray.config import Config, ConfigError, resolve_shipped
 from sd3ray.storage import check_shared, is_file, open_folder, redact, resolve_tracking_uri
 from sd3ray.sweeps.report import all_failed, check_some_trial_ran, summary_text, write_summary
 from sd3ray.sweeps.spec import SweepSpec, base_config, sweep_root, sweep_storage
@@ -20,6 +22,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
     from sd3ray.cluster.connect import connect
     from sd3ray.data.prepare import prepare_dataset
 
+    spec = pinned_paths(spec)
     base = base_config(spec)
     prepare_dataset(base)  # once, here: every trial's workers only read it
     prepare_judge(base)
@@ -52,6 +55,36 @@ def run_sweep(spec: SweepSpec, resume: bool = False, tracking: bool = True) -> l
     print(summary_text(rows), flush=True)
     check_some_trial_ran(rows, spec, storage)
     return rows
+
+
+# the config's paths that name a local file or folder, which a trial would read relative to its own folder
+PINNED_KEYS = ("data.parquet_dir", "data.raw_root", "train.output_dir", "model.init_from", "vae.source",
+               "text.encoder", "sample.guide")
+
+
+def _value(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def pinned_paths(spec: SweepSpec) -> SweepSpec:
+    """The sweep with its relative paths made absolute where the command was typed. Tune runs each trial function
+    in a folder of its own, so the defaults `data/mnist_parquet`, `runs` and `./mlflow.db` would name folders inside
+    that one: a trial would find no data, or log to a database nobody opens. The base config's path, its data,
+    output and pretrained folders, and a SQLite tracking store are appended to every trial's overrides as absolute
+    paths (a dimension of the space still overrides them); URIs, hub ids and servers stay as they are."""
+    from sd3ray.cluster.trainer import absolute_paths
+
+    base = base_config(spec)
+    output = base.train.output_dir
+    fixed = replace(absolute_paths(base), train=replace(base.train, output_dir=str(Path(output).resolve())))
+    pins = [f"{key}={json.dumps(_value(fixed, key))}" for key in PINNED_KEYS if _value(fixed, key) != _value(base, key)]
+    uri = resolve_tracking_uri(base.tracking.uri)
+    if uri.startswith("sqlite:///") and uri != base.tracking.uri:  # a file: no password to copy into every trial
+        pins.append(f"tracking.uri={json.dumps(uri)}")
+    return replace(spec, base_config=str(resolve_shipped(spec.base_config).resolve()),
+                   overrides=(*spec.overrides, *pins))
 
 
 def prepare_judge(base: Any) -> None:

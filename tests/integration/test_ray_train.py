@@ -227,18 +227,18 @@ def test_two_workers_draw_the_same_bucket_at_every_step_of_a_bucketed_set(ray_he
         assert torch.equal(value, replicas[1][key]), key
 
 
-def test_workers_get_absolute_paths_for_local_folders_and_hub_ids_as_they_are(tmp_path: Path, monkeypatch) -> None:
+def test_workers_getabsolute_paths_for_local_folders_and_hub_ids_as_they_are(tmp_path: Path, monkeypatch) -> None:
     """A Ray worker runs in another directory: a VAE, encoder or base folder named relative to the driver's must
     reach it absolute, while a hub id (ORG/NAME, not a folder here) and `byte` stay as they are."""
-    from sd3ray.cluster.trainer import _absolute_paths
+    from sd3ray.cluster.trainer import absolute_paths
     from sd3ray.config import load_config
 
     monkeypatch.chdir(tmp_path)
     for name in ("vae", "clip"):
         (tmp_path / name).mkdir()
     cfg = load_config(REPO_ROOT / "configs/mnist_tiny.yaml", [*MICRO, "vae.source=vae", "model.channels=4"])
-    moved = _absolute_paths(cfg)
+    moved = absolute_paths(cfg)
     assert moved.vae.source == str(tmp_path / "vae") and moved.text.encoder == ("byte",)
-    hub = _absolute_paths(load_config(REPO_ROOT / "configs/mnist_tiny.yaml", [
+    hub = absolute_paths(load_config(REPO_ROOT / "configs/mnist_tiny.yaml", [
         *MICRO, "vae.source=stabilityai/sd-vae-ft-mse", "model.channels=4", "text.encoder=clip,org/t5"]))
     assert hub.vae.source == "stabilityai/sd-vae-ft-mse" and hub.text.encoder == (str(tmp_path / "clip"), "org/t5")

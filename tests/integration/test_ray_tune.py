@@ -113,21 +113,27 @@ def test_a_sweep_whose_every_trial_failed_exits_non_zero_naming_each_failure(ray
     assert client.get_run(parent.info.run_id).data.metrics["sweep/failed"] == 2
 
 
-def test_the_cpu_timestep_study_runs_two_seeds_into_a_study_table(ray_head, mnist_parquet, tmp_path) -> None:
+def test_the_cpu_timestep_study_runs_two_seeds_into_a_study_table(ray_head, mnist_parquet, tmp_path,
+                                                                   monkeypatch) -> None:
     """configs/sweeps/sd3_timesteps_cpu.yaml as shipped, cut to one scheme × 2 seeds of a few micro steps: each trial
-    is judged (its metric is the judge's), and the parent run holds the study table and its plot."""
+    is judged (its metric is the judge's), and the parent run holds the study table and its plot. It runs as a user
+    types it, from a project folder whose data, runs and tracking store are relative paths: Tune runs each trial in
+    a folder of its own, where those paths would name nothing."""
     from tests.support import MICRO
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/mnist_parquet").symlink_to(mnist_parquet)
     path = REPO_ROOT / "configs/sweeps/sd3_timesteps_cpu.yaml"
     shipped = load_sweep(path, [], ["data.download=false"])
     assert len(shipped.schemes) == 7 and shipped.seeds == 3 and shipped.metric == "samples/cfid_ratio"
     micro = [o for o in MICRO if not o.startswith(("eval.", "train.batch_size"))]
     spec = load_sweep(path, ["schemes=[{scheme: logit_normal, logit_mean: 0.0, logit_std: 1.0}]", "seeds=2",
                              "widths=[32]", "head_dim=16", "name=cpu-study", f"storage_path={tmp_path / 'tune'}"],
-                      [*micro, f"data.parquet_dir={mnist_parquet}", "train.steps=4", "train.eval_every=4",
+                      [*micro, "data.parquet_dir=data/mnist_parquet", "train.steps=4", "train.eval_every=4",
                        "train.ckpt_every=4", "train.log_every=2", "train.batch_size=16", "eval.num_samples=20",
-                       "eval.batch_size=20", f"train.output_dir={tmp_path / 'runs'}",
-                       f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=cpu-study"])
+                       "eval.batch_size=20", "train.output_dir=runs", "tracking.uri=sqlite:///mlflow.db",
+                       "tracking.experiment=cpu-study"])
     rows = run_sweep(spec)
     assert sorted(r["trial"] for r in rows) == ["w32-logit_normal(0,1)-seed0", "w32-logit_normal(0,1)-seed1"]
     assert all(r["status"] == "finished" and r["samples/cfid_ratio"] > 0 for r in rows), rows
@@ -135,6 +141,8 @@ def test_the_cpu_timestep_study_runs_two_seeds_into_a_study_table(ray_head, mnis
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cpu-study").experiment_id
     (parent,) = client.search_runs([experiment], "attributes.run_name = 'sweep-cpu-study'")
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2  # the trials logged where the sweep did, not to a database in their own folders
     study = Path(client.download_artifacts(parent.info.run_id, "sweep/study.md", str(tmp_path / "study")))
     (row,) = [line for line in study.read_text().splitlines() if "logit_normal(0,1)" in line]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
