@@ -58,6 +58,12 @@ class ModelConfig:
     # predicts per pixel, mixed across patch edges by a 3×3 convolution, instead of each patch independently.
     conv_stem: int = 0
     conv_head: int = 0
+    # convolutions in that head: 1 = one 3×3 convolution (linear end to end with the final layer), 2 = conv–SiLU–conv,
+    # which can snap a stroke's pixels to ±1 per pixel, a nonlinearity the per-patch linear output cannot add
+    conv_head_layers: int = 1
+    # U-ViT's long skip connections (Bao et al. 2023): block depth−1−i takes block i's image tokens, concatenated with
+    # its own input and projected back to the width, so late blocks see early, pixel-near features directly
+    long_skips: bool = False
     # start from a diffusers SD3Transformer2DModel's weights (sd3ray.model.interop): a folder holding its config.json
     # and safetensors, a pipeline folder with a `transformer` subfolder, or a hub id; "" = random initialisation.
     # The keys above must describe the same model (a mismatch names every key and the values to set)
@@ -265,6 +271,11 @@ def validate(cfg: Config) -> None:
     _require(tr.steps >= 0, "train.steps", f"must be >= 0, got {tr.steps}")
     for key, value in [("model.conv_stem", m.conv_stem), ("model.conv_head", m.conv_head)]:
         _require(value >= 0, key, f"must be >= 0 (0 = off), got {value}")
+    _require(m.conv_head_layers in (1, 2), "model.conv_head_layers",
+             f"must be 1 (one convolution) or 2 (conv–SiLU–conv), got {m.conv_head_layers}")
+    _require(m.conv_head_layers == 1 or m.conv_head > 0, "model.conv_head_layers",
+             "a head of 2 convolutions needs its per-pixel channels: set model.conv_head too, e.g. model.conv_head=16")
+    _require(not m.long_skips or m.depth >= 2, "model.long_skips", f"needs model.depth >= 2, got {m.depth}")
     if cfg.vae.source == "none":
         _require(m.channels in (1, 3), "model.channels", f"must be 1 or 3 in pixel space, got {m.channels}")
     else:  # the latent's channels: the VAE's files say how many, checked against them when it is read

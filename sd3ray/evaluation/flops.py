@@ -35,8 +35,11 @@ def mmdit_forward_flops(cfg: Config, batch: int, context_len: int) -> float:
     total = 0.0
     if m.conv_stem:  # two 5×5 convolutions: a linear of 25·fan_in per pixel each
         total += _linear(pixels, 25 * m.channels, m.conv_stem) + _linear(pixels, 25 * m.conv_stem, m.conv_stem)
-    if m.conv_head:  # one 3×3 convolution back to the image channels
+    if m.conv_head:  # a 3×3 convolution back to the image channels, after another within the head's channels
         total += _linear(pixels, 9 * m.conv_head, m.channels)
+        total += _linear(pixels, 9 * m.conv_head, m.conv_head) * (m.conv_head_layers - 1)
+    if m.long_skips:  # each joined block's input: concat(x, skip) projected back to the width
+        total += (m.depth // 2) * _linear(batch * n, 2 * d, d)
     total += _linear(batch * n, patch_dim, d) + _linear(batch * length, m.context_dim, d)
     total += _linear(batch, FREQUENCY_DIM, d) + _linear(batch, d, d)  # timestep MLP
     total += _linear(batch, m.pooled_dim, d) + _linear(batch, d, d)  # pooled MLP

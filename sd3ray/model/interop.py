@@ -180,7 +180,8 @@ def model_keys(config: dict[str, Any], where: str) -> dict[str, Any]:
                 "context_dim": int(config["joint_attention_dim"]),
                 "pooled_dim": int(config["pooled_projection_dim"]), "qk_norm": qk_norm == "rms_norm",
                 "pos_embed_max_size": int(max_size or 0), "mlp_ratio": DIFFUSERS_MLP_RATIO, "conv_stem": 0,
-                "conv_head": 0, "dual_attention_layers": tuple(int(i) for i in config.get("dual_attention_layers", ()))}
+                "conv_head": 0, "conv_head_layers": 1, "long_skips": False,
+                "dual_attention_layers": tuple(int(i) for i in config.get("dual_attention_layers", ()))}
         caption = int(config.get("caption_projection_dim", width))
     except (KeyError, TypeError, ValueError) as exc:
         raise InteropError(f"model.init_from: {where}/config.json is not an {DIFFUSERS_CLASS} config ({exc!r} "
@@ -226,10 +227,10 @@ def yaml_value(value: Any) -> str:
 def diffusers_config(cfg: ModelConfig) -> dict[str, Any]:
     """config.json of the SD3Transformer2DModel an MMDiT of `cfg` exports to. `sample_size` (diffusers' default
     resolution) is the trained image_size; an MMDiT with computed positions exports them as a table of its grid."""
-    if cfg.conv_stem or cfg.conv_head or cfg.mlp_ratio != DIFFUSERS_MLP_RATIO:
+    if cfg.conv_stem or cfg.conv_head or cfg.long_skips or cfg.mlp_ratio != DIFFUSERS_MLP_RATIO:
         raise InteropError(f"this model has no {DIFFUSERS_CLASS} form: it needs model.conv_stem=0, "
-                           f"model.conv_head=0 and model.mlp_ratio=4 (it has {cfg.conv_stem}, {cfg.conv_head}, "
-                           f"{cfg.mlp_ratio})")
+                           f"model.conv_head=0, model.long_skips=false and model.mlp_ratio=4 (it has "
+                           f"{cfg.conv_stem}, {cfg.conv_head}, {str(cfg.long_skips).lower()}, {cfg.mlp_ratio})")
     return {"_class_name": DIFFUSERS_CLASS, "sample_size": cfg.image_size, "patch_size": cfg.patch_size,
             "in_channels": cfg.channels, "out_channels": cfg.channels, "num_layers": cfg.depth,
             "attention_head_dim": cfg.width // cfg.num_heads, "num_attention_heads": cfg.num_heads,

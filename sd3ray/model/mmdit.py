@@ -48,16 +48,46 @@ class ConvStem(nn.Module):
 
 
 class ConvHead(nn.Module):
-    """A 3×3 convolution over the unpatchified per-pixel features: (B, channels, H, W) -> (B, C, H, W). It is
-    zero-initialised, so the untrained model still predicts exactly 0 (the final linear before it is not, or no
-    gradient would reach either)."""
+    """3×3 convolutions over the unpatchified per-pixel features: (B, channels, H, W) -> (B, C, H, W); one, or two
+    with a SiLU between them. The last (`conv`) is zero-initialised, so the untrained model still predicts exactly 0
+    (the layers before it are not, or no gradient would reach any of them)."""
 
-    def __init__(self, channels: int, out_channels: int) -> None:
+    def __init__(self, channels: int, out_channels: int, layers: int = 1) -> None:
         super().__init__()
+        self.hidden = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU()) if layers == 2 else None
         self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(x if self.hidden is None else self.hidden(x))
+
+
+class LongSkips(nn.Module):
+    """U-ViT's long skips over a stack of `depth` blocks: the image tokens after block i (i < depth // 2) join the
+    input of block depth−1−i, as concat(x, skip) projected back to the width. Each projection starts as [I | 0], the
+    identity on x, so the untrained model is the one without skips and the skips grow from there."""
+
+    def __init__(self, depth: int, width: int) -> None:
+        super().__init__()
+        self.depth, self.pairs = depth, depth // 2
+        self.linears = nn.ModuleList(nn.Linear(2 * width, width) for _ in range(self.pairs))
+
+    def initialize(self) -> None:
+        for linear in self.linears:
+            width = linear.out_features
+            with torch.no_grad():
+                linear.weight.zero_()
+                linear.weight[:, :width].copy_(torch.eye(width))
+                linear.bias.zero_()
+
+    def saves(self, block: int) -> bool:
+        return block < self.pairs
+
+    def join(self, block: int, x: torch.Tensor, saved: list[torch.Tensor]) -> torch.Tensor:
+        """The input of `block`: as it is in the first half, with its partner's output joined in the second."""
+        first_joined = self.depth - self.pairs
+        if block < first_joined:
+            return x
+        return self.linears[block - first_joined](torch.cat([x, saved.pop()], dim=-1))
 
 
 class MMDiT(nn.Module):
@@ -69,7 +99,8 @@ class MMDiT(nn.Module):
         self.cfg = cfg
         p, d = cfg.patch_size, cfg.width
         self.stem = ConvStem(cfg.channels, cfg.conv_stem) if cfg.conv_stem else None
-        self.head = ConvHead(cfg.conv_head, cfg.channels) if cfg.conv_head else None
+        self.head = ConvHead(cfg.conv_head, cfg.channels, cfg.conv_head_layers) if cfg.conv_head else None
+        self.skips = LongSkips(cfg.depth, d) if cfg.long_skips else None
         self.patch_dim = p * p * (cfg.conv_stem or cfg.channels)  # what a token is made of
         self.out_dim = p * p * (cfg.conv_head or cfg.channels)  # what a token predicts
         self.x_embedder = nn.Linear(self.patch_dim, d)
@@ -106,6 +137,8 @@ class MMDiT(nn.Module):
         for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.skips is not None:
+            self.skips.initialize()
 
     def positions(self, height: int, width: int) -> torch.Tensor:
         """(N, D) positions of an image's token grid: the computed grid, or the centre of SD3's table."""
@@ -143,8 +176,13 @@ class MMDiT(nn.Module):
         img = self.x_embedder(patchify(pixels, self.cfg.patch_size)) + self.positions(h, w)  # (B, N, D)
         ctx = self.context_embedder(context)  # (B, L, D)
         cond = self.t_embedder(t) + self.pooled_embedder(pooled)  # (B, D)
-        for block in self.blocks:
+        saved: list[torch.Tensor] = []  # image tokens the long skips carry from the first half to the second
+        for i, block in enumerate(self.blocks):
+            if self.skips is not None:
+                img = self.skips.join(i, img, saved)
             img, ctx = block(img, ctx, cond, context_mask)
+            if self.skips is not None and self.skips.saves(i):
+                saved.append(img)
         out = self.final_layer(img, cond)  # (B, N, p·p·C) or (B, N, p·p·conv_head)
         if self.head is None:
             return unpatchify(out, self.cfg.patch_size, c, h, w)  # (B, C, H, W)

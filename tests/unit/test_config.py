@@ -60,6 +60,11 @@ def test_int_and_exponent_strings_are_accepted_for_float() -> None:
         (["flow.mode_scale=3"], "flow.mode_scale: must be in [-1, 1.75]"),
         (["text.width=64"], "model.context_dim: must equal text.width (64)"),
         (["model.width"], "expected KEY=VALUE"),
+        (["model.conv_head_layers=2"], "model.conv_head_layers: a head of 2 convolutions needs its per-pixel "
+                                       "channels: set model.conv_head too"),
+        (["model.conv_head=8", "model.conv_head_layers=3"], "model.conv_head_layers: must be 1 (one convolution) "
+                                                            "or 2"),
+        (["model.long_skips=true", "model.depth=1"], "model.long_skips: needs model.depth >= 2"),
     ],
 )
 def test_config_errors_name_the_key_and_the_fix(overrides: list[str], message: str) -> None:

@@ -10,7 +10,9 @@ from sd3ray.model.tokenizer import tokenize
 
 
 @pytest.mark.parametrize("overrides", [[], ["model.patch_size=2", "model.depth=3", "model.mlp_ratio=2.0"],
-                                       ["model.conv_stem=16", "model.conv_head=8"]])
+                                       ["model.conv_stem=16", "model.conv_head=8"],
+                                       ["model.conv_head=8", "model.conv_head_layers=2", "model.long_skips=true",
+                                        "model.depth=5"]])
 def test_flop_formula_matches_pytorchs_counter(overrides: list[str]) -> None:
     cfg = load_config("configs/mnist_tiny.yaml", overrides)
     model = Denoiser(cfg)

@@ -246,3 +246,18 @@ def test_the_jobs_model_config_follows_the_checkpoints_config_json(tmp_path: Pat
     cfg = config_from_args(parser, argparse.Namespace(config=args.config, overrides=[
         *text, f"model.init_from={latent}", f"vae.source={vae}", "model.image_size=8"]))
     assert (cfg.model.channels, cfg.model.image_size, cfg.model.patch_size) == (4, 8, 2)
+
+
+@pytest.mark.parametrize("extra", [{"long_skips": True}, {"conv_head": 8, "conv_head_layers": 2}])
+def test_a_model_with_parts_diffusers_lacks_is_refused_export_naming_them(extra: dict, tmp_path: Path) -> None:
+    """Long skips and a pixel head have no SD3Transformer2DModel weights: exporting drops nothing silently. Importing
+    into such a config names the keys to reset."""
+    from sd3ray.model.interop import diffusers_config
+
+    with pytest.raises(InteropError, match="has no SD3Transformer2DModel form: it needs model.conv_stem=0, "
+                                           "model.conv_head=0, model.long_skips=false"):
+        diffusers_config(ModelConfig(**extra))
+    folder = make_sd3(tmp_path / "m", tiny_sd3_config())
+    keys = model_keys(read_config(folder), "m")
+    with pytest.raises(InteropError, match="model.(long_skips|conv_head): the checkpoint has (False|0)"):
+        load_pretrained(ModelConfig(**{**keys, **extra, "init_from": str(folder)}))

@@ -222,7 +222,8 @@ def test_velocity_fn_is_the_conditional_model_and_batched_guidance_matches_separ
 
 
 @pytest.mark.parametrize("convs", [["model.conv_stem=8"], ["model.conv_head=8"],
-                                   ["model.conv_stem=8", "model.conv_head=4"]])
+                                   ["model.conv_stem=8", "model.conv_head=4"],
+                                   ["model.conv_head=8", "model.conv_head_layers=2"], ["model.long_skips=true"]])
 def test_pixel_space_convolutions_keep_the_zero_start_and_learn(convs: list[str]) -> None:
     """With a conv stem and/or head the untrained model still predicts exactly 0 (adaLN-Zero's start), the first
     backward reaches the head's convolution, and after one optimizer step the stem's first layer learns too."""
@@ -241,3 +242,58 @@ def test_pixel_space_convolutions_keep_the_zero_start_and_learn(convs: list[str]
     model(x, t, context, pooled).sub(target).pow(2).mean().backward()
     if model.stem is not None:
         assert model.stem.layers[0].weight.grad.abs().sum() > 0
+    if model.head is not None and model.head.hidden is not None:
+        assert model.head.hidden[0].weight.grad.abs().sum() > 0
+    if model.skips is not None:  # the skip's half of each projection learns, not only the identity on x
+        assert all(linear.weight.grad[:, 32:].abs().sum() > 0 for linear in model.skips.linears)
+
+
+def _skip_model(depth: int) -> tuple[MMDiT, MMDiT, tuple[torch.Tensor, ...]]:
+    """An MMDiT with long skips and one without, sharing random weights everywhere else (the final layer included,
+    so outputs are not all 0), and a batch to run them on."""
+    overrides = ["model.width=32", f"model.depth={depth}", "model.num_heads=2"]
+    plain = MMDiT(load_config("configs/mnist_tiny.yaml", overrides).model)
+    skipped = MMDiT(load_config("configs/mnist_tiny.yaml", [*overrides, "model.long_skips=true"]).model)
+    with torch.no_grad():
+        for param in plain.parameters():
+            param.normal_(0, 0.2)
+    missing, unexpected = skipped.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith("skips.") for key in missing)
+    torch.manual_seed(0)
+    m = plain.cfg
+    inputs = (torch.randn(2, 1, 32, 32), torch.rand(2), torch.randn(2, 3, m.context_dim), torch.randn(2, m.pooled_dim))
+    return plain, skipped, inputs
+
+
+def test_long_skips_start_as_the_model_without_them() -> None:
+    """Each projection starts as [I | 0]: the untrained skips change nothing, whatever the other weights are; a
+    non-zero skip half does."""
+    plain, skipped, inputs = _skip_model(depth=4)
+    out = plain(*inputs)
+    assert out.abs().sum() > 0
+    torch.testing.assert_close(skipped(*inputs), out)
+    with torch.no_grad():
+        skipped.skips.linears[0].weight[:, 32:].normal_(0, 0.2)
+    assert not torch.allclose(skipped(*inputs), out, atol=1e-4)
+
+
+@pytest.mark.parametrize("depth", [4, 5])
+def test_long_skips_join_block_i_to_block_depth_minus_one_minus_i(depth: int) -> None:
+    """U-ViT's pairing, checked by what each block receives: with the projections set to [0 | I] (the skip alone),
+    block depth−1−i's image input is block i's image output, for each i in the first half; an odd depth's middle
+    block takes its input as it is."""
+    _, model, inputs = _skip_model(depth)
+    with torch.no_grad():
+        for linear in model.skips.linears:
+            linear.weight.zero_()
+            linear.weight[:, 32:].copy_(torch.eye(32))
+    received: dict[int, torch.Tensor] = {}
+    produced: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(model.blocks):
+        block.register_forward_pre_hook(lambda _m, args, i=i: received.__setitem__(i, args[0].clone()))
+        block.register_forward_hook(lambda _m, _args, out, i=i: produced.__setitem__(i, out[0].clone()))
+    model(*inputs)
+    for i in range(depth // 2):
+        torch.testing.assert_close(received[depth - 1 - i], produced[i])
+    if depth % 2:
+        torch.testing.assert_close(received[depth // 2], produced[depth // 2 - 1])
