@@ -227,7 +227,7 @@ def test_two_workers_draw_the_same_bucket_at_every_step_of_a_bucketed_set(ray_he
         assert torch.equal(value, replicas[1][key]), key
 
 
-def test_workers_getabsolute_paths_for_local_folders_and_hub_ids_as_they_are(tmp_path: Path, monkeypatch) -> None:
+def test_workers_get_absolute_paths_for_local_folders_and_hub_ids_as_they_are(tmp_path: Path, monkeypatch) -> None:
     """A Ray worker runs in another directory: a VAE, encoder or base folder named relative to the driver's must
     reach it absolute, while a hub id (ORG/NAME, not a folder here) and `byte` stay as they are."""
     from sd3ray.cluster.trainer import absolute_paths
