@@ -35,8 +35,10 @@ from sd3ray.training.signals import Interrupted, signal_name
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Workers run in other directories: hand them absolute data paths (URIs as they are), and the pretrained
-    folders (VAE, text encoders, base transformer, guide) absolute where they exist here; hub ids stay ids."""
+    """Workers run in other directories: hand them absolute data and output paths (URIs as they are), and the
+    pretrained folders (VAE, text encoders, base transformer, guide) absolute where they exist here; hub ids stay
+    ids. The output folder holds the spool of tracking writes a server did not take, which the replay job reads
+    where the command was typed, not in a worker's Ray folder."""
     def absolute(location: str) -> str:
         return location if is_uri(location) else str(Path(location).resolve())
 
@@ -46,6 +48,7 @@ def absolute_paths(cfg: Config) -> Config:
 
     return replace(cfg, data=replace(cfg.data, parquet_dir=absolute(cfg.data.parquet_dir),
                                      raw_root=absolute(cfg.data.raw_root)),
+                   train=replace(cfg.train, output_dir=absolute(cfg.train.output_dir)),
                    model=replace(cfg.model, init_from=local_folder(cfg.model.init_from)),
                    vae=replace(cfg.vae, source=local_folder(cfg.vae.source)),
                    text=replace(cfg.text, encoder=tuple(local_folder(e) for e in cfg.text.encoder)),

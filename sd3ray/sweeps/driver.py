@@ -77,8 +77,7 @@ def pinned_paths(spec: SweepSpec) -> SweepSpec:
     from sd3ray.cluster.trainer import absolute_paths
 
     base = base_config(spec)
-    output_dir = str(Path(base.train.output_dir).resolve())  # the spool of undelivered tracking writes goes there
-    fixed = replace(absolute_paths(base), train=replace(base.train, output_dir=output_dir))
+    fixed = absolute_paths(base)
     pins = [f"{key}={json.dumps(_value(fixed, key))}" for key in PINNED_KEYS if _value(fixed, key) != _value(base, key)]
     uri = resolve_tracking_uri(base.tracking.uri)
     if uri.startswith("sqlite:///") and uri != base.tracking.uri:  # a file: no password to copy into every trial

@@ -239,6 +239,8 @@ def test_workers_get_absolute_paths_for_local_folders_and_hub_ids_as_they_are(tm
     cfg = load_config(REPO_ROOT / "configs/mnist_tiny.yaml", [*MICRO, "vae.source=vae", "model.channels=4"])
     moved = absolute_paths(cfg)
     assert moved.vae.source == str(tmp_path / "vae") and moved.text.encoder == ("byte",)
+    # the spool of tracking writes a server did not take lands where the replay job looks, not in the worker's folder
+    assert moved.train.output_dir == str(tmp_path / "runs") and cfg.train.output_dir == "runs"
     hub = absolute_paths(load_config(REPO_ROOT / "configs/mnist_tiny.yaml", [
         *MICRO, "vae.source=stabilityai/sd-vae-ft-mse", "model.channels=4", "text.encoder=clip,org/t5"]))
     assert hub.vae.source == "stabilityai/sd-vae-ft-mse" and hub.text.encoder == (str(tmp_path / "clip"), "org/t5")
