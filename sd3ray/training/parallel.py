@@ -327,6 +327,10 @@ def restore_training_state(path: Any, cfg: Config, state: TrainingState) -> Chec
             ema.load_state_dict(data.ema)
             optimizer.load_state_dict(data.optimizer)
     state.scheduler.load_state_dict(data.scheduler)
+    # loading restored the checkpoint's hyperparameters with the moments: a resume with --set train.adam_beta2 or
+    # train.weight_decay steps with the new ones, as it does with a new lr schedule (the scheduler sets the lr)
+    for group in optimizer.param_groups:
+        group["betas"], group["weight_decay"] = (group["betas"][0], cfg.train.adam_beta2), cfg.train.weight_decay
     return data
 
 

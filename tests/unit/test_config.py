@@ -65,6 +65,7 @@ def test_int_and_exponent_strings_are_accepted_for_float() -> None:
         (["model.conv_head=8", "model.conv_head_layers=3"], "model.conv_head_layers: must be 1 (one convolution) "
                                                             "or 2"),
         (["model.long_skips=true", "model.depth=1"], "model.long_skips: needs model.depth >= 2"),
+        (["train.adam_beta2=1"], "train.adam_beta2: must be in (0, 1), e.g. 0.95 or 0.999; got 1.0"),
     ],
 )
 def test_config_errors_name_the_key_and_the_fix(overrides: list[str], message: str) -> None:

@@ -168,6 +168,11 @@ def test_sampling_and_resume_read_a_sharded_checkpoint(micro_config, tmp_path: P
     for saved, live in zip(saved_moments, state.optimizer.state.values(), strict=True):
         assert torch.equal(live["exp_avg_sq"], saved["exp_avg_sq"])
     assert state.optimizer.param_groups[0]["lr"] == data.optimizer["param_groups"][0]["lr"]
+    # the config's AdamW settings, not the checkpoint's, step the resumed run
+    changed = micro_config("train.adam_beta2=0.95", "train.weight_decay=0.01")
+    state = build_train_state(changed, CPU, FP32)
+    restore_training_state(path, changed, state)
+    assert [(g["betas"], g["weight_decay"]) for g in state.optimizer.param_groups] == [((0.9, 0.95), 0.01)]
 
 
 @pytest.mark.parametrize("fault", ["missing", "partial"])

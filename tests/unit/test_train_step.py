@@ -60,6 +60,23 @@ def test_a_zero_grad_clip_means_no_clipping(micro_config) -> None:
     assert not torch.equal(weights[0], weights[2])  # a limit that bites changes the step
 
 
+@pytest.mark.parametrize("beta2", [0.95, 0.999])
+def test_adams_second_moment_decays_at_train_adam_beta2(micro_config, beta2: float) -> None:
+    """After one step AdamW holds m = (1 − β1)·g and v = (1 − β2)·g², so v = (1 − β2) / (1 − β1)² · m² for every
+    weight: the configured β2, not PyTorch's default, is the one the optimizer steps with."""
+    torch.manual_seed(0)
+    state = build_train_state(micro_config(f"train.adam_beta2={beta2}"), CPU, StepSettings(None, "none", "test"))
+    g = torch.Generator().manual_seed(3)
+    x0, eps = torch.randn(4, 1, 32, 32, generator=g), torch.randn(4, 1, 32, 32, generator=g)
+    ids, mask = torch.ones(4, 3, dtype=torch.long), torch.ones(4, 3, dtype=torch.bool)
+    train_step(state, x0, ids, mask, torch.rand(4, generator=g), eps, 0)
+    moments = list(state.optimizer.state.values())
+    assert moments
+    for moment in moments:
+        expected = (1 - beta2) / (1 - 0.9) ** 2 * moment["exp_avg"] ** 2
+        torch.testing.assert_close(moment["exp_avg_sq"], expected, rtol=1e-4, atol=1e-12)
+
+
 def test_the_step_returns_the_pre_clip_norm_and_clips_to_the_limit(micro_config) -> None:
     cfg = micro_config("train.grad_clip=1e-3")
     torch.manual_seed(0)
