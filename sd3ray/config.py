@@ -319,7 +319,8 @@ def validate(cfg: Config) -> None:
              f"must be [lo, hi] with 0 <= lo < hi <= 1 (t = 1 is noise), got {list(interval)}")
     _require(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
     _require(0.0 <= tr.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {tr.ema_decay}")
-    _require(0.0 < tr.adam_beta2 < 1.0, "train.adam_beta2", f"must be in (0, 1), e.g. 0.95 or 0.999; got {tr.adam_beta2}")
+    _require(0.0 < tr.adam_beta2 < 1.0, "train.adam_beta2",
+             f"must be in (0, 1), e.g. 0.95 or 0.999; got {tr.adam_beta2}")
     _require(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}")
     _require(0 < tr.decay_fraction <= 1, "train.decay_fraction", f"must be in (0, 1], got {tr.decay_fraction}")
     _require(tr.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0 disables), got {tr.grad_clip}")
