@@ -1,6 +1,8 @@
 """The benchmark runs and measures what it claims (a quick CPU smoke test; speed targets live in the job)."""
 
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from benchmarks.report import benchmark_metrics, markdown_report
 from benchmarks.speed import build_diffusers_model, interleaved_seconds, kernel_seconds, model_step_rows, speed_ceiling
 from sd3ray.config import load_config
 from sd3ray.model import MMDiT, count_parameters
+from tests.support import REPO_ROOT
 
 TINY = ["model.width=64", "model.depth=2", "model.num_heads=2", "model.patch_size=4"]
 
@@ -92,3 +95,19 @@ def test_seed_summary_gives_each_setups_mean_and_sample_spread() -> None:
     assert base["val/cfid"] == pytest.approx(22.0) and base["val/cfid_std"] == pytest.approx(2.0)  # n − 1
     assert base["samples/accuracy_std"] == pytest.approx(0.01) and ema["val/cfid_std"] == 0.0
     assert "| base | 2000 steps | 3 | 0.980 ± 0.010 | 22.00 ± 2.00 | 5.50 ± 0.50 |" in summary_table([base])
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "benchmarks").glob("levers_*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_lever_builds_a_valid_config(path: Path) -> None:
+    """A lever whose key is misspelt or whose values the config refuses would fail only on a GPU, minutes into a
+    report: each one of every shipped lever file must load here."""
+    from benchmarks.gpu_report import lever_config, read_lever_plan
+
+    plan = read_lever_plan(path)
+    assert plan.levers
+    labels = list(plan.levers)
+    configs = {label: lever_config(plan, label, []) for label in labels}
+    same: dict[str, list[str]] = {}
+    for label, cfg in configs.items():  # a lever the recipe already ships (or another lever) measures nothing
+        same.setdefault(repr(cfg), []).append(label)
+    assert [group for group in same.values() if len(group) > 1] == []
