@@ -234,7 +234,8 @@ class Reference:
 # `samples/` (prompt accuracy, the cFID ratio, diversity, then the grid and confusion images) follows `loss/`; the
 # raw numbers and the per-digit accuracies come after, under `val/`.
 HEADLINE_PREFIX, DETAIL_PREFIXES = "samples/", ("val/accuracy_", "val/cfid", "val/diversity")
-# the same for every evaluation of a run (they depend on the reference set and the sample count only): MLflow params
+# the same for every evaluation of a run (they depend on the reference set and the sample count only): MLflow
+# tags, in 6 digits
 CONSTANT_METRICS = ("val/cfid_floor", "val/cfid_floor_std", "val/diversity_real")
 
 

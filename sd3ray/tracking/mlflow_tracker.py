@@ -50,9 +50,9 @@ WITHOUT_JOB_RUNNERS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 SYSTEM_PROGRESS_METRIC = "system/cpu_utilization_percentage"
 # The config keys a run logs as params: the model's width, the timestep scheme, the learning rate and the guidance,
 # what people compare first across runs (the runs table's columns and filters); the whole config is the run's
-# config.yaml artifact, and its sd3ray.config_hash tag tells two configs apart. Few and short on purpose: MLflow
-# 3.17's image card prints every param of a run above its picture, in a scroll area as tall as the picture, so each
-# line of them pushes ~6% of the sample grid out of view (docs/tracking.md); ~70 hid it whole.
+# config.yaml artifact, and its sd3ray.config_hash tag tells two configs apart. Few and short on purpose: MLflow's
+# image card prints every param of a run (not its tags) above its picture, in a scroll area about as tall as the
+# picture, so each line of them pushes ~6% of the sample grid out of view (docs/tracking.md); ~70 hid it whole.
 COMPARED_PARAMS = ("model.width", "flow.scheme", "train.lr", "sample.guidance")
 
 

@@ -31,8 +31,8 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
     def log_params(self, params: dict[str, float | int | str]) -> None:
-        """Values that stay the same for the whole run (the global batch, the judge's FID floor), logged once as
-        params beside the config's rather than as flat charts; logging a value again is a no-op."""
+        """Values that stay the same for the whole run (the global batch), logged once as params beside the
+        config's rather than as flat charts; logging a value again is a no-op."""
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...

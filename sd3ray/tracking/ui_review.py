@@ -86,9 +86,10 @@ SLIDER_JS = f"""(key => {{ const card = {CARD_JS}(key); return card && card.quer
 SLIDER_END_JS = f"""(() => {{ const track = {SLIDER_JS}.closest('[data-orientation=horizontal][dir]');
   const box = track.getBoundingClientRect(); return [box.right - 2, box.top + box.height / 2]; }})()"""
 MIN_GRID_PX = 128  # a grid drawn smaller than this on a side is a thumbnail, not a picture to read digits from
-# The part of the grid's picture that must be in view. Not all of it: MLflow 3.17's image card scrolls its content
-# in an area as tall as the picture (250 px at the review's 1600×1000), with the run's name and params above the
-# picture, so even a run without params shows 88% of it; at least half means the card shows a picture, not text.
+# The part of the grid's picture that must be in view. Not all of it: MLflow's image card scrolls its content in an
+# area about as tall as the picture (250 px at the review's 1600×1000), with the run's name and params above the
+# picture (3.18 also centres it in a taller grey box), so even a run without params shows 84-88% of it; at least
+# half means the card shows a picture, not text.
 MIN_SHOWN = 0.5
 
 

@@ -230,7 +230,8 @@ def validate_and_judge(ema_model: Denoiser, val: ValidationSet, cfg: Config, dev
         for key, image in report.images.items():
             tracker.log_image(key, image, step)
     metrics[EVAL_SECONDS] = time.perf_counter() - started
-    tracker.log_params({key: metrics[key] for key in CONSTANT_METRICS if key in metrics})
+    # tags, not params: MLflow's image card prints every param above the sample grid (docs/tracking.md)
+    tracker.set_tags({key: f"{metrics[key]:.6g}" for key in CONSTANT_METRICS if key in metrics})
     tracker.log_metrics({k: v for k, v in metrics.items() if k not in CONSTANT_METRICS}, step)
     return metrics
 

@@ -77,7 +77,7 @@ def test_training_logs_judge_metrics_and_a_confusion_matrix(micro_config, tmp_pa
     from sd3ray.training.context import LocalContext
     from sd3ray.training.loop import train
 
-    logged: dict[str, list] = {"metrics": [], "images": [], "params": []}
+    logged: dict[str, list] = {"metrics": [], "images": [], "params": [], "tags": []}
 
     class Recorder(NullTracker):
         def log_metrics(self, metrics, step):
@@ -86,6 +86,9 @@ def test_training_logs_judge_metrics_and_a_confusion_matrix(micro_config, tmp_pa
         def log_params(self, params):
             logged["params"].append(params)
 
+        def set_tags(self, tags):
+            logged["tags"].append(tags)
+
         def log_image(self, key, image, step):
             logged["images"].append((key, step, image.shape))
 
@@ -93,9 +96,10 @@ def test_training_logs_judge_metrics_and_a_confusion_matrix(micro_config, tmp_pa
     train(cfg, LocalContext(tmp_path, torch.device("cpu")), Recorder())
     judged = [m for _, m in logged["metrics"] if "samples/accuracy" in m]
     assert judged and {"val/cfid", "samples/cfid_ratio", "val/accuracy_word", "samples/diversity"} <= set(judged[0])
-    # what is the same at every evaluation is a param, not a flat chart
+    # what is the same at every evaluation is a param or a tag, not a flat chart
     params = {k: v for p in logged["params"] for k, v in p.items()}
-    assert {"val/cfid_floor", "val/diversity_real", "global_batch"} <= set(params)
+    tags = {k: v for t in logged["tags"] for k, v in t.items()}
+    assert "global_batch" in params and {"val/cfid_floor", "val/diversity_real"} <= set(tags)
     assert not any({"val/cfid_floor", "val/diversity_real", "global_batch"} & set(m) for _, m in logged["metrics"])
     assert ("samples/confusion", 2) in [(k, s) for k, s, _ in logged["images"]]
     assert ("samples/grid", 2) in [(k, s) for k, s, _ in logged["images"]]
