@@ -58,7 +58,7 @@ def main() -> int:
 
     device = torch.device(args.device) if args.device else default_device()
     model, cfg, step = load_ema_model(args.checkpoint, device, args.tracking_uri)
-    cfg = with_guidance(cfg, args.guidance_interval, args.guide)
+    cfg = with_guidance(cfg, args.guidance_interval, args.guide, args.shift)
     parquet = args.parquet_dir or cfg.data.parquet_dir
     train, test = read_split(parquet, "train"), read_split(parquet, "test")
     reference = Reference(load_judge(train, device), train, test)

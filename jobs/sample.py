@@ -62,7 +62,7 @@ def main() -> int:
     args = parse_args()
     device = torch.device(args.device) if args.device else default_device()
     model, cfg, step = load_ema_model(args.checkpoint, device, args.tracking_uri)
-    cfg = with_guidance(cfg, args.guidance_interval, args.guide)
+    cfg = with_guidance(cfg, args.guidance_interval, args.guide, args.shift)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
     size = drawing_size(cfg, args.size) if args.size else None
     images = generate(model, prompts, cfg, args.seed, device, args.guidance, args.steps, args.sampler, size=size)

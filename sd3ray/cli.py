@@ -187,8 +187,25 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def shift_value(text: str) -> float | str:
+    """A sampling shift: a number > 0, or auto."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 or auto, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 or auto, got {text!r}")
+    return value
+
+
 def add_guidance_args(parser: argparse.ArgumentParser) -> None:
-    """Guidance beyond its scale, for the jobs that sample (default: the run's sample settings)."""
+    """Guidance beyond its scale and the sampler's time shift, for the jobs that sample (default: the run's sample
+    settings)."""
+    parser.add_argument("--shift", type=shift_value, metavar="ALPHA",
+                        help="time shift of the sampler's steps (SD3 §5.3.2): above 1 spends more of them near "
+                             "noise; auto: from the drawn size's token count (default: the run's sample.shift)")
     parser.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                         help="apply guidance only for t in [LO, HI] (t = 1 is noise), e.g. 0.2 0.75")
     parser.add_argument("--guide", metavar="CHECKPOINT",

@@ -64,10 +64,13 @@ def drawing_size(cfg: Config, text: str) -> tuple[int, int]:
     return height // factor, width // factor
 
 
-def with_guidance(cfg: Config, interval: list[float] | None = None, guide: str | None = None) -> Config:
-    """`cfg` with another guidance interval or guide model (None keeps the run's), validated as any config is."""
+def with_guidance(cfg: Config, interval: list[float] | None = None, guide: str | None = None,
+                  shift: float | str | None = None) -> Config:
+    """`cfg` with another guidance interval, guide model or sampling shift (None keeps the run's), validated as any
+    config is."""
     sets = ([f"sample.guidance_interval=[{interval[0]}, {interval[1]}]"] if interval is not None else []) + \
-        ([f"sample.guide={guide!r}"] if guide is not None else [])
+        ([f"sample.guide={guide!r}"] if guide is not None else []) + \
+        ([f"sample.shift={shift}"] if shift is not None else [])
     return from_dict(apply_overrides(to_dict(cfg), sets)) if sets else cfg
 
 

@@ -94,6 +94,30 @@ def test_a_bad_interval_is_one_clear_error(interval: str) -> None:
         load_config("configs/mnist_tiny.yaml", [f"sample.guidance_interval={interval}"])
 
 
+def test_the_sampling_jobs_shift_is_the_run_configs_and_draws_as_the_config_would() -> None:
+    import argparse
+
+    from sd3ray.cli import add_guidance_args
+    from sd3ray.inference import generate, with_guidance
+
+    parser = argparse.ArgumentParser()
+    add_guidance_args(parser)
+    assert parser.parse_args([]).shift is None  # the run's own sample.shift
+    assert parser.parse_args(["--shift", "auto"]).shift == "auto"
+    for bad in ("0", "-1", "three"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--shift", bad])
+    cfg = load_config("configs/mnist_tiny.yaml", TINY)
+    shifted = with_guidance(cfg, shift=parser.parse_args(["--shift", "3"]).shift)
+    assert shifted.sample.shift == 3.0 and shifted.sample.guidance_interval == cfg.sample.guidance_interval
+    model = _model(0)
+    by_option = generate(model, PROMPTS, shifted, 0, torch.device("cpu"), steps=4)
+    by_config = generate(model, PROMPTS, load_config("configs/mnist_tiny.yaml", [*TINY, "sample.shift=3"]), 0,
+                         torch.device("cpu"), steps=4)
+    assert torch.equal(by_option, by_config)
+    assert not torch.equal(by_option, generate(model, PROMPTS, cfg, 0, torch.device("cpu"), steps=4))
+
+
 @torch.no_grad()
 def test_an_x0_predicting_model_gives_training_and_every_sampler_the_same_implied_velocity() -> None:
     """flow.prediction = x0: the network's output is x̂0, and the velocity used by the loss (forward) and by the
