@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import yaml
 
-from sd3ray.config import Config, config_hash, flatten, from_dict, to_yaml
+from sd3ray.config import Config, ConfigError, config_hash, flatten, from_dict, to_yaml
 from sd3ray.errors import Sd3rayError, StorageError
 from sd3ray.model import interop, lora, vae
 from sd3ray.model.pretrained_text import fingerprint, is_pretrained, same_encoders
@@ -388,7 +388,7 @@ def open_checkpoint(directory: Path, expected: Config | None, weights_only_ok: b
     """Verify a checkpoint and check it belongs to `expected`'s model (each mismatched key named) and to the
     encoders and base weights it was trained with; returns its meta and config."""
     meta = verify(directory)
-    saved_cfg = from_dict(yaml.safe_load((directory / "config.yaml").read_text()))
+    saved_cfg = saved_config(directory)
     check_vae(directory, saved_cfg, meta, expected)  # first: pixel against latent space explains every other key
     if expected is not None:
         mismatch = model_config_mismatch(saved_cfg, expected)
@@ -401,6 +401,21 @@ def open_checkpoint(directory: Path, expected: Config | None, weights_only_ok: b
         raise CheckpointError(f"{directory} holds weights only (no optimizer state); it can be sampled from and "
                               f"evaluated, not resumed")
     return meta, saved_cfg
+
+
+def saved_config(directory: Path) -> Config:
+    """The config a verified checkpoint was written with. Its files are intact (the manifest says so), so a key this
+    sd3ray does not know means a newer sd3ray wrote it, and a value it refuses, an older one with other rules."""
+    try:
+        return from_dict(yaml.safe_load((directory / "config.yaml").read_text()))
+    except ConfigError as err:
+        key, _, problem = str(err).partition(": ")
+        if problem.startswith("unknown key"):
+            raise CheckpointError(f"checkpoint {directory} was written by a newer sd3ray: its config has {key}, "
+                                  f"which this version does not know. Update sd3ray (git pull, or pip install -U) "
+                                  f"to load it") from None
+        raise CheckpointError(f"checkpoint {directory} holds a config this sd3ray refuses ({err}); load it with "
+                              f"the sd3ray that wrote it") from None
 
 
 def is_sharded_checkpoint(directory: Path) -> bool:

@@ -76,6 +76,25 @@ def test_different_model_config_names_the_mismatched_keys(tmp_path: Path) -> Non
     assert "train.lr" not in str(err.value)  # training settings may change on resume
 
 
+def test_a_checkpoint_from_a_newer_sd3ray_says_so_and_names_the_key_it_does_not_know(tmp_path: Path) -> None:
+    import hashlib
+
+    import yaml
+
+    path = save_checkpoint(tmp_path, _data(10))
+    saved = yaml.safe_load((path / "config.yaml").read_text())
+    saved["train"]["a_later_option"] = 1  # what a newer sd3ray's config would hold, with an intact manifest
+    (path / "config.yaml").write_text(yaml.safe_dump(saved))
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    data = (path / "config.yaml").read_bytes()
+    manifest["config.yaml"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+    for weights_only_ok in (True, False):  # sampling and evaluation, resume
+        with pytest.raises(CheckpointError, match=r"written by a newer sd3ray: its config has train.a_later_option, "
+                                                  r"which this version does not know\. Update sd3ray"):
+            load_checkpoint(path, weights_only_ok=weights_only_ok)
+
+
 def test_meta_records_step_and_config_hash(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, _data(7))
     meta = json.loads((path / "meta.json").read_text())
