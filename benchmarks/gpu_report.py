@@ -119,6 +119,9 @@ class JudgementRecorder(NullTracker):
     def log_params(self, params: dict[str, float | int | str]) -> None:
         self.constants.update({k: float(v) for k, v in params.items() if is_judge_metric(k)})
 
+    def set_tags(self, tags: dict[str, str]) -> None:  # the judge's constants (the floor) arrive as tags
+        self.constants.update({k: float(v) for k, v in tags.items() if is_judge_metric(k)})
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if "loss/val" in metrics:
             self.evaluations.append({"step": step, "minutes": (time.monotonic() - self.started) / 60,
