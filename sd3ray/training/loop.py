@@ -42,7 +42,14 @@ from sd3ray.training.context import RunContext
 from sd3ray.training.machine import peak_memory_gib
 from sd3ray.training.parallel import checkpoint_state, evaluation_model, restore_training_state, whole_state_dicts
 from sd3ray.training.signals import Interrupted, signal_name
-from sd3ray.training.step import TrainState, build_train_state, resolve_step_settings, train_step
+from sd3ray.training.step import (
+    TrainState,
+    build_train_state,
+    moved_decay_notice,
+    reschedule_after_resume,
+    resolve_step_settings,
+    train_step,
+)
 
 
 class NonFiniteLossError(Sd3rayError):
@@ -263,6 +270,9 @@ def train(cfg: Config, ctx: RunContext, tracker: Tracker) -> TrainResult:
     if (resume := ctx.resume_from()) is not None:
         step, meta = restore(resume, cfg, state)
         horizon.resume(step, meta.get("lr_horizon"))
+        reschedule_after_resume(state, tc)
+        if ctx.is_main and (notice := moved_decay_notice(tc, step, meta.get("lr_horizon"), horizon.steps)):
+            print(f"sd3ray: {notice}", flush=True)
     run_id, seconds_before = meta.get("mlflow_run_id"), float(meta.get("train_seconds", 0.0))
     run_id = tracker.start(cfg, run_id, tags={"sd3ray.world_size": str(ctx.world_size), **ctx.run_tags})
     run_ref = {"mlflow_run_id": run_id} if run_id else {}  # in every report: the Ray driver names the run at the end

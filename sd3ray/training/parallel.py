@@ -328,7 +328,8 @@ def restore_training_state(path: Any, cfg: Config, state: TrainingState) -> Chec
             optimizer.load_state_dict(data.optimizer)
     state.scheduler.load_state_dict(data.scheduler)
     # loading restored the checkpoint's hyperparameters with the moments: a resume with --set train.adam_beta2 or
-    # train.weight_decay steps with the new ones, as it does with a new lr schedule (the scheduler sets the lr)
+    # train.weight_decay steps with the new ones, as it does with a new train.lr or schedule (the loop sets the
+    # rate once it knows the horizon: sd3ray.training.step.reschedule_after_resume)
     for group in optimizer.param_groups:
         group["betas"], group["weight_decay"] = (group["betas"][0], cfg.train.adam_beta2), cfg.train.weight_decay
     return data

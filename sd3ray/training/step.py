@@ -124,6 +124,34 @@ def learning_rate_factor(step: int, cfg: TrainConfig, horizon: int | None = None
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def reschedule_after_resume(state: TrainState, tc: TrainConfig) -> None:
+    """Set the next step's learning rate from this run's schedule: `train.lr` times the schedule's factor at the
+    resumed step, with the horizon this session settled on.
+
+    Loading AdamW's state restores the rate of the checkpoint's last step, computed under the horizon it ran with:
+    a run resumed with a larger `train.steps` would take its first step at the old schedule's rate (zero, for a
+    wsd or cosine run that had reached its end) and only the steps after it at the new schedule's."""
+    scheduler = state.scheduler
+    scheduler.base_lrs = [tc.lr for _ in scheduler.base_lrs]
+    for group, factor in zip(state.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = tc.lr * factor(scheduler.last_epoch)
+
+
+def moved_decay_notice(tc: TrainConfig, step: int, saved_horizon: int | None, horizon: int) -> str | None:
+    """One line when a resume moves where the learning rate decays to zero (a changed `train.steps`): what the rate
+    is now against what the checkpoint's schedule gave, and how to keep a wsd run's one decay."""
+    if tc.lr_schedule == "constant" or not saved_horizon or saved_horizon == horizon:
+        return None
+    before, after = (tc.lr * learning_rate_factor(step, tc, end) for end in (saved_horizon, horizon))
+    line = (f"the {tc.lr_schedule} schedule now decays to zero at step {horizon}, not {saved_horizon}: at step "
+            f"{step} the learning rate is {after:.3g}, where the checkpoint's schedule gave {before:.3g}")
+    if tc.lr_schedule == "wsd" and after > before:
+        began = saved_horizon - max(1, round(tc.decay_fraction * saved_horizon))
+        line += (f". The run had begun its decay at step {began}: to extend it with one decay, resume from a "
+                 f"checkpoint at or before step {began}")
+    return line
+
+
 def adamw(model: nn.Module, device: torch.device, **kwargs: Any) -> torch.optim.AdamW:
     """AdamW with the fused kernel where PyTorch has one: it updates every tensor in one pass, measured 4-5x
     faster than foreach on CPU too. Frozen weights (a LoRA base) are not its to hold."""

@@ -85,6 +85,36 @@ def test_crash_and_resume_gives_identical_weights(micro_config, tmp_path: Path) 
     assert torch.equal(a.optimizer["state"][0]["exp_avg_sq"], b.optimizer["state"][0]["exp_avg_sq"])
 
 
+def test_a_wsd_run_resumed_with_more_steps_takes_its_first_step_at_the_new_schedules_rate(
+        micro_config, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """2 wsd steps, resumed with train.steps=4, equal 4 straight steps: the 2-step schedule had reached zero, and
+    the step after the resume takes the 4-step schedule's full rate, not the zero the checkpoint's AdamW held."""
+    common = ["train.lr_schedule=wsd", "train.warmup_steps=0", "train.ckpt_every=2", "train.log_every=2",
+              "train.eval_every=100", "train.lr=0.003"]
+    straight = _train(micro_config(*common, "train.steps=4"), tmp_path / "a")
+    first = _train(micro_config(*common, "train.steps=2"), tmp_path / "b")
+    capsys.readouterr()
+    resumed = _train(micro_config(*common, "train.steps=4"), tmp_path / "b", resume=Path(first.checkpoint))
+    a, b = (load_checkpoint(Path(r.checkpoint)) for r in (straight, resumed))
+    for key in a.model:
+        assert torch.equal(a.model[key], b.model[key]), key
+    assert "wsd schedule now decays to zero at step 4, not 2: at step 2 the learning rate is 0.003, where the " \
+           "checkpoint's schedule gave 0. The run had begun its decay at step 1" in capsys.readouterr().out
+
+
+def test_a_resume_steps_at_the_configs_learning_rate(micro_config, tmp_path: Path) -> None:
+    """A resume with train.lr=1e-30 leaves the weights where the checkpoint had them, to 1e-12: the steps after it
+    take the config's rate, not the checkpoint's 0.003 (which moves them by ~1e-3)."""
+    common = ["train.lr_schedule=constant", "train.warmup_steps=0", "train.ckpt_every=2", "train.log_every=2",
+              "train.eval_every=100", "train.lr=0.003"]
+    first = _train(micro_config(*common, "train.steps=2"), tmp_path)
+    resumed = _train(micro_config(*common, "train.steps=4", "train.lr=1e-30"), tmp_path, resume=Path(first.checkpoint))
+    before, after = (load_checkpoint(Path(r.checkpoint)) for r in (first, resumed))
+    assert after.step == 4
+    for key in before.model:
+        torch.testing.assert_close(after.model[key], before.model[key], rtol=0, atol=1e-12, msg=key)
+
+
 def test_nonfinite_loss_stops_without_checkpointing_it(micro_config, tmp_path: Path) -> None:
     cfg = micro_config("train.steps=6", "train.lr=1e30", "train.warmup_steps=0", "train.grad_clip=0",
                        "train.log_every=1", "train.ckpt_every=1", "train.eval_every=100")
