@@ -60,7 +60,7 @@ class TrainState:
     net: nn.Module  # what the step calls: `model`, wrapped for data parallelism and/or compiled
     ema: EMA
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # the factor of `learning_rate_factor`, read at every step
     settings: StepSettings
     grad_clip: float  # 0 = no clipping
     device: torch.device
