@@ -181,8 +181,9 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
     max_minutes: float = 0.0  # 0 = no wall-clock budget
-    # with a budget, end the cosine where the clock will stop the run instead of at `steps` (measured: it costs
-    # accuracy when the budget is far too short to converge, docs/quality.md)
+    # with a budget, end the decay where the clock will stop the run instead of at `steps` (measured: a cosine over
+    # the whole budget costs accuracy when it is far too short to converge; wsd's cooldown over its last 20% gained,
+    # docs/quality.md)
     lr_decay_to_budget: bool = False
     # wsd (warmup-stable-decay): constant, then linear to zero over this last share of the run (or of the budget)
     decay_fraction: float = 0.2

@@ -101,9 +101,10 @@ class DecayHorizon:
     (`train.max_minutes`) and `train.lr_decay_to_budget`, the step the run is projected to stop at, if that comes
     first.
 
-    A cosine laid over `train.steps` and cut off by the clock stops at a high learning rate; following the budget
-    decays it fully, which pays once a run nears convergence and costs accuracy in budgets far too short for it
-    (measured on mnist_tiny at 5 minutes: 0.147 decayed against 0.249 constant), so it is opt-in. The run stops at
+    A cosine or wsd decay laid over `train.steps` and cut off by the clock stops at a high learning rate; following
+    the budget decays it fully. A cosine over the whole budget costs accuracy in budgets far too short to converge
+    (measured on mnist_tiny at 5 minutes: 0.147 decayed against 0.249 constant); wsd's cooldown over the last 20%
+    gained at 10 minutes (docs/quality.md). So it is opt-in, and mnist_tiny's wsd opts in. The run stops at
     the last log step after which the final evaluation and checkpoint still fit in the budget (`last_log_step`),
     and the projection aims there. It is re-projected at log steps only, from the elapsed time reduced over all
     ranks, so every rank keeps the same learning rate.
