@@ -108,6 +108,11 @@ def long_run(tc: TrainConfig) -> bool:
     return tc.max_minutes >= COMPILE_MIN_MINUTES if tc.max_minutes > 0 else tc.steps >= COMPILE_MIN_STEPS
 
 
+def wsd_decay_start(cfg: TrainConfig, end: int) -> int:
+    """The step at which a wsd rate that reaches zero at `end` begins its linear decay (at least one step)."""
+    return end - max(1, round(cfg.decay_fraction * end))
+
+
 def learning_rate_factor(step: int, cfg: TrainConfig, horizon: int | None = None) -> float:
     """Linear warmup, then constant, cosine decay to zero at `horizon` (default `train.steps`), or warmup-stable-
     decay: constant, then linear to zero over the last `train.decay_fraction` of the horizon (a constant rate with
@@ -118,8 +123,7 @@ def learning_rate_factor(step: int, cfg: TrainConfig, horizon: int | None = None
         return 1.0
     end = cfg.steps if horizon is None else horizon
     if cfg.lr_schedule == "wsd":
-        decay_steps = max(1, round(cfg.decay_fraction * end))
-        return min(1.0, max(0.0, (end - step) / decay_steps))
+        return min(1.0, max(0.0, (end - step) / (end - wsd_decay_start(cfg, end))))
     progress = (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
@@ -146,7 +150,7 @@ def moved_decay_notice(tc: TrainConfig, step: int, saved_horizon: int | None, ho
     line = (f"the {tc.lr_schedule} schedule now decays to zero at step {horizon}, not {saved_horizon}: at step "
             f"{step} the learning rate is {after:.3g}, where the checkpoint's schedule gave {before:.3g}")
     if tc.lr_schedule == "wsd" and after > before:
-        began = saved_horizon - max(1, round(tc.decay_fraction * saved_horizon))
+        began = wsd_decay_start(tc, saved_horizon)
         line += (f". The run had begun its decay at step {began}: to extend it with one decay, resume from a "
                  f"checkpoint at or before step {began}")
     return line
